@@ -182,9 +182,8 @@ TINY_VIDEO_PREPROCESSOR = {
 
 def random_hf_state_dict(hf_config: dict[str, Any], seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
     """HF-named weights with O(1) scale (norm weights 1 +- 0.1, embeddings N(0,1), matrices N(0, 1/fan_in))."""
-    from .weights import hf_param_shapes  # local import: weights imports config only
-
     from .config import Glm4vConfig
+    from .weights import hf_param_shapes  # local import: weights imports config only
 
     cfg = Glm4vConfig.from_hf(hf_config)
     rng = np.random.default_rng(seed)

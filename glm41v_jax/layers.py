@@ -1,0 +1,193 @@
+"""Shared building blocks: the one dense layer, the one attention function, norms and remat policies.
+
+Every weight is declared here (shape, dtype, logical axes, init) and nowhere else, so quantized kernels, LoRA
+adapters or fused attention kernels slot in at one place each.
+
+Axis legend: B batch, T query tokens, S key/value tokens, N query heads, K kv heads, G = N/K, H head dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+NEG_INF = -2.3819763e38  # a large finite negative: fully masked rows stay NaN-free
+
+
+def _init(scale_fan_in: int):
+    std = 1.0 / np.sqrt(max(scale_fan_in, 1))
+    return nn.initializers.normal(stddev=std)
+
+
+class Dense(nn.Module):
+    """x[..., *in] . kernel[*in, *out] (+ bias[*out]). The only matmul-with-weights in the model.
+
+    `features` is the output shape (e.g. (N, H) for a q projection); `n_in` is how many trailing input axes are
+    contracted (2 for an o projection over (N, H)).
+    """
+
+    features: tuple[int, ...]
+    axes: tuple[str | None, ...]  # logical names of kernel axes: in axes then out axes
+    n_in: int = 1
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_shape = x.shape[-self.n_in:]
+        kshape = (*in_shape, *self.features)
+        assert len(self.axes) == len(kshape), (self.name, self.axes, kshape)
+        kernel = self.param("kernel", nn.with_logical_partitioning(_init(int(np.prod(in_shape))), self.axes),
+                            kshape, self.param_dtype)
+        x = x.astype(self.dtype)
+        kernel = kernel.astype(self.dtype)
+        nd = x.ndim
+        contract = (tuple(range(nd - self.n_in, nd)), tuple(range(self.n_in)))
+        y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.n_in:]),
+                              self.features, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class RMSNorm(nn.Module):
+    """w * cast_back(x_fp32 * rsqrt(mean(x_fp32^2) + eps)): normalise in fp32, cast, then scale (as HF)."""
+
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],),
+                           self.param_dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """Affine LayerNorm computed in fp32 (the patch merger's post_projection_norm)."""
+
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (d,),
+                           self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (d,),
+                          self.param_dtype)
+        xf = x.astype(jnp.float32)
+        mu = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
+        y = (xf - mu) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    causal: bool,
+    q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
+    scale: float | None = None,
+) -> jax.Array:
+    """Grouped-query attention with segment ids: the one attention of both towers.
+
+    q (B, T, N, H); k, v (B, S, K, H); segment ids (B, T) / (B, S) int, 0 = padding (never attended).
+    A query attends to a key iff their segment ids are equal and non-zero, and (if causal) the key's position is
+    <= the query's. Block-diagonal vision attention = one segment per image/frame, causal=False.
+    Logits and softmax in fp32; probabilities cast to v's dtype (as HF). Returns (B, T, N, H).
+    """
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    g = n // kh
+    scale = h**-0.5 if scale is None else scale
+    qg = q.reshape(b, t, kh, g, h)
+    with jax.named_scope("attention"):
+        logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+        mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)
+        if causal:
+            assert q_positions is not None and kv_positions is not None
+            mask = mask & (kv_positions[:, None, :] <= q_positions[:, :, None])
+        logits = jnp.where(mask[:, None, None], logits, NEG_INF)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)); `fused` keeps gate and up in one (D, 2, F) kernel (the text decoder's layout)."""
+
+    hidden: int
+    out: int
+    fused: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.fused:
+            gu = Dense((2, self.hidden), ("embed", None, "mlp"), name="gate_up", **kw)(x)
+            gate, up = gu[..., 0, :], gu[..., 1, :]
+        else:
+            gate = Dense((self.hidden,), ("embed", "mlp"), name="gate", **kw)(x)
+            up = Dense((self.hidden,), ("embed", "mlp"), name="up", **kw)(x)
+        y = jax.nn.silu(gate) * up
+        return Dense((self.out,), ("mlp", "embed"), name="down", **kw)(y)
+
+
+def remat_policy(name: str):
+    """Named jax.checkpoint policies for nn.remat: none | full | dots | dots_no_batch."""
+    cp = jax.checkpoint_policies
+    table = {
+        "full": cp.nothing_saveable,
+        "dots": cp.checkpoint_dots,
+        "dots_no_batch": cp.checkpoint_dots_with_no_batch_dims,
+        "everything": cp.everything_saveable,
+    }
+    if name not in table:
+        raise ValueError(f"remat_policy must be one of none, {', '.join(table)}; got {name!r}")
+    return table[name]
+
+
+def maybe_remat(block: type[nn.Module], policy: str, static_argnums: Sequence[int] = ()) -> type[nn.Module]:
+    if policy == "none":
+        return block
+    return nn.remat(block, policy=remat_policy(policy), prevent_cse=True, static_argnums=tuple(static_argnums))
+
+
+class Embed(nn.Module):
+    """Token embedding table (V, D); `attend` is the tied-output projection."""
+
+    num: int
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        self.embedding = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                                              ("vocab", "embed")),
+                                    (self.num, self.features), self.param_dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("btd,vd->btv", x.astype(self.dtype), self.embedding.astype(self.dtype))

@@ -1,0 +1,115 @@
+"""The GLM-4 text decoder of GLM-4.1V.
+
+What is special: "sandwich" norms (RMSNorm on each branch *output* before the residual add, plus the usual
+pre-norms), q/k/v biases but no o bias, grouped-query attention (32 q / 2 kv heads in the 9B), and a partial,
+interleaved-pair 3-D M-RoPE on the first half of each head. The same layer code runs scanned over stacked
+weights (training) or unrolled over per-layer weights (decoding), with or without a KV cache.
+
+KV cache: per layer k, v (B, S, K, H) written at slot `cache_index`; one shared `kv_segment_ids` (B, S) says which
+slots hold real tokens (0 = empty or padding). Slots double as causal positions.
+
+Axis legend: B batch, T new tokens, S cache slots, D width, N q heads, K kv heads, H head dim, F mlp width.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .config import Glm4vConfig, TextConfig
+from .layers import Dense, Embed, GatedMLP, RMSNorm, attention, maybe_remat
+from .rope import apply_mrope
+
+
+class TextAttention(nn.Module):
+    cfg: TextConfig
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x, cos, sin, q_seg, q_slots, kv_seg, kv_slots, kv_cache, cache_index):
+        c = self.cfg
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        q = Dense((n, h), ("embed", "heads", "head_dim"), use_bias=True, name="q_proj", **kw)(x)
+        kk = Dense((k, h), ("embed", "kv_heads", "head_dim"), use_bias=True, name="k_proj", **kw)(x)
+        v = Dense((k, h), ("embed", "kv_heads", "head_dim"), use_bias=True, name="v_proj", **kw)(x)
+        q = apply_mrope(q, cos, sin)
+        kk = apply_mrope(kk, cos, sin)
+        if kv_cache is None:
+            new_cache = None
+            k_all, v_all = kk, v
+        else:
+            ck, cv = kv_cache
+            k_all = jax.lax.dynamic_update_slice(ck, kk.astype(ck.dtype), (0, cache_index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+            new_cache = (k_all, v_all)
+        o = attention(q, k_all.astype(self.dtype), v_all.astype(self.dtype), q_segment_ids=q_seg,
+                      kv_segment_ids=kv_seg, causal=True, q_positions=q_slots, kv_positions=kv_slots)
+        return Dense((c.hidden_size,), ("heads", "head_dim", "embed"), n_in=2, name="o_proj", **kw)(o), new_cache
+
+
+class DecoderLayer(nn.Module):
+    cfg: TextConfig
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x, cos, sin, q_seg, q_slots, kv_seg, kv_slots, cache_index, kv_cache):
+        c = self.cfg
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
+        h, new_cache = TextAttention(c, name="self_attn", **kw)(h, cos, sin, q_seg, q_slots, kv_seg, kv_slots,
+                                                                 kv_cache, cache_index)
+        x = x + RMSNorm(c.rms_norm_eps, name="post_self_attn_layernorm", **kw)(h)
+        h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
+        h = GatedMLP(c.intermediate_size, c.hidden_size, fused=True, name="mlp", **kw)(h)
+        x = x + RMSNorm(c.rms_norm_eps, name="post_mlp_layernorm", **kw)(h)
+        return x, new_cache
+
+
+class TextModel(nn.Module):
+    """embed_tokens + decoder layers + final norm."""
+
+    cfg: Glm4vConfig
+
+    def setup(self) -> None:
+        c, rt = self.cfg.text, self.cfg.runtime
+        self._dtype, pdtype = jnp.dtype(rt.dtype), jnp.dtype(rt.param_dtype)
+        kw = dict(dtype=self._dtype, param_dtype=pdtype)
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, **kw)
+        layer = maybe_remat(DecoderLayer, rt.remat_policy)
+        if rt.scan_layers:
+            self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                                  in_axes=(nn.broadcast,) * 7 + (0,), length=c.num_hidden_layers,
+                                  metadata_params={nn.PARTITION_NAME: "layers"})(c, **kw)
+        else:
+            self.layers = [layer(c, name=f"layers_{i}", **kw) for i in range(c.num_hidden_layers)]
+        self.norm = RMSNorm(c.rms_norm_eps, **kw)
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        return self.embed_tokens(ids)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return self.embed_tokens.attend(x)
+
+    def __call__(self, x, cos, sin, q_seg, q_slots, kv_seg, kv_slots, cache=None, cache_index=None):
+        """x (B, T, D) embeddings -> normed hidden states (B, T, D), updated cache (or None)."""
+        if self.cfg.runtime.scan_layers:
+            xs = None if cache is None else (cache["k"], cache["v"])
+            x, ys = self.layers(x, cos, sin, q_seg, q_slots, kv_seg, kv_slots, cache_index, xs)
+            new_cache = None if cache is None else {"k": ys[0], "v": ys[1]}
+        else:
+            ks, vs = [], []
+            for i, layer in enumerate(self.layers):
+                kv = None if cache is None else (cache["k"][i], cache["v"][i])
+                with jax.named_scope(f"layer_{i}"):
+                    x, kv = layer(x, cos, sin, q_seg, q_slots, kv_seg, kv_slots, cache_index, kv)
+                if kv is not None:
+                    ks.append(kv[0])
+                    vs.append(kv[1])
+            new_cache = None if cache is None else {"k": ks, "v": vs}
+        return self.norm(x), new_cache
