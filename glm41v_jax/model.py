@@ -204,3 +204,26 @@ def forward(params: Any, cfg: Glm4vConfig, input_ids: np.ndarray, **hf_arrays: A
     pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)."""
     inputs = prepare_inputs(cfg, input_ids, **hf_arrays)
     return _forward_fn(cfg)(params, inputs.as_kwargs())
+
+
+def _dummy_inputs(cfg: Glm4vConfig) -> dict[str, Any]:
+    m2 = cfg.vision.spatial_merge_size**2
+    n = 8
+    vision = {"pixel_values": jnp.zeros((m2, cfg.vision.patch_dim), jnp.float32),
+              "hpos": jnp.zeros((m2,), jnp.int32), "wpos": jnp.zeros((m2,), jnp.int32),
+              "segment_ids": jnp.ones((m2,), jnp.int32), "seg_h": jnp.full((m2,), 2, jnp.int32),
+              "seg_w": jnp.full((m2,), 2, jnp.int32)}
+    return dict(input_ids=jnp.zeros((1, n), jnp.int32), positions=jnp.zeros((3, 1, n), jnp.int32),
+                segment_ids=jnp.ones((1, n), jnp.int32), vision=vision, vision_index=jnp.zeros((1, n), jnp.int32))
+
+
+def init_params(cfg: Glm4vConfig, rng: jax.Array | None = None, boxed: bool = False) -> Any:
+    """Randomly initialised params (tests, benchmarks). `boxed` keeps the logical-axis metadata."""
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    variables = Glm4v(cfg).init(rng, **_dummy_inputs(cfg))
+    return variables["params"] if boxed else nn.meta.unbox(variables["params"])
+
+
+def abstract_params(cfg: Glm4vConfig) -> Any:
+    """Shapes, dtypes and logical axes of every parameter, at no memory cost (jax.eval_shape)."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), boxed=True))
