@@ -1,0 +1,391 @@
+"""GLM-4.1V processor: chat template rendering, placeholder expansion, tokenisation (like `Glm4vProcessor`).
+
+What is special here (GLM41V_SPEC §5.3, §6; checked against transformers 5.23):
+
+* The chat template is rendered with a jinja2 `ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)`
+  plus the same globals/filters transformers installs (`raise_exception`, `strftime_now`, `tojson` without HTML
+  escaping, `dict`, `namespace`, loop controls, a pass-through `{% generation %}` tag). Messages are first reduced to
+  plain JSON data (media objects become placeholders like "<ndarray>"), as transformers does, so a list content of a
+  system/assistant turn renders as the same Python repr.
+* `<|image|>` expands to `<|image|>` × t·h·w/4. `<|video|>` expands to, per temporal group,
+  `<|begin_of_image|>` + `<|image|>`×(h·w/4) + `<|end_of_image|>` + str(int(ts)) with ts = timestamps[::2]
+  (truncated / padded with the last value to gt). Expansion is a single left-to-right pass over the text.
+* `mm_token_type_ids` = 2 for `<|image|>` inside a `<|begin_of_video|>`…`<|end_of_video|>` span, 1 for other
+  `<|image|>`, 0 otherwise. Batches are padded on the tokenizer's padding side (left for GLM) with `<|endoftext|>`.
+* Placeholder counts are checked against the media before any image/video is processed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from .image import ImageProcessor, ProcessingError
+from .video import VideoMetadata, VideoProcessor
+
+IMAGE_TOKEN = "<|image|>"
+VIDEO_TOKEN = "<|video|>"
+BEGIN_IMAGE = "<|begin_of_image|>"
+END_IMAGE = "<|end_of_image|>"
+BEGIN_VIDEO = "<|begin_of_video|>"
+END_VIDEO = "<|end_of_video|>"
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _plain(value: Any) -> Any:
+    """Reduce template inputs to plain JSON-like data, like transformers' `_plain_template_data`."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, np.generic):
+        return _plain(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return f"<{type(value).__name__}>"
+
+
+def compile_chat_template(template: str):
+    """Compile a chat template in the same jinja2 environment transformers uses."""
+    import jinja2
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class _Generation(Extension):  # `{% generation %}...{% endgeneration %}` renders its body unchanged
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["dict"] = dict
+    env.globals["namespace"] = jinja2.utils.Namespace
+    return env.from_string(template)
+
+
+class Processor:
+    """Text + images + videos -> model inputs (numpy), matching transformers' `Glm4vProcessor`."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        chat_template: str | None,
+        image_processor: ImageProcessor | None = None,
+        video_processor: VideoProcessor | None = None,
+        special_tokens: Mapping[str, str] | None = None,
+        padding_side: str = "left",
+    ) -> None:
+        """`tokenizer` is a `tokenizers.Tokenizer`; `special_tokens` the tokenizer_config.json bos/eos/pad/... map."""
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.image_processor = image_processor or ImageProcessor()
+        self.video_processor = video_processor or VideoProcessor()
+        self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if isinstance(v, str)}
+        self.special_tokens.setdefault("eos_token", "<|endoftext|>")
+        self.special_tokens.setdefault("pad_token", "<|endoftext|>")
+        if padding_side not in ("left", "right"):
+            raise ProcessingError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.padding_side = padding_side
+        self._template = None
+        self.image_token_id = self._token_id(IMAGE_TOKEN)
+        self.video_token_id = self._token_id(VIDEO_TOKEN)
+        self.video_start_id = self._token_id(BEGIN_VIDEO)
+        self.video_end_id = self._token_id(END_VIDEO)
+        self.pad_token_id = self._token_id(self.special_tokens["pad_token"])
+
+    def _token_id(self, token: str) -> int:
+        tid = self.tokenizer.token_to_id(token)
+        if tid is None:
+            raise ProcessingError(f"tokenizer has no token {token!r}")
+        return int(tid)
+
+    @classmethod
+    def from_dir(cls, checkpoint_dir: str | os.PathLike) -> Processor:
+        """tokenizer.json (+ tokenizer_config.json), chat template, preprocessor / video preprocessor configs."""
+        from tokenizers import Tokenizer
+
+        d = os.fspath(checkpoint_dir)
+        if not os.path.isdir(d):
+            raise ProcessingError(f"checkpoint directory not found: {d!r}")
+        tok_path = os.path.join(d, "tokenizer.json")
+        if not os.path.isfile(tok_path):
+            raise ProcessingError(f"{d!r}: tokenizer.json not found (only fast `tokenizers` files are supported)")
+        try:
+            tokenizer = Tokenizer.from_file(tok_path)
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise ProcessingError(f"{tok_path!r}: cannot load tokenizer: {e}") from e
+        tok_cfg = _read_json(os.path.join(d, "tokenizer_config.json")) or {}
+        special = {}
+        for k in _SPECIAL_KEYS:
+            v = tok_cfg.get(k)
+            if isinstance(v, dict):
+                v = v.get("content")
+            if isinstance(v, str):
+                special[k] = v
+        return cls(
+            tokenizer,
+            load_chat_template(d, tok_cfg),
+            ImageProcessor.from_dir(d),
+            VideoProcessor.from_dir(d),
+            special_tokens=special,
+            padding_side=tok_cfg.get("padding_side", "left"),
+        )
+
+    # ------------------------------------------------------------------ chat template
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
+        """Render HF-format messages to the prompt string (same output as HF `apply_chat_template(tokenize=False)`)."""
+        if self.chat_template is None:
+            raise ProcessingError("this processor has no chat template (chat_template.jinja / tokenizer_config.json)")
+        if self._template is None:
+            self._template = compile_chat_template(self.chat_template)
+        if not isinstance(messages, (list, tuple)) or not all(isinstance(m, Mapping) for m in messages):
+            raise ProcessingError("messages must be a list of dicts with 'role' and 'content'")
+        chat = []
+        for m in messages:
+            m = _plain({k: v for k, v in m.items() if v is not None})
+            reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
+            if reasoning is not None:
+                m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+            chat.append(m)
+        variables = {**self.special_tokens, **_plain(kwargs)}
+        return self._template.render(
+            messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables
+        )
+
+    # ------------------------------------------------------------------ main entry
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        images: Any = None,
+        videos: Any = None,
+        video_metadata: Any = None,
+        padding: bool = True,
+        do_sample_frames: bool | None = None,
+        add_special_tokens: bool = True,
+    ) -> dict[str, Any]:
+        """Tokenise prompts, expanding media placeholders. Returns numpy arrays: input_ids, attention_mask,
+        mm_token_type_ids (int64, (B, L)) and pixel_values / image_grid_thw, pixel_values_videos / video_grid_thw
+        when media are given. Images / videos are flat lists in prompt order (nested per-sample lists are flattened).
+        """
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ProcessingError("text must be a string or a non-empty list of strings")
+        image_list = _flatten_media(images, is_video=False)
+        video_list = _flatten_media(videos, is_video=True)
+        n_img_ph = sum(t.count(IMAGE_TOKEN) for t in texts)
+        n_vid_ph = sum(t.count(VIDEO_TOKEN) for t in texts)
+        if n_img_ph != len(image_list):
+            raise ProcessingError(
+                f"number of {IMAGE_TOKEN} placeholders in the text ({n_img_ph}) does not match the number of images "
+                f"given ({len(image_list)})"
+            )
+        if n_vid_ph != len(video_list):
+            raise ProcessingError(
+                f"number of {VIDEO_TOKEN} placeholders in the text ({n_vid_ph}) does not match the number of videos "
+                f"given ({len(video_list)})"
+            )
+        out: dict[str, Any] = {}
+        image_repl: list[str] = []
+        video_repl: list[str] = []
+        if image_list:
+            img = self.image_processor(image_list)
+            out.update(img)
+            m2 = self.image_processor.merge_size**2
+            image_repl = [IMAGE_TOKEN * int(np.prod(g) // m2) for g in img["image_grid_thw"]]
+        if video_list:
+            vid = self.video_processor(video_list, video_metadata, do_sample_frames=do_sample_frames)
+            out["pixel_values_videos"] = vid["pixel_values_videos"]
+            out["video_grid_thw"] = vid["video_grid_thw"]
+            out["video_metadata"] = vid["video_metadata"]
+            m2 = self.video_processor.merge_size**2
+            video_repl = [
+                self._video_structure(g, md, m2)
+                for g, md in zip(vid["video_grid_thw"], vid["video_metadata"], strict=True)
+            ]
+        texts = _expand_placeholders(texts, image_repl, video_repl)
+        ids = [enc.ids for enc in self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        out.update(self._pad(ids, padding))
+        return out
+
+    @staticmethod
+    def _video_structure(grid: np.ndarray, metadata: VideoMetadata, merge_area: int) -> str:
+        gt = int(grid[0])
+        per_frame = int(np.prod(grid)) // merge_area // gt
+        fps = 24.0 if metadata.fps is None else metadata.fps  # HF assumes 24 fps (with a warning) when unknown
+        idx = metadata.frames_indices if metadata.frames_indices is not None else []
+        ts = [i / fps for i in idx][::2][:gt]
+        while len(ts) < gt:
+            ts.append(ts[-1] if ts else 0)
+        return "".join(f"{BEGIN_IMAGE}{IMAGE_TOKEN * per_frame}{END_IMAGE}{int(t)}" for t in ts)
+
+    def _pad(self, ids: list[list[int]], padding: bool) -> dict[str, np.ndarray]:
+        lengths = {len(x) for x in ids}
+        if len(lengths) > 1 and not padding:
+            raise ProcessingError(f"prompts have different lengths {sorted(lengths)}; use padding=True")
+        L = max(lengths)
+        input_ids = np.full((len(ids), L), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(ids), L), dtype=np.int64)
+        for i, x in enumerate(ids):
+            sl = slice(L - len(x), L) if self.padding_side == "left" else slice(0, len(x))
+            input_ids[i, sl] = x
+            mask[i, sl] = 1
+        return {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": self.mm_token_type_ids(input_ids)}
+
+    def mm_token_type_ids(self, input_ids: np.ndarray) -> np.ndarray:
+        """2 for image tokens inside a video span, 1 for other image tokens, 0 otherwise (per row)."""
+        ids = np.atleast_2d(np.asarray(input_ids))
+        in_video = np.cumsum(ids == self.video_start_id, axis=-1) > np.cumsum(ids == self.video_end_id, axis=-1)
+        is_img = ids == self.image_token_id
+        return np.where(is_img & in_video, 2, np.where(is_img, 1, 0)).astype(np.int64)
+
+    # ------------------------------------------------------------------ messages
+    def encode_messages(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **call_kwargs: Any
+    ) -> dict[str, Any]:
+        """Render the chat template and process the images/videos found in the messages, in order.
+
+        Image items: {"type": "image", "image": path | PIL | uint8 array} ("path"/"url" keys accepted for local
+        files). Video items: {"type": "video", "video": path | (frames, VideoMetadata) | frames}.
+        """
+        images, videos = extract_media(messages)
+        prompt = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return self(prompt, images=images or None, videos=videos or None, **call_kwargs)
+
+    def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = False) -> str:
+        """Token ids -> text (`<think>`/`<answer>` survive skip_special_tokens, as in the real tokenizer)."""
+        flat = [int(i) for i in np.asarray(ids).reshape(-1)]
+        return self.tokenizer.decode(flat, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, ids: Sequence[Sequence[int]] | np.ndarray, skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in ids]
+
+    def num_image_tokens(self, height: int, width: int) -> int:
+        """Merged LLM tokens for an image of original size (height, width)."""
+        return self.image_processor.num_image_tokens(height, width)
+
+
+def extract_media(messages: Sequence[Mapping[str, Any]]) -> tuple[list[Any], list[Any]]:
+    """Images and videos of list-content messages in order (the template's test order: video before image)."""
+    images: list[Any] = []
+    videos: list[Any] = []
+    for m in messages:
+        content = m.get("content") if isinstance(m, Mapping) else None
+        if not isinstance(content, (list, tuple)):
+            continue
+        for item in content:
+            if not isinstance(item, Mapping):
+                continue
+            if item.get("type") == "video" or "video" in item:
+                src = next((item[k] for k in ("video", "path", "url") if item.get(k) is not None), None)
+                if src is None:
+                    raise ProcessingError(f"video item has no 'video' (or 'path') field: {_plain(item)}")
+                videos.append(src)
+            elif item.get("type") == "image" or "image" in item:
+                src = next((item[k] for k in ("image", "path", "url") if item.get(k) is not None), None)
+                if src is None:
+                    raise ProcessingError(f"image item has no 'image' (or 'path') field: {_plain(item)}")
+                images.append(src)
+    return images, videos
+
+
+def _flatten_media(media: Any, is_video: bool) -> list[Any]:
+    """One item or a list of items -> flat list. For images, nested per-sample lists are flattened; for videos a
+    list is always a list of videos (a video itself is a path, an array, a list of frames or (frames, metadata))."""
+    if media is None:
+        return []
+    if isinstance(media, (str, os.PathLike, np.ndarray)) or not isinstance(media, (list, tuple)):
+        return [media]
+    if is_video and isinstance(media, tuple) and len(media) == 2 and isinstance(media[1], (VideoMetadata, dict)):
+        return [media]
+    if is_video:
+        return list(media)
+    flat: list[Any] = []
+    for m in media:
+        flat.extend(m if isinstance(m, (list, tuple)) else [m])
+    return flat
+
+
+def _expand_placeholders(texts: list[str], image_repl: list[str], video_repl: list[str]) -> list[str]:
+    """Replace each placeholder, left to right over the batch, with its expansion (single pass, no re-scanning)."""
+    it_img, it_vid = iter(image_repl), iter(video_repl)
+    pattern = re.compile(f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)}")
+
+    def sub(m: re.Match) -> str:
+        return next(it_img) if m.group(0) == IMAGE_TOKEN else next(it_vid)
+
+    return [pattern.sub(sub, t) for t in texts]
+
+
+def load_chat_template(checkpoint_dir: str, tokenizer_config: Mapping[str, Any] | None = None) -> str:
+    """chat_template.jinja, else tokenizer_config.json "chat_template", else chat_template.json; error if none."""
+    p = os.path.join(checkpoint_dir, "chat_template.jinja")
+    if os.path.isfile(p):
+        with open(p, encoding="utf-8") as f:
+            return f.read()
+    cfg = tokenizer_config if tokenizer_config is not None else _read_json(os.path.join(checkpoint_dir,
+                                                                                        "tokenizer_config.json"))
+    for source, tpl in (("tokenizer_config.json", (cfg or {}).get("chat_template")),
+                        ("chat_template.json", (_read_json(os.path.join(checkpoint_dir, "chat_template.json"))
+                                                or {}).get("chat_template"))):
+        if isinstance(tpl, list):  # named templates: [{"name": "default", "template": ...}]
+            tpl = next((t.get("template") for t in tpl if isinstance(t, Mapping) and t.get("name") == "default"), None)
+        if isinstance(tpl, str) and tpl:
+            return tpl
+        if tpl is not None:
+            raise ProcessingError(f"{os.path.join(checkpoint_dir, source)!r}: 'chat_template' must be a string")
+    raise ProcessingError(
+        f"{checkpoint_dir!r}: no chat template found (looked for chat_template.jinja, tokenizer_config.json "
+        "'chat_template' and chat_template.json)"
+    )
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ProcessingError(f"{path!r}: cannot parse JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ProcessingError(f"{path!r}: expected a JSON object, got {type(data).__name__}")
+    return data
