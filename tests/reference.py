@@ -38,10 +38,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
 def hf_config_dict(name: str) -> dict[str, Any]:
     spec = CONFIGS[name]
     d = tiny.tiny_hf_config()
-    d = copy.deepcopy(d)
     d["text_config"].update(spec["text"])
     d["vision_config"].update(spec["vision"])
-    return d
+    return copy.deepcopy(d)  # callers may mutate it
 
 
 def build_hf_model(cfg_dict: dict[str, Any], seed: int = 0) -> Glm4vForConditionalGeneration:
@@ -74,4 +73,67 @@ def to_torch(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
             continue
         a = np.asarray(v)
         out[k] = torch.from_numpy(a.astype(np.int64) if a.dtype.kind in "iu" else a.astype(np.float32))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Raw processor-like inputs (ids + pixel rows + grids), built without the processor so model tests stand alone.
+
+GMASK, SOP, USER, ASSISTANT, NL = 151331, 151333, 151336, 151337, 198
+BOI, EOI, BOV, EOV, IMG = 151339, 151340, 151341, 151342, 151343
+
+
+def text_ids(rng: np.random.Generator, n: int) -> list[int]:
+    return [int(x) for x in rng.integers(100, 195, size=n)]
+
+
+def build_prompt(rng: np.random.Generator, images=(), video=None, n_text: int = 5, patch_dim: int = 1176,
+                 merge: int = 2) -> dict[str, np.ndarray]:
+    """[gMASK]<sop><|user|>\\n + images + video + text + <|assistant|>\\n, with random pixel rows per grid.
+
+    `images`: grids (1, h, w) in patches; `video`: (t, h, w) with t even (t/2 temporal groups after the
+    temporal patch of 2, i.e. grid t counts groups) and timestamps 0, 1, 2, ... as digit tokens.
+    """
+    ids = [GMASK, SOP, USER, NL]
+    out: dict[str, np.ndarray] = {}
+    if images:
+        pix = []
+        for g in images:
+            ids += [BOI] + [IMG] * (g[0] * g[1] * g[2] // merge**2) + [EOI]
+            pix.append(rng.standard_normal((g[0] * g[1] * g[2], patch_dim)).astype(np.float32))
+        out["pixel_values"] = np.concatenate(pix)
+        out["image_grid_thw"] = np.asarray(images, np.int64)
+    if video is not None:
+        t, h, w = video
+        ids += [BOV]
+        for k in range(t):
+            ids += [BOI] + [IMG] * (h * w // merge**2) + [EOI] + [100 + 16 + k % 10]  # '0'..'9' are ids 116..125
+        ids += [EOV]
+        out["pixel_values_videos"] = rng.standard_normal((t * h * w, patch_dim)).astype(np.float32)
+        out["video_grid_thw"] = np.asarray([video], np.int64)
+    ids += text_ids(rng, n_text) + [ASSISTANT, NL]
+    out["input_ids"] = np.asarray([ids], np.int64)
+    return out
+
+
+def mm_types(ids: np.ndarray) -> np.ndarray:
+    depth = np.cumsum(ids == BOV, -1) - np.cumsum(ids == EOV, -1)
+    return np.where(ids == IMG, np.where(depth > 0, 2, 1), 0).astype(np.int64)
+
+
+def left_pad_batch(prompts: list[dict[str, np.ndarray]], pad_id: int = 151329) -> dict[str, np.ndarray]:
+    """Left-pad several single-row prompts into one batch; vision arrays concatenated in row order."""
+    n = max(p["input_ids"].shape[1] for p in prompts)
+    ids = np.full((len(prompts), n), pad_id, np.int64)
+    mask = np.zeros((len(prompts), n), np.int64)
+    for i, p in enumerate(prompts):
+        L = p["input_ids"].shape[1]
+        ids[i, n - L:] = p["input_ids"][0]
+        mask[i, n - L:] = 1
+    out = {"input_ids": ids, "attention_mask": mask}
+    for key, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        parts = [p for p in prompts if key in p]
+        if parts:
+            out[key] = np.concatenate([p[key] for p in parts])
+            out[grid] = np.concatenate([p[grid] for p in parts])
     return out
