@@ -1,0 +1,73 @@
+"""`glm41v convert SRC DST [--dtype bfloat16|float32]`: the converter's command line.
+
+Every expected failure (bad checkpoint, bad config, missing file, bad dtype, existing DST) prints exactly one
+`error: ...` line on stderr and returns exit code 2; no traceback. Ctrl-C removes the partial output and returns 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from glm41v_jax.config import ConfigError
+from glm41v_jax.loading import CheckpointError
+from glm41v_jax.weights import WeightsError
+
+EXPECTED_ERRORS = (CheckpointError, WeightsError, ConfigError, OSError)
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `convert` subcommand to a `glm41v` subparsers object."""
+    p = subparsers.add_parser(
+        "convert",
+        help="convert an HF safetensors checkpoint to an Orbax checkpoint (streamed, atomic)",
+        description="Convert an HF GLM-4.1V checkpoint (directory or hub id) into a directory that "
+        "glm41v_jax.loading.load restores onto any mesh. Tensors are streamed one at a time.",
+    )
+    p.add_argument("src", help="HF checkpoint directory (config.json + *.safetensors) or hub id")
+    p.add_argument("dst", help="output directory (must not exist)")
+    p.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: keep the stored dtype)")
+    p.add_argument("--flush-gb", type=float, default=1.0, help="host buffer per Orbax partial save, GiB (default 1)")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show progress")
+    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress")
+    p.set_defaults(func=run)
+    return p
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+        msg = f"{e.filename}: {msg}"
+    return msg
+
+
+def run(args: argparse.Namespace) -> int:
+    from .hf_to_orbax import convert
+
+    try:
+        if not args.flush_gb > 0:
+            raise CheckpointError(f"--flush-gb must be positive, got {args.flush_gb}")
+        convert(args.src, args.dst, dtype=args.dtype, progress=args.progress,
+                flush_bytes=int(args.flush_gb * 2**30))
+    except EXPECTED_ERRORS as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; partial output removed", file=sys.stderr)
+        return 130
+    print(f"converted {args.src} -> {args.dst}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point (`python -m glm41v_convert.main SRC DST`)."""
+    parser = argparse.ArgumentParser(prog="glm41v")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["convert", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

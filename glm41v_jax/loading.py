@@ -1,0 +1,415 @@
+"""Load GLM-4.1V weights from an HF checkpoint directory, a converted (Orbax) directory, or a hub id.
+
+What is special here:
+  * HF safetensors are streamed one tensor at a time: headers are checked first (every name, shape and dtype
+    against the config, every shard file present and complete), *then* tensors are read. Each tensor is read with
+    its own short-lived `safe_open`, so the mmap of a 5 GB shard never stays resident; with a `mesh` each tensor
+    goes host -> device into its final `NamedSharding` before the next is read, so host memory stays bounded by
+    about one tensor.
+  * Pickled weights (`*.bin`, `*.pt`, `*.pth`) are refused, never unpickled.
+  * A converted directory (written by `glm41v convert`, see `glm41v_convert.hf_to_orbax`) is restored with Orbax
+    directly into target shardings computed from `jax.eval_shape` (`abstract_params` + `param_shardings`); the
+    shardings stored in the files are ignored. A converted directory without its completion marker is refused.
+  * Without a mesh, arrays are placed on `jax.devices()[0]` (single-device jax arrays); `as_numpy=True` returns
+    host NumPy arrays instead.
+  * The returned tree is the canonical *unrolled* layout (`layers_0`, `blocks_3`, ...); with
+    `scan_layers=True` in the runtime overrides it is stacked (`weights.stack_layers`) after loading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import ml_dtypes  # noqa: F401  (registers 'bfloat16' with NumPy: safe_open(framework="np") needs it)
+import numpy as np
+
+from .config import ConfigError, Glm4vConfig
+from .weights import Rule, WeightsError, build_rules, check_complete, convert_tensor, is_ignored_key, set_path
+
+# Converted-directory format (written by glm41v_convert.hf_to_orbax).
+FORMAT_FILE = "glm41v_jax.json"
+FORMAT_NAME = "glm41v-jax-orbax"
+FORMAT_VERSION = 1
+COMPLETE_MARKER = "CONVERSION_COMPLETE"
+PARAMS_SUBDIR = "params"
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Files the processor / generation need, copied alongside converted weights.
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "processor_config.json",
+)
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
+
+_ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or directory is missing, corrupt, pickled, or otherwise unusable. The message names it."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resolving a model spec to a directory.
+
+
+def is_converted_dir(path: str | os.PathLike) -> bool:
+    """True if `path` looks like a `glm41v convert` output (complete or not)."""
+    return os.path.isfile(os.path.join(os.fspath(path), FORMAT_FILE))
+
+
+def resolve_model_dir(model: str | os.PathLike) -> str:
+    """The local directory of a model spec: an existing directory, or a hub id (downloaded with huggingface_hub).
+
+    The processor files (tokenizer.json, chat_template.jinja, preprocessor_config.json, ...) live in this directory
+    for HF checkpoints and converted directories alike.
+    """
+    spec = os.fspath(model)
+    if os.path.isdir(spec):
+        return spec
+    if os.path.exists(spec):
+        if spec.endswith(PICKLE_SUFFIXES):
+            raise CheckpointError(f"{spec}: refusing to unpickle a pickled checkpoint; convert it to safetensors "
+                                  "first (e.g. transformers save_pretrained(..., safe_serialization=True))")
+        raise CheckpointError(f"{spec}: expected a checkpoint directory (with config.json), got a file")
+    if not _HUB_ID.match(spec) or spec.startswith((".", "/", "~")):
+        raise CheckpointError(f"{spec}: no such directory (and not a hub id of the form 'owner/name')")
+    return _download(spec)
+
+
+def _download(repo_id: str) -> str:
+    """snapshot_download of the files we need (weights as safetensors, configs, tokenizer, templates)."""
+    how = (f"download it where the hub is reachable (`huggingface-cli download {repo_id} --local-dir DIR`) and pass "
+           "DIR instead")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"{repo_id}: not a local directory, and huggingface_hub is not installed to fetch it "
+                              f"from the hub; `pip install 'glm41v-jax[hub]'`, or {how}") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS)
+    except Exception as e:  # noqa: BLE001  (network, auth, not found, offline cache miss: all one message)
+        why = "HF_HUB_OFFLINE is set and it is not in the local hub cache" if offline else f"{type(e).__name__}: {e}"
+        why = " ".join(str(why).split())
+        raise CheckpointError(f"{repo_id}: could not fetch from the hugging face hub ({why}); {how}") from None
+
+
+def load_config(model: str | os.PathLike, **runtime: Any) -> Glm4vConfig:
+    """The `Glm4vConfig` of a model spec (HF directory, converted directory or hub id)."""
+    return Glm4vConfig.from_file(os.path.join(resolve_model_dir(model), "config.json"), **runtime)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streaming HF safetensors.
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: str  # absolute path of the shard
+    dtype: str  # numpy dtype name
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def read_safetensors_header(path: str) -> dict[str, TensorInfo]:
+    """Parse and validate one safetensors header without reading tensor data; truncation is detected here."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated or corrupt safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100 * 2**20):
+                raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header length {n} but file "
+                                      f"has {size} bytes)")
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors file (header is not valid JSON)") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: safetensors file not found") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors file (header is not an object)")
+    data = size - 8 - n
+    out: dict[str, TensorInfo] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = (int(x) for x in meta["data_offsets"])
+            st_dtype, shape = meta["dtype"], tuple(int(s) for s in meta["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for '{name}'") from None
+        if end > data:
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors file: tensor '{name}' ends at byte "
+                                  f"{8 + n + end} but the file has {size} bytes")
+        out[name] = TensorInfo(name, path, _ST_DTYPES.get(st_dtype, st_dtype), shape, end - start)
+    return out
+
+
+def refuse_pickles(directory: str) -> None:
+    """Raise if the directory holds only pickled weights (we never unpickle)."""
+    pickles = sorted(f for f in os.listdir(directory) if f.endswith(PICKLE_SUFFIXES) or f.endswith(".bin.index.json"))
+    if pickles:
+        raise CheckpointError(f"{os.path.join(directory, pickles[0])}: refusing to unpickle pickled weights "
+                              f"({len(pickles)} file(s)); convert to safetensors first (e.g. transformers "
+                              "save_pretrained(..., safe_serialization=True))")
+
+
+class HFCheckpoint:
+    """The tensors of an HF checkpoint directory (single file or sharded with an index), validated up front."""
+
+    def __init__(self, directory: str | os.PathLike, cfg: Glm4vConfig | None = None) -> None:
+        self.directory = d = os.fspath(directory)
+        self.cfg = cfg or Glm4vConfig.from_file(os.path.join(d, "config.json"))
+        index = os.path.join(d, SAFETENSORS_INDEX)
+        single = os.path.join(d, SAFETENSORS_FILE)
+        infos: dict[str, TensorInfo] = {}
+        if os.path.isfile(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
+            headers: dict[str, dict[str, TensorInfo]] = {}
+            for fname in sorted(set(weight_map.values())):
+                path = os.path.join(d, fname)
+                if not os.path.isfile(path):
+                    raise CheckpointError(f"{path}: shard file named in {SAFETENSORS_INDEX} is missing")
+                headers[fname] = read_safetensors_header(path)
+            for name, fname in weight_map.items():
+                info = headers[fname].get(name)
+                if info is None:
+                    raise CheckpointError(f"{os.path.join(d, fname)}: does not contain tensor '{name}' that "
+                                          f"{SAFETENSORS_INDEX} places there")
+                infos[name] = info
+        elif os.path.isfile(single):
+            infos = read_safetensors_header(single)
+        else:
+            refuse_pickles(d)
+            raise CheckpointError(f"{d}: no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} found")
+        self.infos = infos
+        self.rules = build_rules(self.cfg)
+        self._validate()
+
+    def _validate(self) -> None:
+        unexpected = [n for n in self.infos if n not in self.rules and not is_ignored_key(n)]
+        check_complete(self.rules, {n for n in self.infos if n in self.rules}, unexpected, self.directory)
+        for name, rule in self.rules.items():
+            info = self.infos[name]
+            if info.shape != rule.hf_shape:
+                raise WeightsError(f"{info.file}: tensor '{name}' has shape {info.shape}, expected {rule.hf_shape} "
+                                   "from config.json")
+            if info.dtype not in ("bfloat16", "float16", "float32", "float64"):
+                raise WeightsError(f"{info.file}: tensor '{name}' has dtype {info.dtype}, expected a floating-point "
+                                   "dtype (BF16/F16/F32)")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.infos[n].nbytes for n in self.rules)
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor as NumPy in its stored dtype (bf16 via ml_dtypes, bit-exact). Opens and closes the file."""
+        from safetensors import safe_open
+
+        info = self.infos[name]
+        try:
+            with safe_open(info.file, framework="np") as f:
+                arr = f.get_tensor(name)
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own SafetensorError)
+            raise CheckpointError(f"{info.file}: could not read tensor '{name}' ({type(e).__name__}: "
+                                  f"{' '.join(str(e).split())})") from None
+        if tuple(arr.shape) != info.shape or str(arr.dtype) != info.dtype:
+            raise CheckpointError(f"{info.file}: tensor '{name}' read back as {arr.dtype}{tuple(arr.shape)}, header "
+                                  f"says {info.dtype}{info.shape}")
+        return arr
+
+    def iter_flax(self, dtype: Any = None) -> Iterator[tuple[str, Rule, np.ndarray]]:
+        """(HF name, rule, Flax-layout array) in rule order (one layer after another), one tensor in memory."""
+        for name, rule in self.rules.items():
+            yield name, rule, convert_tensor(name, self.read(name), rule, dtype, self.infos[name].file)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading.
+
+
+def _target_shardings(cfg: Glm4vConfig, mesh: Any) -> Any:
+    from .model import abstract_params
+    from .sharding import param_shardings
+
+    return param_shardings(abstract_params(cfg.with_runtime(scan_layers=False)), mesh)
+
+
+def _abstract_unboxed(cfg: Glm4vConfig) -> Any:
+    from .model import abstract_params
+    from .sharding import unbox
+
+    return unbox(abstract_params(cfg.with_runtime(scan_layers=False)))
+
+
+def _paths_and_leaves(tree: Any) -> dict[tuple[str, ...], Any]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in flat}
+
+
+def _load_hf(directory: str, cfg: Glm4vConfig, dtype: Any, mesh: Any, as_numpy: bool) -> dict:
+    ckpt = HFCheckpoint(directory, cfg)
+    shardings = _paths_and_leaves(_target_shardings(cfg, mesh)) if mesh is not None else None
+    device = None if (mesh is not None or as_numpy) else jax.devices()[0]
+    tree: dict = {}
+    for _name, rule, arr in ckpt.iter_flax(dtype):
+        if as_numpy:
+            value = arr
+        else:
+            value = jax.device_put(arr, shardings[rule.path] if shardings is not None else device)
+            value.block_until_ready()  # the host copy can go before the next tensor is read
+        set_path(tree, rule.path, value)
+    return tree
+
+
+@dataclasses.dataclass
+class _NumpyAbstract:
+    """Orbax v1 abstract leaf restored as np.ndarray (shape + dtype, no sharding)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def read_format(directory: str) -> dict[str, Any]:
+    path = os.path.join(directory, FORMAT_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            fmt = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if fmt.get("format") != FORMAT_NAME or fmt.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unsupported converted format {fmt.get('format')!r} version "
+                              f"{fmt.get('format_version')!r} (this version reads {FORMAT_NAME} v{FORMAT_VERSION})")
+    if not os.path.isfile(os.path.join(directory, COMPLETE_MARKER)):
+        raise CheckpointError(f"{directory}: conversion is incomplete (no {COMPLETE_MARKER} marker); delete it and "
+                              "convert again")
+    return fmt
+
+
+def _load_converted(directory: str, cfg: Glm4vConfig, dtype: Any, mesh: Any, as_numpy: bool) -> dict:
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    read_format(directory)
+    params_dir = os.path.join(directory, PARAMS_SUBDIR)
+    try:
+        stored = ocp.metadata(params_dir).metadata
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{params_dir}: unreadable Orbax checkpoint ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:300]})") from None
+    expected = _paths_and_leaves(_abstract_unboxed(cfg))
+    on_disk = _paths_and_leaves(stored)
+    missing = sorted("/".join(p) for p in set(expected) - set(on_disk))
+    unexpected = sorted("/".join(p) for p in set(on_disk) - set(expected))
+    if missing or unexpected:
+        parts = [f"missing {len(missing)} array(s): {', '.join(missing[:8])}"] if missing else []
+        parts += [f"unexpected {len(unexpected)} array(s): {', '.join(unexpected[:8])}"] if unexpected else []
+        raise WeightsError(f"{params_dir}: " + "; ".join(parts))
+    for p, a in expected.items():
+        if tuple(on_disk[p].shape) != tuple(a.shape):
+            raise WeightsError(f"{params_dir}: array '{'/'.join(p)}' has shape {tuple(on_disk[p].shape)}, expected "
+                               f"{tuple(a.shape)} from config.json")
+    shardings = _paths_and_leaves(_target_shardings(cfg, mesh)) if mesh is not None else None
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def target(p: tuple[str, ...]) -> Any:
+        dt = np.dtype(dtype) if dtype is not None else np.dtype(on_disk[p].dtype)
+        shape = tuple(expected[p].shape)
+        if as_numpy:
+            return _NumpyAbstract(shape, dt)
+        return jax.ShapeDtypeStruct(shape, dt, sharding=shardings[p] if shardings is not None else single)
+
+    abstract: dict = {}
+    for p in expected:
+        set_path(abstract, p, target(p))
+    return ocp.load(params_dir, abstract)
+
+
+def load(
+    model: str | os.PathLike,
+    *,
+    dtype: Any = None,
+    mesh: Any = None,
+    as_numpy: bool = False,
+    **runtime: Any,
+) -> tuple[Any, Glm4vConfig]:
+    """Load (params, cfg) from an HF checkpoint dir, a converted dir, or a hub id.
+
+    dtype: cast every weight to this dtype (None keeps the stored dtype; bf16 stays bit-exact). When given and
+      `param_dtype` is not among the runtime overrides, the returned cfg's `param_dtype` is set to it.
+    mesh: place each array directly into its `NamedSharding` from `sharding.LOGICAL_RULES`.
+    as_numpy: return host NumPy arrays (ignored with a mesh). Otherwise single-device jax arrays on device 0.
+    runtime: `RuntimeConfig` overrides (dtype, param_dtype, scan_layers, remat_policy, attention_impl).
+    """
+    if dtype is not None:
+        dtype = np.dtype(dtype)
+        runtime.setdefault("param_dtype", dtype.name)
+    if mesh is not None:
+        as_numpy = False
+    directory = resolve_model_dir(model)
+    cfg = Glm4vConfig.from_file(os.path.join(directory, "config.json"), **runtime)
+    if is_converted_dir(directory):
+        params = _load_converted(directory, cfg, dtype, mesh, as_numpy)
+    else:
+        params = _load_hf(directory, cfg, dtype, mesh, as_numpy)
+    if cfg.runtime.scan_layers:
+        params = _stack(params, cfg, mesh)
+    return params, cfg
+
+
+def _stack(params: dict, cfg: Glm4vConfig, mesh: Any) -> dict:
+    """Unrolled -> scanned layout (transiently holds both copies of the layer weights)."""
+    from .weights import stack_layers
+
+    stacked = stack_layers(params)
+    if mesh is not None:
+        from .model import abstract_params
+        from .sharding import param_shardings
+
+        stacked = jax.device_put(stacked, param_shardings(abstract_params(cfg), mesh))
+    return stacked
+
+
+__all__ = [
+    "COMPLETE_MARKER",
+    "CheckpointError",
+    "ConfigError",
+    "HFCheckpoint",
+    "SIDE_FILES",
+    "TensorInfo",
+    "WeightsError",
+    "is_converted_dir",
+    "load",
+    "load_config",
+    "read_format",
+    "read_safetensors_header",
+    "refuse_pickles",
+    "resolve_model_dir",
+]
