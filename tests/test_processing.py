@@ -236,6 +236,14 @@ def test_decompression_bomb_limit(tmp_path, monkeypatch):
         load_image(p)
 
 
+def test_pil_decompression_bomb_warning_is_error(tmp_path, monkeypatch):
+    p = tmp_path / "warn.png"
+    Image.new("RGB", (100, 50)).save(p)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # PIL warns above 3000 px, errors above 6000 px
+    with pytest.raises(ProcessingError, match=r"warn\.png.*decompression bomb.*5000 pixels"):
+        load_image(p)
+
+
 def _png_header_only(width: int, height: int) -> bytes:
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)

@@ -146,6 +146,9 @@ def test_video(ours, hf, video):
     assert got["video_grid_thw"].tolist() == [[2, 4, 6]]
     assert int((got["mm_token_type_ids"] == 2).sum()) == 2 * 6
     assert "<|end_of_image|>0<|begin_of_image|>" in ours.decode(got["input_ids"][0])
+    assert "video_metadata" not in got
+    meta = ours(ours.apply_chat_template(msgs), videos=[video], return_metadata=True)["video_metadata"][0]
+    assert meta.frames_indices == [0, 10, 20, 30] and meta.timestamps == [0.0, 0.5, 1.0, 1.5]
     assert ours.decode(got["input_ids"][0]).count("<|end_of_image|>1<|end_of_video|>") == 1
 
 

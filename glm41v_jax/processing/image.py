@@ -31,7 +31,9 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HUB_MIN_PIXELS = 12544
 HUB_MAX_PIXELS = 9633792
 MAX_ASPECT_RATIO = 200
-# Largest image (in pixels) that `load_image` accepts; larger files are treated as decompression bombs.
+# Largest image (in pixels) that `load_image` accepts; larger files are treated as decompression bombs. PIL's own
+# bomb warning (above PIL.Image.MAX_IMAGE_PIXELS, ~89.5M px by default) is also turned into an error, so the
+# effective limit is min(MAX_IMAGE_PIXELS, PIL.Image.MAX_IMAGE_PIXELS); the PIL global is left untouched.
 MAX_IMAGE_PIXELS = 16384 * 16384
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
@@ -93,7 +95,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file as an RGB PIL image (EXIF orientation applied, like transformers' `load_image`).
 
     Raises `ProcessingError` naming the file for a missing file, a non-image/corrupt/truncated file, and for images
-    larger than `MAX_IMAGE_PIXELS` (decompression bombs; PIL's own bomb warning is turned into an error too).
+    larger than `MAX_IMAGE_PIXELS` or PIL's `Image.MAX_IMAGE_PIXELS` (decompression bombs: PIL's bomb warning is
+    turned into an error; the message gives the pixel count).
     """
     path = os.fspath(path)
     if not os.path.exists(path):

@@ -201,10 +201,12 @@ class Processor:
         padding: bool = True,
         do_sample_frames: bool | None = None,
         add_special_tokens: bool = True,
+        return_metadata: bool = False,
     ) -> dict[str, Any]:
         """Tokenise prompts, expanding media placeholders. Returns numpy arrays: input_ids, attention_mask,
         mm_token_type_ids (int64, (B, L)) and pixel_values / image_grid_thw, pixel_values_videos / video_grid_thw
         when media are given. Images / videos are flat lists in prompt order (nested per-sample lists are flattened).
+        `return_metadata=True` adds "video_metadata" (per video, with the sampled frames_indices), like HF.
         """
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
@@ -235,7 +237,8 @@ class Processor:
             vid = self.video_processor(video_list, video_metadata, do_sample_frames=do_sample_frames)
             out["pixel_values_videos"] = vid["pixel_values_videos"]
             out["video_grid_thw"] = vid["video_grid_thw"]
-            out["video_metadata"] = vid["video_metadata"]
+            if return_metadata:
+                out["video_metadata"] = vid["video_metadata"]
             m2 = self.video_processor.merge_size**2
             video_repl = [
                 self._video_structure(g, md, m2)
