@@ -208,6 +208,15 @@ def test_encode_messages_with_files(ours, hf, tmp_path):
     assert np.abs(got["pixel_values_videos"] - ref["pixel_values_videos"]).max() <= 1e-5
 
 
+def test_openai_image_url_block(ours, hf, tmp_path):
+    png = tmp_path / "u.png"
+    _img(64, 100, 11).save(png)
+    msgs = [_user({"type": "image_url", "image_url": {"url": str(png)}}, {"type": "text", "text": "?"})]
+    assert ours.apply_chat_template(msgs) == hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    got = ours.encode_messages(msgs)
+    assert got["image_grid_thw"].tolist() == [[1, 4, 8]]
+
+
 def test_placeholder_count_mismatch(ours, hf, video):
     img = _img(60, 60, 0)
     two = "[gMASK]<sop><|user|>\n<|image|><|image|>hi<|assistant|>\n"

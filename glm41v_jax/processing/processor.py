@@ -180,8 +180,8 @@ class Processor:
         if not isinstance(messages, (list, tuple)) or not all(isinstance(m, Mapping) for m in messages):
             raise ProcessingError("messages must be a list of dicts with 'role' and 'content'")
         chat = []
-        for m in messages:
-            m = _plain({k: v for k, v in m.items() if v is not None})
+        for m in normalize_messages(messages):
+            m = _plain(m)
             reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
             if reasoning is not None:
                 m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
@@ -289,6 +289,7 @@ class Processor:
         Image items: {"type": "image", "image": path | PIL | uint8 array} ("path"/"url" keys accepted for local
         files). Video items: {"type": "video", "video": path | (frames, VideoMetadata) | frames}.
         """
+        messages = normalize_messages(messages)
         images, videos = extract_media(messages)
         prompt = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         return self(prompt, images=images or None, videos=videos or None, **call_kwargs)
@@ -304,6 +305,24 @@ class Processor:
     def num_image_tokens(self, height: int, width: int) -> int:
         """Merged LLM tokens for an image of original size (height, width)."""
         return self.image_processor.num_image_tokens(height, width)
+
+
+def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Like transformers: drop None-valued keys; OpenAI {"type": "image_url", "image_url": {"url": u}} blocks
+    become {"type": "image", "url": u}."""
+    out = []
+    for m in messages:
+        m = {k: v for k, v in m.items() if v is not None}
+        if isinstance(m.get("content"), list):
+            content = []
+            for c in m["content"]:
+                if isinstance(c, Mapping) and c.get("type") == "image_url" and "image_url" in c:
+                    info = c["image_url"]
+                    c = {"type": "image", "url": info.get("url", "") if isinstance(info, Mapping) else info}
+                content.append(c)
+            m["content"] = content
+        out.append(m)
+    return out
 
 
 def extract_media(messages: Sequence[Mapping[str, Any]]) -> tuple[list[Any], list[Any]]:
