@@ -187,8 +187,8 @@ def prepare_batch(cfg: Glm4vConfig, inputs: Mapping[str, Any], max_new_tokens: i
 # Device programs.
 
 
-def _prefill(params, kw, next_pos, key, scalars, eos, *, model: Glm4v, cfg: Glm4vConfig, max_len: int,
-             sampling: SamplingParams):
+def _prefill_logits(params, kw, *, model: Glm4v, cfg: Glm4vConfig, max_len: int):
+    """Prompt -> (last-slot logits (B, V) float32, cache, kv segment ids (B, S))."""
     ids = kw["input_ids"]
     b, t = ids.shape
     cache = init_cache(cfg, b, max_len)
@@ -196,9 +196,26 @@ def _prefill(params, kw, next_pos, key, scalars, eos, *, model: Glm4v, cfg: Glm4
     kv_seg = jnp.zeros((b, max_len), jnp.int32).at[:, :t].set(seg)
     logits, cache = model.apply({"params": params}, **kw, cache=cache, cache_index=jnp.int32(0),
                                 kv_segment_ids=kv_seg, logits_index=jnp.full((b,), t - 1, jnp.int32))
-    tok = sample_tokens(logits[:, 0].astype(jnp.float32), jax.random.fold_in(key, 0), sampling, scalars)
-    state = {"kv_seg": kv_seg, "slot": jnp.int32(t), "pos": next_pos.astype(jnp.int32), "tok": tok,
-             "done": jnp.isin(tok, eos), "step": jnp.int32(1), "key": key}
+    return logits[:, 0].astype(jnp.float32), cache, kv_seg
+
+
+def _step_logits(params, cache, kv_seg, slot, pos, tok, *, model: Glm4v):
+    """One decode step: token `tok` (B,) into cache slot `slot` at M-RoPE position `pos` (B,) on all 3 rows.
+    Returns (logits (B, V) float32, cache, kv_seg)."""
+    b = tok.shape[0]
+    kv_seg = jax.lax.dynamic_update_slice(kv_seg, jnp.ones((b, 1), jnp.int32), (jnp.int32(0), slot))
+    positions = jnp.broadcast_to(pos[None, :, None], (3, b, 1))
+    logits, cache = model.apply({"params": params}, tok[:, None], positions, jnp.ones((b, 1), jnp.int32),
+                                cache=cache, cache_index=slot, kv_segment_ids=kv_seg)
+    return logits[:, 0].astype(jnp.float32), cache, kv_seg
+
+
+def _prefill(params, kw, next_pos, key, scalars, eos, *, model: Glm4v, cfg: Glm4vConfig, max_len: int,
+             sampling: SamplingParams):
+    logits, cache, kv_seg = _prefill_logits(params, kw, model=model, cfg=cfg, max_len=max_len)
+    tok = sample_tokens(logits, jax.random.fold_in(key, 0), sampling, scalars)
+    state = {"kv_seg": kv_seg, "slot": jnp.int32(kw["input_ids"].shape[1]), "pos": next_pos.astype(jnp.int32),
+             "tok": tok, "done": jnp.isin(tok, eos), "step": jnp.int32(1), "key": key}
     return cache, state
 
 
@@ -213,16 +230,12 @@ def _decode(params, cache, state, max_new, scalars, eos, pad_id, *, model: Glm4v
 
     def body(c):
         cache, st, buf, i = c
-        slot = st["slot"]
-        kv_seg = jax.lax.dynamic_update_slice(st["kv_seg"], jnp.ones((b, 1), jnp.int32), (jnp.int32(0), slot))
-        pos = jnp.broadcast_to(st["pos"][None, :, None], (3, b, 1))
-        logits, cache = model.apply({"params": params}, st["tok"][:, None], pos, jnp.ones((b, 1), jnp.int32),
-                                    cache=cache, cache_index=slot, kv_segment_ids=kv_seg)
-        tok = sample_tokens(logits[:, 0].astype(jnp.float32), jax.random.fold_in(st["key"], st["step"]), sampling,
-                            scalars)
+        logits, cache, kv_seg = _step_logits(params, cache, st["kv_seg"], st["slot"], st["pos"], st["tok"],
+                                             model=model)
+        tok = sample_tokens(logits, jax.random.fold_in(st["key"], st["step"]), sampling, scalars)
         tok = jnp.where(st["done"], pad_id, tok)
         buf = jax.lax.dynamic_update_slice(buf, tok[:, None], (jnp.int32(0), i))
-        st = {"kv_seg": kv_seg, "slot": slot + 1, "pos": st["pos"] + 1, "tok": tok,
+        st = {"kv_seg": kv_seg, "slot": st["slot"] + 1, "pos": st["pos"] + 1, "tok": tok,
               "done": st["done"] | jnp.isin(tok, eos), "step": st["step"] + 1, "key": st["key"]}
         return cache, st, buf, i + 1
 
@@ -383,6 +396,26 @@ class Engine:
         if len(res) != 1:
             raise GenerationError(f"generate() takes one prompt, got a batch of {len(res)}; use generate_batch()")
         return res[0]
+
+
+def teacher_forced_logits(params: Any, cfg: Glm4vConfig, inputs: Mapping[str, Any], continuation: Sequence[int],
+                          max_len: int | None = None) -> np.ndarray:
+    """Logits (N+1, V) from the engine's own programs: prefill of the prompt (one row), then one cached decode step
+    per continuation token. Row i predicts the token after `continuation[:i]` (used to check the KV cache)."""
+    prep = prepare_batch(cfg, inputs, max(len(continuation), 1))
+    if prep.next_positions.shape[0] != 1:
+        raise GenerationError("teacher_forced_logits takes one prompt")
+    model = Glm4v(cfg)
+    kw = jax.tree.map(jnp.asarray, prep.model_kwargs)
+    prefill = jax.jit(functools.partial(_prefill_logits, model=model, cfg=cfg, max_len=max_len or prep.max_len))
+    step = jax.jit(functools.partial(_step_logits, model=model), donate_argnums=(1,))
+    logits, cache, kv_seg = prefill(params, kw)
+    rows = [np.asarray(logits[0])]
+    for i, tok in enumerate(continuation):
+        logits, cache, kv_seg = step(params, cache, kv_seg, jnp.int32(prep.prompt_len + i),
+                                     jnp.asarray(prep.next_positions + i), jnp.asarray([tok], jnp.int32))
+        rows.append(np.asarray(logits[0]))
+    return np.stack(rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------
