@@ -193,6 +193,8 @@ def random_hf_state_dict(hf_config: dict[str, Any], seed: int = 0, dtype=np.floa
             a = 1.0 + 0.1 * rng.standard_normal(shape)
         elif name.endswith(".bias"):
             a = 0.1 * rng.standard_normal(shape)
+        elif "embed_tokens" in name and cfg.tie_word_embeddings:  # it is also the output head: keep logits O(1)
+            a = rng.standard_normal(shape) / np.sqrt(shape[1])
         elif "embed_tokens" in name or "position_embedding" in name:
             a = rng.standard_normal(shape)
         else:
@@ -235,7 +237,7 @@ def materialize_tiny_checkpoint(directory: str | None = None) -> str:
     write_tokenizer_files(tmp)
     save_file(random_hf_state_dict(cfg, TINY_SEED), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "README.txt"), "w", encoding="utf-8") as f:
-        f.write("glm41v_jax embedded tiny checkpoint: RANDOM weights (seed %d). Output is meaningless.\n" % TINY_SEED)
+        f.write(f"glm41v_jax embedded tiny checkpoint: RANDOM weights (seed {TINY_SEED}). Output is meaningless.\n")
     os.makedirs(os.path.dirname(directory) or ".", exist_ok=True)
     try:
         os.replace(tmp, directory)

@@ -168,7 +168,10 @@ def hf_param_shapes(cfg: Glm4vConfig) -> dict[str, tuple[int, ...]]:
 _IGNORED = re.compile(r".*(rotary_emb\.inv_freq|rotary_pos_emb\.inv_freq)$")
 
 
-def is_ignored_key(name: str) -> bool:
+def is_ignored_key(name: str, cfg: Glm4vConfig | None = None) -> bool:
+    """Rotary buffers, and a tied lm_head's copy of the embedding, carry nothing to load."""
+    if cfg is not None and cfg.tie_word_embeddings and name == "lm_head.weight":
+        return True
     return bool(_IGNORED.match(name))
 
 
@@ -217,7 +220,7 @@ def hf_to_flax(state: Mapping[str, np.ndarray], cfg: Glm4vConfig, dtype: Any = N
     for name, arr in state.items():
         rule = rules.get(name)
         if rule is None:
-            if not is_ignored_key(name):
+            if not is_ignored_key(name, cfg):
                 unexpected.append(name)
             continue
         set_path(tree, rule.path, convert_tensor(name, arr, rule, dtype, source))

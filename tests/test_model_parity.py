@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import reference as R
 import torch
 
-import reference as R
 from glm41v_jax import model as M
 from glm41v_jax import rope, weights
 from glm41v_jax.config import Glm4vConfig
@@ -14,7 +14,7 @@ from glm41v_jax.config import Glm4vConfig
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=["a", "b", "c"])
+@pytest.fixture(scope="module", params=["a", "b", "c", "d"])
 def pair(request):
     d = R.hf_config_dict(request.param)
     hf = R.build_hf_model(d, seed=7)
@@ -23,15 +23,15 @@ def pair(request):
     return request.param, hf, cfg, params
 
 
-def _cases(rng: np.random.Generator):
+def _cases(rng: np.random.Generator, pd: int = 1176):
     return {
         "text": R.build_prompt(rng, n_text=9),
-        "one_image": R.build_prompt(rng, images=[(1, 4, 6)]),
-        "two_images": R.build_prompt(rng, images=[(1, 6, 4), (1, 2, 2)]),
-        "aspect_20": R.build_prompt(rng, images=[(1, 2, 40)]),  # 1:20 in patches
-        "video": R.build_prompt(rng, video=(3, 4, 4)),  # 3 temporal groups = 6 frames, timestamps 0 1 2
-        "batch": R.left_pad_batch([R.build_prompt(rng, images=[(1, 4, 4)], n_text=3),
-                                   R.build_prompt(rng, images=[(1, 2, 6)], n_text=12)]),
+        "one_image": R.build_prompt(rng, images=[(1, 4, 6)], patch_dim=pd),
+        "two_images": R.build_prompt(rng, images=[(1, 6, 4), (1, 2, 2)], patch_dim=pd),
+        "aspect_20": R.build_prompt(rng, images=[(1, 2, 40)], patch_dim=pd),  # 1:20 in patches
+        "video": R.build_prompt(rng, video=(3, 4, 4), patch_dim=pd),  # 3 temporal groups = 6 frames, ts 0 1 2
+        "batch": R.left_pad_batch([R.build_prompt(rng, images=[(1, 4, 4)], n_text=3, patch_dim=pd),
+                                   R.build_prompt(rng, images=[(1, 2, 6)], n_text=12, patch_dim=pd)]),
         "text_batch": R.left_pad_batch([R.build_prompt(rng, n_text=2), R.build_prompt(rng, n_text=11)]),
     }
 
@@ -52,7 +52,7 @@ def _hf_logits(hf, case: dict[str, np.ndarray]) -> np.ndarray:
 @pytest.mark.parametrize("case", ["text", "one_image", "two_images", "aspect_20", "video", "batch", "text_batch"])
 def test_logits_match_transformers(pair, case):
     name, hf, cfg, params = pair
-    c = _cases(np.random.default_rng(hash((name, case)) % 2**32))[case]
+    c = _cases(np.random.default_rng(abs(hash((name, case))) % 2**32), cfg.vision.patch_dim)[case]
     ref = _hf_logits(hf, c)
     out = np.asarray(M.forward(params, cfg, **c))
     mask = c.get("attention_mask", np.ones(c["input_ids"].shape)).astype(bool)
@@ -63,7 +63,7 @@ def test_logits_match_transformers(pair, case):
 
 def test_scanned_equals_unrolled(pair):
     name, hf, cfg, params = pair
-    c = _cases(np.random.default_rng(3))["two_images"]
+    c = _cases(np.random.default_rng(3), cfg.vision.patch_dim)["two_images"]
     ref = np.asarray(M.forward(params, cfg, **c))
     scfg = cfg.with_runtime(scan_layers=True, remat_policy="full")
     out = np.asarray(M.forward(weights.stack_layers(params), scfg, **c))
@@ -86,7 +86,7 @@ def test_vision_tower_matches(pair):
 def test_get_rope_index_matches(pair):
     name, hf, cfg, params = pair
     rng = np.random.default_rng(5)
-    for case in _cases(rng).values():
+    for case in _cases(rng, cfg.vision.patch_dim).values():
         ids = case["input_ids"]
         mask = case.get("attention_mask")
         types = R.mm_types(ids)
