@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
-import ml_dtypes  # noqa: F401  (registers 'bfloat16' with NumPy: safe_open(framework="np") needs it)
+import ml_dtypes  # (also registers 'bfloat16' with NumPy: safe_open(framework="np") needs it)
 import numpy as np
 
 from .config import ConfigError, Glm4vConfig
@@ -249,7 +249,25 @@ class HFCheckpoint:
     def iter_flax(self, dtype: Any = None) -> Iterator[tuple[str, Rule, np.ndarray]]:
         """(HF name, rule, Flax-layout array) in rule order (one layer after another), one tensor in memory."""
         for name, rule in self.rules.items():
-            yield name, rule, convert_tensor(name, self.read(name), rule, dtype, self.infos[name].file)
+            yield name, rule, to_flax_layout(name, self.read(name), rule, dtype, self.infos[name].file)
+
+
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def to_flax_layout(name: str, arr: np.ndarray, rule: Rule, dtype: Any, source: str) -> np.ndarray:
+    """`weights.convert_tensor`, with bf16 moved through the layout transform as raw uint16 (bit-exact, and
+    NumPy's native integer copy loops transpose a 1.2 GB embedding ~10x faster than ml_dtypes' generic ones)."""
+    if arr.dtype != _BF16:
+        return convert_tensor(name, arr, rule, dtype, source)
+    if tuple(arr.shape) != rule.hf_shape:
+        raise WeightsError(f"{source}: tensor '{name}' has shape {tuple(arr.shape)}, expected {rule.hf_shape} "
+                           "from config.json")
+    out = np.ascontiguousarray(rule.to_flax(arr.view(np.uint16))).view(_BF16)
+    if dtype is not None and np.dtype(dtype) != _BF16:
+        out = out.astype(dtype)
+    assert out.shape == rule.flax_shape, (name, out.shape, rule.flax_shape)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

