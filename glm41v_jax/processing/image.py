@@ -304,6 +304,20 @@ def patchify_frames(
                                 dtype=np.float32), (gt, gh, gw)
 
 
+def read_json_object(path: str) -> dict[str, Any] | None:
+    """A JSON object from `path`; None if the file does not exist; ProcessingError if it is not a JSON object."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ProcessingError(f"{path!r}: cannot parse JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ProcessingError(f"{path!r}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def read_processor_config(
     checkpoint_dir: str | os.PathLike, names: Sequence[str], nested_key: str
 ) -> tuple[dict[str, Any], str]:
@@ -315,15 +329,9 @@ def read_processor_config(
     candidates += [(n, None) for n in names]
     for name, key in candidates:
         path = os.path.join(d, name)
-        if not os.path.isfile(path):
+        data = read_json_object(path)
+        if data is None:
             continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ProcessingError(f"{path!r}: cannot parse JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise ProcessingError(f"{path!r}: expected a JSON object, got {type(data).__name__}")
         if key is None:
             return data, path
         if isinstance(data.get(key), dict):

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .image import ImageProcessor, ProcessingError
+from .image import ImageProcessor, ProcessingError, read_json_object
 from .video import VideoMetadata, VideoProcessor
 
 IMAGE_TOKEN = "<|image|>"
@@ -151,7 +151,7 @@ class Processor:
             tokenizer = Tokenizer.from_file(tok_path)
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise ProcessingError(f"{tok_path!r}: cannot load tokenizer: {e}") from e
-        tok_cfg = _read_json(os.path.join(d, "tokenizer_config.json")) or {}
+        tok_cfg = read_json_object(os.path.join(d, "tokenizer_config.json")) or {}
         special = {}
         for k in _SPECIAL_KEYS:
             v = tok_cfg.get(k)
@@ -383,10 +383,10 @@ def load_chat_template(checkpoint_dir: str, tokenizer_config: Mapping[str, Any] 
     if os.path.isfile(p):
         with open(p, encoding="utf-8") as f:
             return f.read()
-    cfg = tokenizer_config if tokenizer_config is not None else _read_json(os.path.join(checkpoint_dir,
+    cfg = tokenizer_config if tokenizer_config is not None else read_json_object(os.path.join(checkpoint_dir,
                                                                                         "tokenizer_config.json"))
     for source, tpl in (("tokenizer_config.json", (cfg or {}).get("chat_template")),
-                        ("chat_template.json", (_read_json(os.path.join(checkpoint_dir, "chat_template.json"))
+                        ("chat_template.json", (read_json_object(os.path.join(checkpoint_dir, "chat_template.json"))
                                                 or {}).get("chat_template"))):
         if isinstance(tpl, list):  # named templates: [{"name": "default", "template": ...}]
             tpl = next((t.get("template") for t in tpl if isinstance(t, Mapping) and t.get("name") == "default"), None)
@@ -398,16 +398,3 @@ def load_chat_template(checkpoint_dir: str, tokenizer_config: Mapping[str, Any] 
         f"{checkpoint_dir!r}: no chat template found (looked for chat_template.jinja, tokenizer_config.json "
         "'chat_template' and chat_template.json)"
     )
-
-
-def _read_json(path: str) -> dict[str, Any] | None:
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ProcessingError(f"{path!r}: cannot parse JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ProcessingError(f"{path!r}: expected a JSON object, got {type(data).__name__}")
-    return data
