@@ -320,7 +320,8 @@ class Engine:
         kw = jax.tree.map(jnp.asarray, prep.model_kwargs)
 
         pargs = (self.params, kw, prep.next_positions, key, scalars, eos_arr)
-        prefill = self._executable("prefill", dict(cfg=self.cfg, max_len=prep.max_len, sampling=sampling), pargs)
+        prefill = self._executable("prefill", dict(cfg=self.cfg, max_len=prep.max_len, sampling=sampling.canonical()),
+                                   pargs)
         t0 = time.perf_counter()
         cache, state = prefill(*pargs)
         first = np.asarray(state["tok"])
@@ -333,7 +334,7 @@ class Engine:
 
         max_new = np.int32(max_new_tokens)
         pad_id = np.int32(self.cfg.text.pad_token_id)
-        statics = dict(chunk=self.chunk_size, sampling=sampling)
+        statics = dict(chunk=self.chunk_size, sampling=sampling.canonical())
         steps = 1
         t_dec = time.perf_counter()
         decode_compile_s = 0.0

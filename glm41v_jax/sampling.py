@@ -47,6 +47,14 @@ class SamplingParams:
             return ("greedy",)
         return ("sample", self.top_k or 0, self.use_top_p)
 
+    def canonical(self) -> SamplingParams:
+        """The same static choices with placeholder traced values: one compiled program serves every temperature
+        and top_p."""
+        if self.greedy:
+            return SamplingParams()
+        return SamplingParams(greedy=False, temperature=1.0, top_k=self.top_k or None,
+                              top_p=0.5 if self.use_top_p else None)
+
     @property
     def use_top_p(self) -> bool:
         return (not self.greedy) and self.top_p is not None and self.top_p < 1.0

@@ -273,6 +273,11 @@ def test_same_bucket_compiles_once(ref_b):
     assert eng.num_compiles == 2  # one prefill + one decode program
     eng.generate(make_inputs(ref_b.cfg, chat(text_ids(rng, 40))), max_new_tokens=9, eos_ids=())
     assert eng.num_compiles == 3  # a new prompt bucket: one more prefill, same decode program
+    inputs = make_inputs(ref_b.cfg, chat(text_ids(rng, 14)))
+    for temperature, top_p in [(0.5, 0.9), (1.7, 0.3)]:
+        eng.generate(inputs, max_new_tokens=9, sampling=SamplingParams(greedy=False, temperature=temperature,
+                                                                       top_k=10, top_p=top_p), seed=1)
+    assert eng.num_compiles == 5  # sampling: one prefill + one decode, shared by every temperature / top_p
 
 
 def test_errors(ref_a):
