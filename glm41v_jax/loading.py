@@ -31,7 +31,7 @@ import ml_dtypes  # (also registers 'bfloat16' with NumPy: safe_open(framework="
 import numpy as np
 
 from .config import ConfigError, Glm4vConfig
-from .weights import Rule, WeightsError, build_rules, check_complete, convert_tensor, is_ignored_key, set_path
+from .weights import Rule, WeightsError, build_rules, check_complete, is_ignored_key, set_path
 
 # Converted-directory format (written by glm41v_convert.hf_to_orbax).
 FORMAT_FILE = "glm41v_jax.json"
@@ -253,20 +253,37 @@ class HFCheckpoint:
 
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
+_RAW = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+_TILE = 256
+
+
+def contiguous(view: np.ndarray) -> np.ndarray:
+    """np.ascontiguousarray, tiled over the first and last axes: a transposed 1.2 GB matrix copies ~3x faster
+    because each 256 x 256 tile stays in cache."""
+    if view.flags.c_contiguous or view.ndim < 2 or view.size < (1 << 20):
+        return np.ascontiguousarray(view)
+    out = np.empty(view.shape, view.dtype)
+    n0, nl = view.shape[0], view.shape[-1]
+    for i in range(0, n0, _TILE):
+        for j in range(0, nl, _TILE):
+            out[i:i + _TILE, ..., j:j + _TILE] = view[i:i + _TILE, ..., j:j + _TILE]
+    return out
 
 
 def to_flax_layout(name: str, arr: np.ndarray, rule: Rule, dtype: Any, source: str) -> np.ndarray:
-    """`weights.convert_tensor`, with bf16 moved through the layout transform as raw uint16 (bit-exact, and
-    NumPy's native integer copy loops transpose a 1.2 GB embedding ~10x faster than ml_dtypes' generic ones)."""
-    if arr.dtype != _BF16:
-        return convert_tensor(name, arr, rule, dtype, source)
+    """`weights.convert_tensor` (same checks, same result), but the layout transform moves raw bits (uint16 for
+    bf16: bit-exact, and NumPy's native integer loops are ~10x faster than ml_dtypes' generic ones) through a tiled
+    copy, and the dtype cast (elementwise, so order does not matter) comes last."""
     if tuple(arr.shape) != rule.hf_shape:
         raise WeightsError(f"{source}: tensor '{name}' has shape {tuple(arr.shape)}, expected {rule.hf_shape} "
                            "from config.json")
-    out = np.ascontiguousarray(rule.to_flax(arr.view(np.uint16))).view(_BF16)
-    if dtype is not None and np.dtype(dtype) != _BF16:
+    if arr.dtype.kind != "f" and arr.dtype != _BF16:
+        raise WeightsError(f"{source}: tensor '{name}' has dtype {arr.dtype}, expected a floating-point dtype")
+    out = contiguous(rule.to_flax(arr.view(_RAW[arr.dtype.itemsize]))).view(arr.dtype)
+    if dtype is not None and np.dtype(dtype) != out.dtype:
         out = out.astype(dtype)
-    assert out.shape == rule.flax_shape, (name, out.shape, rule.flax_shape)
+    if out.shape != rule.flax_shape:
+        raise WeightsError(f"{source}: tensor '{name}' maps to shape {out.shape}, expected {rule.flax_shape}")
     return out
 
 
