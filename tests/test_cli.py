@@ -142,3 +142,25 @@ def test_build_messages_order():
     msgs = build_messages("q", ["a.png", "b.png"], ["v.mp4"], system="s")
     assert msgs[0] == {"role": "system", "content": "s"}
     assert [c["type"] for c in msgs[1]["content"]] == ["image", "image", "video", "text"]
+
+
+def test_image_then_video(cli, tmp_path):
+    av = pytest.importorskip("av")
+    video = str(tmp_path / "clip.mp4")
+    with av.open(video, "w") as c:
+        s = c.add_stream("mpeg4", rate=2)
+        s.width, s.height, s.pix_fmt = 112, 84, "yuv420p"
+        for i in range(6):
+            arr = np.random.default_rng(i).integers(0, 255, (84, 112, 3), dtype=np.uint8)
+            for packet in s.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    image = tmp_path / "pic.png"
+    Image.fromarray(np.zeros((56, 84, 3), np.uint8)).save(image)
+    rc, out, err = cli("--json", "--image", str(image), "--video", video, "--prompt", "What happens?",
+                       "--max-new-tokens", "4")
+    assert rc == 0, err
+    ids = last_json(out)["prompt_token_ids"]
+    assert ids.index(151339) < ids.index(151341) < ids.index(151342)  # image first, then the video span
+    assert ids.count(151339) >= 3  # the image + at least two temporal groups (>= 4 frames)
