@@ -270,7 +270,8 @@ class Engine:
         self.prompt_bucket = prompt_bucket
         self.patch_bucket = patch_bucket
         self._compiled: dict[tuple, Any] = {}
-        self.compile_seconds = 0.0
+        self.compile_seconds = 0.0  # all compiles of this engine
+        self._last_compile_s = 0.0  # compiles of the current request
 
     @property
     def num_compiles(self) -> int:
