@@ -213,9 +213,16 @@ def _step_logits(params, cache, kv_seg, slot, pos, tok, *, model: Glm4v):
 def _prefill(params, kw, next_pos, key, scalars, eos, *, model: Glm4v, cfg: Glm4vConfig, max_len: int,
              sampling: SamplingParams):
     logits, cache, kv_seg = _prefill_logits(params, kw, model=model, cfg=cfg, max_len=max_len)
-    tok = sample_tokens(logits, jax.random.fold_in(key, 0), sampling, scalars)
+    b = logits.shape[0]
+    seen = None
+    if sampling.use_repetition_penalty:  # the prompt's tokens (padding excluded), as HF's input_ids
+        ids = kw["input_ids"]
+        seen = jnp.zeros(logits.shape, bool).at[jnp.arange(b)[:, None], ids].max(kw["segment_ids"] > 0)
+    tok = sample_tokens(logits, jax.random.fold_in(key, 0), sampling, scalars, seen)
     state = {"kv_seg": kv_seg, "slot": jnp.int32(kw["input_ids"].shape[1]), "pos": next_pos.astype(jnp.int32),
              "tok": tok, "done": jnp.isin(tok, eos), "step": jnp.int32(1), "key": key}
+    if seen is not None:
+        state["seen"] = seen.at[jnp.arange(b), tok].set(True)
     return cache, state
 
 
@@ -232,11 +239,13 @@ def _decode(params, cache, state, max_new, scalars, eos, pad_id, *, model: Glm4v
         cache, st, buf, i = c
         logits, cache, kv_seg = _step_logits(params, cache, st["kv_seg"], st["slot"], st["pos"], st["tok"],
                                              model=model)
-        tok = sample_tokens(logits, jax.random.fold_in(st["key"], st["step"]), sampling, scalars)
+        tok = sample_tokens(logits, jax.random.fold_in(st["key"], st["step"]), sampling, scalars, st.get("seen"))
         tok = jnp.where(st["done"], pad_id, tok)
         buf = jax.lax.dynamic_update_slice(buf, tok[:, None], (jnp.int32(0), i))
         st = {"kv_seg": kv_seg, "slot": st["slot"] + 1, "pos": st["pos"] + 1, "tok": tok,
               "done": st["done"] | jnp.isin(tok, eos), "step": st["step"] + 1, "key": st["key"]}
+        if "seen" in c[1]:
+            st["seen"] = c[1]["seen"].at[jnp.arange(b), tok].set(True)
         return cache, st, buf, i + 1
 
     cache, state, buf, n = jax.lax.while_loop(cond, body, (cache, state, buf, jnp.int32(0)))
@@ -439,9 +448,11 @@ def get_engine(params: Any, cfg: Glm4vConfig, **engine_kw: Any) -> Engine:
     return eng
 
 
-def _sampling(greedy: bool, temperature: float, top_k: int | None, top_p: float | None) -> SamplingParams:
+def _sampling(greedy: bool, temperature: float, top_k: int | None, top_p: float | None,
+              repetition_penalty: float = 1.0) -> SamplingParams:
     try:
-        return SamplingParams(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
+        return SamplingParams(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty)
     except ValueError as e:
         raise GenerationError(str(e)) from e
 
@@ -456,6 +467,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    repetition_penalty: float = 1.0,
     seed: int = 0,
     eos_ids: Sequence[int] | None = None,
     stream_callback: Callable[[list[int]], None] | None = None,
@@ -463,7 +475,8 @@ def generate(
 ) -> GenerationResult:
     """Generate for one prompt (`inputs` = the processor's dict for one sequence)."""
     eng = get_engine(params, cfg, chunk_size=chunk_size)
-    return eng.generate(inputs, max_new_tokens=max_new_tokens, sampling=_sampling(greedy, temperature, top_k, top_p),
+    sampling = _sampling(greedy, temperature, top_k, top_p, repetition_penalty)
+    return eng.generate(inputs, max_new_tokens=max_new_tokens, sampling=sampling,
                         seed=seed, eos_ids=eos_ids, stream_callback=stream_callback)
 
 
@@ -477,6 +490,7 @@ def generate_batch(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    repetition_penalty: float = 1.0,
     seed: int = 0,
     eos_ids: Sequence[int] | None = None,
     stream_callback: Callable[[list[list[int]]], None] | None = None,
@@ -484,6 +498,6 @@ def generate_batch(
 ) -> list[GenerationResult]:
     """Generate for every row of a padded batch (left or right padded; re-laid-out left-padded)."""
     eng = get_engine(params, cfg, chunk_size=chunk_size)
-    return eng.generate_batch(inputs, max_new_tokens=max_new_tokens,
-                              sampling=_sampling(greedy, temperature, top_k, top_p), seed=seed, eos_ids=eos_ids,
+    sampling = _sampling(greedy, temperature, top_k, top_p, repetition_penalty)
+    return eng.generate_batch(inputs, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, eos_ids=eos_ids,
                               stream_callback=stream_callback)

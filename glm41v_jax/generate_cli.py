@@ -1,8 +1,8 @@
 """`glm41v generate`: chat with a GLM-4.1V checkpoint from the command line, streaming the reply.
 
     glm41v generate [--model M] [--image P]... [--video P]... --prompt TEXT [--system TEXT]
-                    [--max-new-tokens N] [--greedy] [--temperature T] [--top-k K] [--top-p P] [--seed S]
-                    [--json] [--dtype float32|bfloat16]
+                    [--max-new-tokens N] [--greedy] [--temperature T] [--top-k K] [--top-p P]
+                    [--repetition-penalty R] [--seed S] [--json] [--dtype float32|bfloat16]
 
 The user turn holds the images, then the videos, then the prompt text. Decoded text is streamed to stdout as it is
 generated, with the model's `<think>` part shown under "thinking:" and its `<answer>` part under "answer:". With
@@ -10,7 +10,8 @@ generated, with the model's `<think>` part shown under "thinking:" and its `<ans
 num_compiles, ...). Without `--model` the embedded tiny checkpoint runs: its weights are random and its output is
 meaningless (said on stderr).
 
-Sampling defaults come from the checkpoint's generation_config.json (do_sample, temperature, top_k, top_p); any of
+Sampling defaults come from the checkpoint's generation_config.json (do_sample, temperature, top_k, top_p,
+repetition_penalty); any of
 --temperature/--top-k/--top-p switches sampling on, --greedy switches it off. Expected failures (missing or
 corrupt media, bad model path, empty prompt, prompt too long for the context) print one `error: ...` line on
 stderr and exit with code 2.
@@ -49,6 +50,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (turns sampling on)")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (turns sampling on)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (turns sampling on)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="HF repetition penalty (default: generation_config.json's, else 1.0 = off)")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
@@ -149,6 +152,9 @@ def _sampling_from(args: argparse.Namespace, directory: str) -> dict[str, Any]:
     temperature = float(pick("temperature", args.temperature, 1.0))
     top_k = pick("top_k", args.top_k, None)
     top_p = pick("top_p", args.top_p, None)
+    rep = float(pick("repetition_penalty", args.repetition_penalty, 1.0))
+    if not rep > 0:
+        raise CliError(f"--repetition-penalty must be > 0, got {rep}")
     if not greedy and not temperature > 0:
         raise CliError(f"--temperature must be > 0, got {temperature}")
     if top_k is not None and int(top_k) < 0:
@@ -156,7 +162,7 @@ def _sampling_from(args: argparse.Namespace, directory: str) -> dict[str, Any]:
     if top_p is not None and not 0.0 <= float(top_p) <= 1.0:
         raise CliError(f"--top-p must be in [0, 1], got {top_p}")
     return {"greedy": greedy, "temperature": temperature, "top_k": None if top_k is None else int(top_k),
-            "top_p": None if top_p is None else float(top_p)}
+            "top_p": None if top_p is None else float(top_p), "repetition_penalty": rep}
 
 
 def _check_media(paths: list[str], kind: str) -> None:
@@ -241,7 +247,8 @@ def _generate(args: argparse.Namespace) -> int:
             "answer": parsed["answer"],
             "finish_reason": result.finish_reason,
             "sampling": {"greedy": sampling.greedy, "temperature": sampling.temperature, "top_k": sampling.top_k,
-                         "top_p": sampling.top_p, "seed": args.seed},
+                         "top_p": sampling.top_p, "repetition_penalty": sampling.repetition_penalty,
+                         "seed": args.seed},
             "dtype": dtype,
             "timings": {**t, "load_s": load_s},
             "num_compiles": result.num_compiles,

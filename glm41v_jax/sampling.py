@@ -1,5 +1,7 @@
 """Next-token selection: greedy, temperature, top-k, top-p, with transformers' semantics and order.
 
+An optional repetition penalty (HF `RepetitionPenaltyLogitsProcessor`, a processor, so it runs first and also
+in greedy mode) needs the set of tokens already in each sequence.
 HF applies its warpers in this order (`GenerationMixin._get_logits_processor`): `TemperatureLogitsWarper`
 (scores / T), `TopKLogitsWarper` (drop scores < the k-th largest; ties at the k-th value survive),
 `TopPLogitsWarper` (sort ascending, drop the tokens whose cumulative probability is <= 1 - top_p, always keep the
@@ -30,8 +32,11 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int | None = None  # None or 0: off
     top_p: float | None = None  # None or 1.0: off
+    repetition_penalty: float = 1.0  # 1.0: off; applied before the warpers, in greedy mode too (as HF)
 
     def __post_init__(self) -> None:
+        if not (self.repetition_penalty > 0.0):
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if not self.greedy:
             if not (self.temperature > 0.0):
                 raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
@@ -44,25 +49,38 @@ class SamplingParams:
     def static_key(self) -> tuple:
         """What the compiled program depends on (the rest is passed as traced scalars)."""
         if self.greedy:
-            return ("greedy",)
-        return ("sample", self.top_k or 0, self.use_top_p)
+            return ("greedy", self.use_repetition_penalty)
+        return ("sample", self.top_k or 0, self.use_top_p, self.use_repetition_penalty)
 
     def canonical(self) -> SamplingParams:
         """The same static choices with placeholder traced values: one compiled program serves every temperature
         and top_p."""
+        rp = 1.5 if self.use_repetition_penalty else 1.0
         if self.greedy:
-            return SamplingParams()
+            return SamplingParams(repetition_penalty=rp)
         return SamplingParams(greedy=False, temperature=1.0, top_k=self.top_k or None,
-                              top_p=0.5 if self.use_top_p else None)
+                              top_p=0.5 if self.use_top_p else None, repetition_penalty=rp)
+
+    @property
+    def use_repetition_penalty(self) -> bool:
+        return self.repetition_penalty != 1.0
 
     @property
     def use_top_p(self) -> bool:
         return (not self.greedy) and self.top_p is not None and self.top_p < 1.0
 
     def scalars(self) -> dict[str, jax.Array]:
-        """The traced part: temperature and top_p as float32 scalars."""
-        return {"temperature": jnp.float32(self.temperature), "top_p": jnp.float32(self.top_p if self.use_top_p
-                                                                                    else 1.0)}
+        """The traced part: temperature, top_p and repetition_penalty as float32 scalars."""
+        return {"temperature": jnp.float32(self.temperature),
+                "top_p": jnp.float32(self.top_p if self.use_top_p else 1.0),
+                "repetition_penalty": jnp.float32(self.repetition_penalty)}
+
+
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array | float) -> jax.Array:
+    """HF RepetitionPenaltyLogitsProcessor: for tokens already in the sequence (`seen` (B, V) bool), negative
+    scores are multiplied by the penalty and positive ones divided by it."""
+    penalized = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen, penalized, logits)
 
 
 def apply_temperature(logits: jax.Array, temperature: jax.Array | float) -> jax.Array:
@@ -107,11 +125,16 @@ def process_logits(logits: jax.Array, temperature: jax.Array | float = 1.0, top_
 
 
 def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams,
-                  scalars: dict[str, jax.Array] | None = None) -> jax.Array:
-    """logits (B, V) -> next tokens (B,) int32. `scalars` (from `params.scalars()`) may be traced values."""
+                  scalars: dict[str, jax.Array] | None = None, seen: jax.Array | None = None) -> jax.Array:
+    """logits (B, V) -> next tokens (B,) int32. `scalars` (from `params.scalars()`) may be traced values; `seen`
+    (B, V) bool marks the tokens already in each sequence (needed when the repetition penalty is on)."""
+    scalars = params.scalars() if scalars is None else scalars
+    if params.use_repetition_penalty:
+        if seen is None:
+            raise ValueError("the repetition penalty needs `seen`")
+        logits = apply_repetition_penalty(logits.astype(jnp.float32), seen, scalars["repetition_penalty"])
     if params.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scalars = params.scalars() if scalars is None else scalars
     temperature = scalars["temperature"]
     top_p = scalars["top_p"] if params.use_top_p else None
     x = logits.astype(jnp.float32)

@@ -70,12 +70,12 @@ def test_image_and_sampling(cli, tmp_path):
     assert 151339 in ids and ids.count(151343) > 0 and 151340 in ids
     assert ids.index(151339) < ids.index(151340) < len(ids) - 2
     assert len(rec["token_ids"]) <= 6
-    samp = ("--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "7")
+    samp = ("--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--repetition-penalty", "1.1", "--seed", "7")
     rc1, out1, _ = cli(*args, *samp)
     rc2, out2, _ = cli(*args, *samp)
     assert rc1 == rc2 == 0
     r1, r2 = last_json(out1), last_json(out2)
-    assert r1["sampling"]["greedy"] is False
+    assert r1["sampling"]["greedy"] is False and r1["sampling"]["repetition_penalty"] == 1.1
     assert r1["token_ids"] == r2["token_ids"]
 
 

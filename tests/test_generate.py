@@ -24,7 +24,14 @@ from glm41v_jax.generate import (
     teacher_forced_logits,
 )
 from glm41v_jax.model import forward, mm_token_types
-from glm41v_jax.sampling import SamplingParams, apply_top_k, apply_top_p, process_logits, sample_tokens
+from glm41v_jax.sampling import (
+    SamplingParams,
+    apply_repetition_penalty,
+    apply_top_k,
+    apply_top_p,
+    process_logits,
+    sample_tokens,
+)
 from glm41v_jax.thinking import parse_response
 
 N_NEW = 32
@@ -141,6 +148,32 @@ def test_video_four_frames(ref_b):
     inputs = make_inputs(ref_b.cfg, chat(body), videos=pixels(rng, ref_b.cfg, [grid]), video_grids=[grid])
     assert (inputs["mm_token_type_ids"] == 2).sum() == 12
     assert ref_b.ours(inputs) == hf_generate(ref_b.hf, inputs)[0].tolist()
+
+
+def test_repetition_penalty_greedy(ref_a):
+    rng = np.random.default_rng(13)
+    grid = (1, 4, 6)
+    inputs = make_inputs(ref_a.cfg, chat(image_span(grid) + text_ids(rng, 6)), pixels(rng, ref_a.cfg, [grid]), [grid])
+    res = ref_a.engine.generate(inputs, max_new_tokens=N_NEW, eos_ids=(),
+                                sampling=SamplingParams(repetition_penalty=1.3))
+    with torch.no_grad():
+        want = ref_a.hf.generate(**to_torch(inputs), do_sample=False, max_new_tokens=N_NEW, min_new_tokens=N_NEW,
+                                 eos_token_id=None, pad_token_id=PAD, repetition_penalty=1.3)
+    assert res.token_ids == want[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_repetition_penalty_matches_hf_processor():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    rng = np.random.default_rng(14)
+    logits = rng.standard_normal((2, 500)).astype(np.float32) * 3
+    ids = rng.integers(0, 500, (2, 40))
+    want = RepetitionPenaltyLogitsProcessor(1.3)(torch.from_numpy(ids), torch.from_numpy(logits)).numpy()
+    seen = np.zeros((2, 500), bool)
+    np.put_along_axis(seen, ids, True, axis=1)
+    ours = np.asarray(apply_repetition_penalty(jnp.asarray(logits), jnp.asarray(seen), 1.3))
+    np.testing.assert_allclose(ours, want, rtol=1e-6)
+    assert not np.allclose(ours, logits)
 
 
 def test_left_padded_batch(ref_a):
