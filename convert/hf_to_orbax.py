@@ -24,6 +24,7 @@ Output layout:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -45,6 +46,7 @@ from glm41v_jax.loading import (
     HFCheckpoint,
     is_converted_dir,
     resolve_model_dir,
+    to_flax_layout,
 )
 from glm41v_jax.weights import iter_leaves, set_path, unstack_layers
 
@@ -70,6 +72,15 @@ def parse_dtype(dtype: str | None) -> np.dtype | None:
     if name not in DTYPES:
         raise CheckpointError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return np.dtype(name)
+
+
+def _settle(inflight: Any) -> None:
+    """Wait for an in-flight partial save, then hand freed heap back to the OS (glibc keeps it otherwise, and RSS
+    would creep up with the number of saves)."""
+    if inflight is not None:
+        inflight.result()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _prepare_dst(dst: str) -> str:
@@ -149,7 +160,18 @@ def convert(
         with _orbax_context(compress), tqdm(total=out_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                                             desc="convert", disable=(None if progress is None else not progress),
                                             dynamic_ncols=True) as bar:
-            for i, (name, rule, arr) in enumerate(ckpt.iter_flax(out_dtype)):
+            for i, (name, rule) in enumerate(ckpt.rules.items()):
+                info = ckpt.infos[name]
+                if info.nbytes >= flush_bytes:
+                    # A tensor as large as the whole buffer (embeddings, lm_head): write what is pending and let
+                    # every write land first, so at most one big tensor (and its copies) is in memory.
+                    if pending:
+                        inflight = _settle(inflight)
+                        inflight = partial.save_async(params_dir, pending)
+                        n_saves += 1
+                        pending, pending_bytes = {}, 0
+                    inflight = _settle(inflight)
+                arr = to_flax_layout(name, ckpt.read(name), rule, out_dtype, info.file)
                 if on_tensor is not None:
                     on_tensor(name)
                 set_path(pending, rule.path, arr)
@@ -158,15 +180,12 @@ def convert(
                 bar.set_postfix_str(f"{i + 1}/{n_tensors} tensors", refresh=False)
                 del arr
                 if pending_bytes >= flush_bytes or i + 1 == n_tensors:
-                    # One write in flight while the next group is read and transposed (2 cores: IO || CPU).
-                    if inflight is not None:
-                        inflight.result()
+                    # One write in flight while the next group is read and transposed (IO || CPU).
+                    inflight = _settle(inflight)
                     inflight = partial.save_async(params_dir, pending)
                     n_saves += 1
                     pending, pending_bytes = {}, 0
-            if inflight is not None:
-                inflight.result()
-                inflight = None
+            inflight = _settle(inflight)
             partial.finalize(params_dir)
         fmt = {
             "format": FORMAT_NAME,
