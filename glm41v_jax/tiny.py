@@ -211,7 +211,7 @@ def default_cache_dir() -> str:
     base = os.environ.get("GLM41V_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")), "glm41v_jax"
     )
-    return os.path.join(base, f"tiny-{TINY_SEED}")
+    return os.path.join(base, f"tiny-{TINY_SEED}-v2")  # bump when the recipe changes
 
 
 def materialize_tiny_checkpoint(directory: str | None = None) -> str:
@@ -235,7 +235,13 @@ def materialize_tiny_checkpoint(directory: str | None = None) -> str:
     with open(os.path.join(tmp, "video_preprocessor_config.json"), "w", encoding="utf-8") as f:
         json.dump(TINY_VIDEO_PREPROCESSOR, f, indent=2)
     write_tokenizer_files(tmp)
-    save_file(random_hf_state_dict(cfg, TINY_SEED), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    state = random_hf_state_dict(cfg, TINY_SEED)
+    # Random weights over a 151552-word vocabulary would almost never pick one of the ~130 ids the tiny tokenizer
+    # can print. Zero the other rows of the output head and boost the known ones, so the demo shows characters.
+    known = np.zeros(state["lm_head.weight"].shape[0], bool)
+    known[list(tiny_vocab().values())] = True
+    state["lm_head.weight"] = np.where(known[:, None], 3.0 * state["lm_head.weight"], 0.0).astype(np.float32)
+    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "README.txt"), "w", encoding="utf-8") as f:
         f.write(f"glm41v_jax embedded tiny checkpoint: RANDOM weights (seed {TINY_SEED}). Output is meaningless.\n")
     os.makedirs(os.path.dirname(directory) or ".", exist_ok=True)
