@@ -12,6 +12,9 @@ What is special here:
     shardings stored in the files are ignored. A converted directory without its completion marker is refused.
   * Without a mesh, arrays are placed on `jax.devices()[0]` (single-device jax arrays); `as_numpy=True` returns
     host NumPy arrays instead.
+  * A hub id ("zai-org/GLM-4.1V-9B-Thinking") is fetched with `huggingface_hub.snapshot_download` (only *.json,
+    *.safetensors, *.jinja and tokenizer files) when huggingface_hub is installed and the hub is reachable; offline
+    or without it, one CheckpointError says how to download the directory elsewhere and pass it instead.
   * The returned tree is the canonical *unrolled* layout (`layers_0`, `blocks_3`, ...); with
     `scan_layers=True` in the runtime overrides it is stacked (`weights.stack_layers`) after loading.
 """
