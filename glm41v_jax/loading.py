@@ -218,7 +218,7 @@ class HFCheckpoint:
         self._validate()
 
     def _validate(self) -> None:
-        unexpected = [n for n in self.infos if n not in self.rules and not is_ignored_key(n)]
+        unexpected = [n for n in self.infos if n not in self.rules and not is_ignored_key(n, self.cfg)]
         check_complete(self.rules, {n for n in self.infos if n in self.rules}, unexpected, self.directory)
         for name, rule in self.rules.items():
             info = self.infos[name]
@@ -394,6 +394,7 @@ def load(
     model: str | os.PathLike,
     *,
     dtype: Any = None,
+    compute_dtype: Any = None,
     mesh: Any = None,
     as_numpy: bool = False,
     **runtime: Any,
@@ -404,8 +405,11 @@ def load(
       `param_dtype` is not among the runtime overrides, the returned cfg's `param_dtype` is set to it.
     mesh: place each array directly into its `NamedSharding` from `sharding.LOGICAL_RULES`.
     as_numpy: return host NumPy arrays (ignored with a mesh). Otherwise single-device jax arrays on device 0.
-    runtime: `RuntimeConfig` overrides (dtype, param_dtype, scan_layers, remat_policy, attention_impl).
+    compute_dtype: the activation / matmul dtype (RuntimeConfig.dtype): "bfloat16" on TPU/GPU, "float32" on CPU.
+    runtime: other `RuntimeConfig` overrides (param_dtype, scan_layers, remat_policy, attention_impl).
     """
+    if compute_dtype is not None:
+        runtime["dtype"] = np.dtype(compute_dtype).name
     if dtype is not None:
         dtype = np.dtype(dtype)
         runtime.setdefault("param_dtype", dtype.name)
