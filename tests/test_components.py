@@ -159,3 +159,19 @@ def test_config_errors_name_the_field(field, mutate, msg):
     mutate(d)
     with pytest.raises(ConfigError, match=msg):
         Glm4vConfig.from_hf(d)
+
+
+def test_load_tied_checkpoint_dir(tmp_path):
+    """A save_pretrained dir with tied embeddings (no lm_head tensor) loads and matches transformers."""
+    from glm41v_jax import load
+
+    d = R.hf_config_dict("d")
+    hf = R.write_checkpoint(str(tmp_path), d, seed=2)
+    params, cfg = load(str(tmp_path), as_numpy=True)
+    assert cfg.tie_word_embeddings and "lm_head" not in params
+    c = R.build_prompt(np.random.default_rng(4), images=[(1, 4, 4)], patch_dim=cfg.vision.patch_dim)
+    kw = R.to_torch(c)
+    kw["mm_token_type_ids"] = torch.from_numpy(R.mm_types(c["input_ids"]))
+    with torch.no_grad():
+        ref = hf(**kw).logits.numpy()
+    np.testing.assert_allclose(np.asarray(M.forward(params, cfg, **c)), ref, atol=1e-4, rtol=0)
