@@ -33,11 +33,11 @@ from glm41v_jax.weights import build_rules
 BLOCK = 64 << 20  # random block repeated to fill tensors
 
 
-def synthetic_config(layers: int) -> dict:
+def synthetic_config(layers: int, vision_depth: int | None = None) -> dict:
     cfg = dataclasses.replace(
         GLM41V_9B,
         text=dataclasses.replace(GLM41V_9B.text, num_hidden_layers=layers),
-        vision=dataclasses.replace(GLM41V_9B.vision, depth=max(1, layers // 2)),
+        vision=dataclasses.replace(GLM41V_9B.vision, depth=vision_depth or max(1, layers // 2)),
     )
     return cfg.to_hf()
 
@@ -110,6 +110,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--shard-gb", type=float, default=5.0)
+    ap.add_argument("--vision-depth", type=int, default=None,
+                    help="vision blocks (default L // 2); 24 with --layers 40 is the full released model")
     ap.add_argument("--workdir", default="/tmp/glm41v_convbench")
     ap.add_argument("--dtype", default=None, help="passed to the converter (default: keep bf16)")
     ap.add_argument("--flush-gb", type=float, default=None, help="passed to the converter")
@@ -125,13 +127,14 @@ def main() -> None:
         shutil.rmtree(dst, ignore_errors=True)
         try:
             t0 = time.perf_counter()
-            total, n_shards = write_checkpoint(src, synthetic_config(layers), int(args.shard_gb * 2**30))
+            hf_cfg = synthetic_config(layers, args.vision_depth)
+            total, n_shards = write_checkpoint(src, hf_cfg, int(args.shard_gb * 2**30))
             t_write = time.perf_counter() - t0
             wall, rss, rc = run_converter(src, dst, extra)
             if rc != 0:
                 raise SystemExit(f"converter failed with exit code {rc} for {layers} layers")
             out = du(os.path.join(dst, "params"))
-            rows.append(dict(text_layers=layers, vision_blocks=max(1, layers // 2), shards=n_shards,
+            rows.append(dict(text_layers=layers, vision_blocks=hf_cfg["vision_config"]["depth"], shards=n_shards,
                              source_gb=total / 1e9, output_gb=out / 1e9, write_s=t_write, convert_s=wall,
                              gb_per_s=total / 1e9 / wall, peak_rss_gib=rss))
             print(json.dumps(rows[-1]), flush=True)
