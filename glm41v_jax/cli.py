@@ -7,14 +7,16 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glm41v", description="GLM-4.1V-9B-Thinking in JAX: convert, generate.")
+    parser = argparse.ArgumentParser(prog="glm41v", description="GLM-4.1V-9B-Thinking in JAX: convert, generate, chat.")
     sub = parser.add_subparsers(dest="command", required=True)
     from glm41v_convert.main import register as register_convert
 
+    from .chat_cli import register as register_chat
     from .generate_cli import register as register_generate
 
     register_convert(sub)
     register_generate(sub)
+    register_chat(sub)
     return parser
 
 

@@ -1,0 +1,394 @@
+"""`glm41v chat`: an interactive multi-turn session with images and videos, streaming each reply.
+
+    glm41v chat [--model M] [--system TEXT] [--max-new-tokens N] [--greedy] [--temperature T] [--top-k K]
+                [--top-p P] [--repetition-penalty R] [--seed S] [--dtype float32|bfloat16] [--chunk-size C]
+                [--no-thinking] [--max-thinking-tokens N] [--log-jsonl PATH]
+
+User lines are read from stdin (a terminal or a pipe). A line is a message to the model, or a command:
+    /image PATH   attach an image to the next message (repeatable)
+    /video PATH   attach a video to the next message (repeatable)
+    /reset        forget the conversation (and pending attachments); the system message stays
+    /history      print the conversation so far
+    /help         list the commands
+    /exit, /quit  leave (so does end of input); exit code 0
+A line starting with `//` is sent as a message starting with `/`.
+
+Each reply streams to stdout like `glm41v generate` ("thinking:" / "answer:" sections); notices, per-turn
+statistics and errors go to stderr. The history is a list of HF-format messages. As the model card asks, the
+`<think>` part of a reply is kept out of it: the assistant turn stored is `thinking.history_text(reply)` (the reply
+without `<think>...</think>`, an `<answer>` left open by the `</answer>` stop token closed again). The images and
+videos of earlier turns stay in the history and are re-read and re-encoded on every turn (the compiled programs
+are reused across turns through the engine's length buckets, but there is no prefix cache yet).
+
+A failing turn (a missing or corrupt image, a conversation too long for the context, ...) prints one `error: ...`
+line; the message is not added to the history, its pending attachments are dropped, and the session goes on.
+Problems found before the session starts (model path, sampling flags) exit with code 2, as in `generate`.
+
+Turn k of a session (0-based) samples with seed `--seed + k`. `--log-jsonl PATH` appends one JSON record per
+answered turn: prompt_token_ids, token_ids, text, thinking, answer, history_content, boxes / points (pixels for
+the images of the latest user turn that had images), images, videos, finish_reason, timings, num_compiles.
+
+Thinking control: `--no-thinking` appends `thinking.NO_THINKING_PREFIX` ("<think></think>") after the generation
+prompt, so the model answers at once; `--max-thinking-tokens N` lets the engine force `thinking.FORCED_ANSWER`
+("</think><answer>") once N thinking tokens are spent (counted from the first generated token, GLM-4.1V's opening
+`<think>` included, unless the prompt already closed the block).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+from .generate_cli import (
+    DEFAULT_MAX_NEW_TOKENS,
+    CliError,
+    StreamPrinter,
+    _check_media,
+    _configure_jax,
+    _one_line,
+    _sampling_from,
+    build_messages,
+)
+
+HELP = ("commands: /image PATH, /video PATH (attach to the next message), /reset, /history, /help, "
+        "/exit (or end of input)")
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `chat` subcommand to a `glm41v` subparsers object."""
+    p = subparsers.add_parser(
+        "chat",
+        help="interactive multi-turn chat with images / videos (reads stdin, streams replies)",
+        description="Chat with GLM-4.1V turn by turn. Lines from stdin are messages; /image PATH and /video PATH "
+                    "attach media to the next message; /reset, /history, /exit. Earlier <think> parts are kept "
+                    "out of the history.",
+    )
+    p.add_argument("--model", default=None,
+                   help="HF checkpoint directory, converted directory or hub id (default: the embedded tiny "
+                        "checkpoint with RANDOM weights)")
+    p.add_argument("--system", default=None, help="an optional system message")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help=f"at most this many generated tokens per reply (default {DEFAULT_MAX_NEW_TOKENS})")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (overrides the sampling options)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (turns sampling on)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (turns sampling on)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (turns sampling on)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="HF repetition penalty (default: generation_config.json's, else 1.0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed; turn k samples with seed + k (default 0)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="weights and activations (default: float32 on CPU, bfloat16 on accelerators)")
+    p.add_argument("--chunk-size", type=int, default=16, help="tokens per device round trip (default 16)")
+    p.add_argument("--no-thinking", action="store_true",
+                   help="answer without thinking (prefills an empty <think></think> block)")
+    p.add_argument("--max-thinking-tokens", type=int, default=None, metavar="N",
+                   help="force '</think><answer>' once N thinking tokens are spent")
+    p.add_argument("--log-jsonl", default=None, metavar="PATH",
+                   help="append one JSON record per answered turn (token ids, text, thinking, answer, boxes, ...)")
+    p.set_defaults(func=run)
+    return p
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    """Whether `fn` has a parameter called `name` (a `**kwargs` catch-all does not count)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _image_size(path: Any) -> tuple[int, int] | None:
+    """(width, height) of an image file (EXIF orientation applied, as the processor does), or None."""
+    try:
+        from PIL import Image, ImageOps
+
+        with Image.open(path) as im:
+            return ImageOps.exif_transpose(im).size
+    except Exception:
+        return None
+
+
+class ChatSession:
+    """The conversation state and one turn of generation; the REPL in `_chat` drives it line by line."""
+
+    def __init__(self, engine: Any, processor: Any, *, sampling: Any, eos_ids: Any, max_new_tokens: int, seed: int,
+                 system: str | None, out: TextIO, err: TextIO, no_thinking: bool = False,
+                 max_thinking_tokens: int | None = None, log: TextIO | None = None) -> None:
+        from .thinking import FORCED_ANSWER
+
+        self.engine = engine
+        self.processor = processor
+        self.sampling = sampling
+        self.eos_ids = eos_ids
+        self.max_new_tokens = max_new_tokens
+        self.seed = seed
+        self.system = system
+        self.out = out
+        self.err = err
+        self.log = log
+        self.no_thinking = no_thinking
+        self.max_thinking_tokens = max_thinking_tokens
+        self.gen_kwargs: dict[str, Any] = {}
+        if max_thinking_tokens is not None:
+            self.gen_kwargs = {"max_thinking_tokens": int(max_thinking_tokens),
+                               "think_end_ids": processor.tokenizer.encode(FORCED_ANSWER,
+                                                                           add_special_tokens=False).ids}
+        self.turns_done = 0  # answered turns of this session (all conversations): the seed offset
+        self.conversation = 1
+        self.history: list[dict[str, Any]] = []
+        self.pending_images: list[str] = []
+        self.pending_videos: list[str] = []
+        self.reset(quiet=True)
+
+    # ------------------------------------------------------------------ commands
+    def reset(self, quiet: bool = False) -> None:
+        self.history = [{"role": "system", "content": self.system}] if self.system else []
+        self.pending_images, self.pending_videos = [], []
+        if not quiet:
+            self.conversation += 1
+            self.notice("(conversation reset)")
+
+    def notice(self, msg: str) -> None:
+        self.err.write(msg + "\n")
+        self.err.flush()
+
+    def error(self, msg: str) -> None:
+        self.notice(f"error: {msg}")
+
+    def attach(self, kind: str, path: str) -> None:
+        path = os.path.expanduser(path.strip())
+        if not path:
+            raise CliError(f"/{kind} needs a file path")
+        _check_media([path], kind)
+        (self.pending_images if kind == "image" else self.pending_videos).append(path)
+        n = len(self.pending_images) + len(self.pending_videos)
+        self.notice(f"({kind} attached to the next message: {path}; {n} pending)")
+
+    def format_history(self) -> str:
+        if not self.history:
+            return "(history is empty)"
+        lines = []
+        for i, m in enumerate(self.history, 1):
+            content = m["content"]
+            if isinstance(content, list):
+                parts = []
+                for item in content:
+                    if item.get("type") == "image":
+                        parts.append(f"<image: {item['image']}>")
+                    elif item.get("type") == "video":
+                        parts.append(f"<video: {item['video']}>")
+                    else:
+                        parts.append(str(item.get("text", "")))
+                content = " ".join(p for p in parts if p)
+            lines.append(f"[{i}] {m['role']}: {content}")
+        return "\n".join(lines)
+
+    def handle(self, line: str) -> bool:
+        """One input line. Returns False when the session should end."""
+        line = line.rstrip("\r\n")
+        stripped = line.strip()
+        if not stripped:
+            return True
+        if stripped.startswith("/") and not stripped.startswith("//"):
+            cmd, _, arg = stripped.partition(" ")
+            cmd = cmd.lower()
+            try:
+                if cmd in ("/exit", "/quit"):
+                    return False
+                if cmd == "/image":
+                    self.attach("image", arg)
+                elif cmd == "/video":
+                    self.attach("video", arg)
+                elif cmd == "/reset":
+                    self.reset()
+                elif cmd == "/history":
+                    self.out.write(self.format_history() + "\n")
+                    self.out.flush()
+                elif cmd == "/help":
+                    self.notice(HELP)
+                else:
+                    raise CliError(f"unknown command {cmd} ({HELP})")
+            except (CliError, OSError) as e:
+                self.error(_one_line(e))
+            return True
+        if stripped.startswith("//"):
+            line = line.lstrip()[1:]
+        self.turn(line)
+        return True
+
+    # ------------------------------------------------------------------ one turn
+    def _latest_image_sizes(self, messages: list[dict[str, Any]]) -> list[tuple[int, int]] | None:
+        for m in reversed(messages):
+            if m["role"] != "user" or not isinstance(m["content"], list):
+                continue
+            paths = [item["image"] for item in m["content"] if item.get("type") == "image"]
+            if paths:
+                sizes = [_image_size(p) for p in paths]
+                return None if any(s is None for s in sizes) else sizes  # type: ignore[return-value]
+        return None
+
+    def turn(self, text: str) -> None:
+        """Send one user message (with the pending attachments) and stream the reply. Errors are reported, and
+        leave the history as it was."""
+        from .config import ConfigError
+        from .generate import GenerationError
+        from .processing import ProcessingError
+        from .thinking import NO_THINKING_PREFIX, history_text, parse_response
+
+        images, videos = self.pending_images, self.pending_videos
+        self.pending_images, self.pending_videos = [], []
+        user = build_messages(text, images, videos)[-1]
+        messages = [*self.history, user]
+        printer = StreamPrinter(lambda ids: self.processor.decode(ids, skip_special_tokens=True), self.out)
+        try:
+            _check_media(images, "image")
+            _check_media(videos, "video")
+            enc_kw = {"assistant_prefix": NO_THINKING_PREFIX} if self.no_thinking else {}
+            import numpy as np
+
+            inputs = self.processor.encode_messages(messages, **enc_kw)
+            inputs = {k: v for k, v in inputs.items() if isinstance(v, np.ndarray)}
+            result = self.engine.generate(inputs, max_new_tokens=self.max_new_tokens, sampling=self.sampling,
+                                          seed=self.seed + self.turns_done, eos_ids=self.eos_ids,
+                                          stream_callback=printer.feed, **self.gen_kwargs)
+        except (CliError, ProcessingError, GenerationError, ConfigError, OSError, ValueError, RuntimeError) as e:
+            if printer.wrote_any:
+                printer.finish()
+            dropped = len(images) + len(videos)
+            self.error(_one_line(e) + (f" (message not sent; {dropped} attachment(s) dropped)" if dropped else ""))
+            return
+        except KeyboardInterrupt:
+            printer.finish()
+            self.error("interrupted (the reply was discarded)")
+            return
+        reply = printer.finish()
+        stored = history_text(reply)
+        self.history += [user, {"role": "assistant", "content": stored}]
+        self.turns_done += 1
+        t = result.timings
+        self.notice(f"[{len(result.prompt_token_ids)} prompt tokens, {len(result.token_ids)} generated "
+                    f"({result.finish_reason}); compile {t.get('compile_s', 0.0):.2f}s, prefill "
+                    f"{t.get('prefill_s', 0.0):.3f}s, decode {t.get('decode_tokens_per_s', 0.0):.1f} tok/s]")
+        if self.log is not None:
+            parsed = parse_response(reply, self._latest_image_sizes(messages))
+            record = {
+                "conversation": self.conversation,
+                "turn": sum(1 for m in self.history if m["role"] == "assistant"),
+                "user": text,
+                "images": images,
+                "videos": videos,
+                "prompt_token_ids": result.prompt_token_ids,
+                "token_ids": result.token_ids,
+                "text": reply,
+                "thinking": parsed["thinking"],
+                "answer": parsed["answer"],
+                "history_content": stored,
+                "boxes": parsed["boxes"],
+                "points": parsed["points"],
+                "finish_reason": result.finish_reason,
+                "seed": self.seed + self.turns_done - 1,
+                "no_thinking": self.no_thinking,
+                "max_thinking_tokens": self.max_thinking_tokens,
+                "timings": t,
+                "num_compiles": result.num_compiles,
+            }
+            self.log.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.log.flush()
+
+
+def _read_lines(stdin: TextIO, stdout: TextIO):
+    """Lines from stdin until EOF; with a terminal, a `you> ` prompt and line editing (readline)."""
+    interactive = bool(getattr(stdin, "isatty", lambda: False)()) and stdin is sys.__stdin__
+    if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
+    while True:
+        if interactive:
+            try:
+                line = input("you> ")
+            except EOFError:
+                stdout.write("\n")
+                return
+        else:
+            line = stdin.readline()
+            if not line:
+                return
+        yield line
+
+
+def _chat(args: argparse.Namespace) -> int:
+    _configure_jax()
+    if args.max_new_tokens < 1:
+        raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.chunk_size < 1:
+        raise CliError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    if args.max_thinking_tokens is not None and args.max_thinking_tokens < 0:
+        raise CliError(f"--max-thinking-tokens must be >= 0, got {args.max_thinking_tokens}")
+
+    import jax
+
+    from . import tiny
+    from .generate import Engine, read_eos_ids
+    from .loading import load, resolve_model_dir
+    from .processing import Processor
+    from .sampling import SamplingParams
+
+    if args.no_thinking and not _accepts(Processor.encode_messages, "assistant_prefix"):
+        raise CliError("--no-thinking needs Processor.encode_messages(assistant_prefix=...), "
+                       "which this version of glm41v_jax does not have yet")
+    if args.max_thinking_tokens is not None and not _accepts(Engine.generate, "max_thinking_tokens"):
+        raise CliError("--max-thinking-tokens needs Engine.generate(max_thinking_tokens=...), "
+                       "which this version of glm41v_jax does not have yet")
+
+    if args.model is None:
+        directory = tiny.materialize_tiny_checkpoint()
+        print("note: no --model given: running the embedded tiny checkpoint, whose weights are RANDOM; "
+              "its output is meaningless", file=sys.stderr)
+    else:
+        directory = resolve_model_dir(args.model)
+    processor = Processor.from_dir(directory)
+    sampling = SamplingParams(**_sampling_from(args, directory))
+    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    t0 = time.perf_counter()
+    params, cfg = load(directory, dtype=dtype)
+    cfg = cfg.with_runtime(dtype=dtype, param_dtype=dtype)
+    engine = Engine(params, cfg, chunk_size=args.chunk_size)
+    print(f"[model loaded in {time.perf_counter() - t0:.2f}s; {HELP}]", file=sys.stderr)
+
+    log = open(args.log_jsonl, "a", encoding="utf-8") if args.log_jsonl else None  # noqa: SIM115
+    try:
+        session = ChatSession(engine, processor, sampling=sampling, eos_ids=read_eos_ids(directory, cfg),
+                              max_new_tokens=args.max_new_tokens, seed=args.seed, system=args.system,
+                              out=sys.stdout, err=sys.stderr, no_thinking=args.no_thinking,
+                              max_thinking_tokens=args.max_thinking_tokens, log=log)
+        for line in _read_lines(sys.stdin, sys.stdout):
+            if not session.handle(line):
+                break
+    finally:
+        if log is not None:
+            log.close()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """The `chat` subcommand. Returns the process exit code."""
+    from .config import ConfigError
+    from .generate import GenerationError
+    from .loading import CheckpointError
+    from .processing import ProcessingError
+    from .weights import WeightsError
+
+    try:
+        return _chat(args)
+    except (CliError, ProcessingError, CheckpointError, ConfigError, WeightsError, GenerationError, OSError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

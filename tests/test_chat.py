@@ -1,0 +1,233 @@
+"""`glm41v chat` in-process on the embedded tiny checkpoint, with piped stdin: turns, /image, /reset, /history,
+errors that do not end the session, EOF, the history without `<think>`, and the thinking flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from glm41v_jax import tiny
+from glm41v_jax.chat_cli import _accepts
+from glm41v_jax.cli import main
+from glm41v_jax.generate import Engine
+from glm41v_jax.processing import Processor
+
+# Tiny-tokenizer ids (glm41v_jax.tiny): special tokens are the real ones; the thinking tags are tiny's own.
+USER, ASSISTANT, NEWLINE = 151336, 151337, 198
+BEGIN_IMAGE, IMAGE, END_IMAGE = 151339, 151343, 151340
+THINK, END_THINK, ANSWER = 151350, 151351, 151347
+
+HAS_ASSISTANT_PREFIX = _accepts(Processor.encode_messages, "assistant_prefix")
+HAS_THINKING_BUDGET = _accepts(Engine.generate, "max_thinking_tokens")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> str:
+    d = str(tmp_path_factory.mktemp("glm41v_chat_cache"))
+    old = os.environ.get("GLM41V_CACHE")
+    os.environ["GLM41V_CACHE"] = d
+    try:
+        tiny.materialize_tiny_checkpoint()
+    finally:
+        if old is None:
+            os.environ.pop("GLM41V_CACHE", None)
+        else:
+            os.environ["GLM41V_CACHE"] = old
+    return d
+
+
+@pytest.fixture
+def chat(cache_dir, monkeypatch, capsys, tmp_path):
+    """chat(lines, *argv) -> (rc, stdout, stderr, log records)."""
+    monkeypatch.setenv("GLM41V_CACHE", cache_dir)
+
+    def call(lines, *argv):
+        log = tmp_path / f"log-{len(list(tmp_path.glob('log-*')))}.jsonl"
+        monkeypatch.setattr(sys, "stdin", io.StringIO("".join(ln + "\n" for ln in lines)))
+        rc = main(["chat", "--max-new-tokens", "8", "--log-jsonl", str(log), *argv])
+        out = capsys.readouterr()
+        records = [json.loads(ln) for ln in log.read_text().splitlines()] if log.exists() else []
+        return rc, out.out, out.err, records
+
+    return call
+
+
+@pytest.fixture(scope="module")
+def processor(cache_dir) -> Processor:
+    return Processor.from_dir(os.path.join(cache_dir, os.path.basename(tiny.default_cache_dir())))
+
+
+def png(tmp_path, name="pic.png", size=(90, 60)):
+    img = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    path = tmp_path / name
+    Image.fromarray(img).save(path)
+    return str(path)
+
+
+def test_session_turns_image_history_reset(chat, tmp_path, processor):
+    pic = png(tmp_path)
+    missing = str(tmp_path / "missing.png")
+    rc, out, err, recs = chat([
+        "Hello.",
+        f"/image {pic}",
+        "What is in the picture?",
+        f"/image {missing}",
+        "/history",
+        "/reset",
+        "/history",
+        "After the reset.",
+    ])  # then end of input
+    assert rc == 0, err
+    assert "random" in err.lower() and "meaningless" in err.lower()
+    assert len(recs) == 3
+
+    r1, r2, r3 = recs
+    # every reply streamed to stdout (tags shown as section labels)
+    for r in recs:
+        assert 1 <= len(r["token_ids"]) <= 8
+        assert r["thinking"] in out and r["answer"] in out
+    # turn 1: plain prompt
+    assert r1["prompt_token_ids"][-2:] == [ASSISTANT, NEWLINE]
+    assert IMAGE not in r1["prompt_token_ids"]
+    # turn 2: carries turn 1 (as stored in the history) and the image
+    p2 = r2["prompt_token_ids"]
+    assert p2[:len(r1["prompt_token_ids"])] == r1["prompt_token_ids"]
+    decoded2 = processor.decode(p2)
+    assert f"<|user|>\nHello.<|assistant|>\n{r1['history_content']}<|user|>\n" in decoded2
+    assert BEGIN_IMAGE in p2 and END_IMAGE in p2 and p2.count(IMAGE) > 0
+    assert decoded2.endswith("What is in the picture?<|assistant|>\n")
+    assert r2["images"] == [pic] and (r2["conversation"], r2["turn"]) == (1, 2)
+    # the missing image: one error line, the session went on
+    assert f"error: image file not found: {missing}" in err
+    # /history before the reset, then an empty one
+    assert f"[1] user: Hello.\n[2] assistant: {r1['history_content']}\n" in out
+    assert f"[3] user: <image: {pic}> What is in the picture?\n" in out
+    assert "(history is empty)" in out
+    assert "(conversation reset)" in err
+    # turn 3: a fresh conversation, without the image (the missing one was never attached)
+    p3 = processor.decode(r3["prompt_token_ids"])
+    assert "Hello." not in p3 and IMAGE not in r3["prompt_token_ids"]
+    assert p3.endswith("<|user|>\nAfter the reset.<|assistant|>\n")
+    assert (r3["conversation"], r3["turn"]) == (2, 1)
+    # one engine: turn 3 (same prompt bucket as turn 1) needed no new compile
+    assert r3["num_compiles"] == r2["num_compiles"]
+
+
+def test_history_keeps_think_out(chat, monkeypatch, processor):
+    """Scripted replies (the tiny model's random weights never write tags): the next prompt holds the first
+    reply without its <think> part, with the </answer> that skip_special_tokens decoding dropped put back."""
+    replies = ["<think>secret plan</think><answer>A cat.</answer>", "<think>more</think><answer>Yes."]
+    original = Engine.generate
+
+    def scripted(self, inputs, *, stream_callback=None, **kw):
+        res = original(self, inputs, **{**kw, "max_new_tokens": 1})
+        ids = processor.tokenizer.encode(replies.pop(0), add_special_tokens=False).ids
+        if stream_callback is not None:  # two chunks, the first ending inside a tag
+            stream_callback(ids[:3])
+            stream_callback(ids[3:])
+        return dataclasses.replace(res, token_ids=ids, finish_reason="eos")
+
+    monkeypatch.setattr(Engine, "generate", scripted)
+    rc, out, err, recs = chat(["What is it?", "Sure?", "/history"], "--system", "Be brief.")
+    assert rc == 0, err
+    r1, r2 = recs
+    assert r1["text"] == "<think>secret plan</think><answer>A cat."  # </answer> (151348) is special: skipped
+    assert (r1["thinking"], r1["answer"]) == ("secret plan", "A cat.")
+    assert r1["history_content"] == "<answer>A cat.</answer>"
+    decoded = processor.decode(r2["prompt_token_ids"])
+    assert decoded == ("[gMASK]<sop><|system|>\nBe brief.<|user|>\nWhat is it?<|assistant|>\n<answer>A cat.</answer>"
+                       "<|user|>\nSure?<|assistant|>\n")
+    assert "secret" not in decoded
+    assert "thinking:\nsecret plan\n\nanswer:\nA cat.\n" in out  # streamed with section labels
+    assert ("[1] system: Be brief.\n[2] user: What is it?\n[3] assistant: <answer>A cat.</answer>\n"
+            "[4] user: Sure?\n[5] assistant: <answer>Yes.</answer>\n") in out
+
+
+def test_errors_do_not_end_the_session(chat, tmp_path):
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"not a png at all")
+    rc, out, err, recs = chat([
+        "/video nowhere.mp4",
+        "/bogus",
+        "/image",
+        f"/image {bad}",
+        "Describe it.",
+        "",
+        "//slash is text",
+        "/exit",
+        "never read",
+    ])
+    assert rc == 0, err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert errors[0] == "error: video file not found: nowhere.mp4"
+    assert errors[1].startswith("error: unknown command /bogus")
+    assert errors[2] == "error: /image needs a file path"
+    assert "(message not sent; 1 attachment(s) dropped)" in errors[3]
+    assert len(errors) == 4
+    # only the `//` line was answered, as "/slash is text", without the dropped image; nothing after /exit
+    assert len(recs) == 1
+    assert recs[0]["user"] == "/slash is text" and recs[0]["images"] == []
+    assert IMAGE not in recs[0]["prompt_token_ids"]
+
+
+def test_startup_errors_exit_2(chat, tmp_path):
+    rc, _, err, _ = chat(["hi"], "--max-new-tokens", "0")
+    assert rc == 2 and "error: --max-new-tokens must be >= 1" in err
+    rc, _, err, _ = chat(["hi"], "--model", str(tmp_path / "no-such-model"))
+    assert rc == 2 and err.strip().splitlines()[-1].startswith("error: ")
+    rc, _, err, _ = chat(["hi"], "--max-thinking-tokens", "-1")
+    assert rc == 2 and "error: --max-thinking-tokens must be >= 0" in err
+
+
+def test_eof_right_away(chat):
+    rc, out, err, recs = chat([])
+    assert rc == 0 and recs == [] and out == ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Thinking flags. They need the engine / processor side of issue 3 item 6 (Engine.generate(max_thinking_tokens=...,
+# think_end_ids=...), Processor.encode_messages(assistant_prefix=...)); until those exist the flags exit with a
+# clear error (checked below) and these tests are skipped.
+
+
+@pytest.mark.skipif(not HAS_THINKING_BUDGET, reason="waits on Engine.generate(max_thinking_tokens=, think_end_ids=)")
+def test_max_thinking_tokens_forces_the_answer(chat):
+    rc, out, err, recs = chat(["Think briefly."], "--max-thinking-tokens", "2")
+    assert rc == 0, err
+    (rec,) = recs
+    # two free tokens (the budget counts from the first generated one), then </think><answer> is forced
+    assert rec["token_ids"][2:4] == [END_THINK, ANSWER], rec["token_ids"]
+    assert rec["max_thinking_tokens"] == 2
+    assert "</think><answer>" in rec["text"]
+
+
+@pytest.mark.skipif(not HAS_ASSISTANT_PREFIX, reason="waits on Processor.encode_messages(assistant_prefix=)")
+def test_no_thinking_prefills_an_empty_think_block(chat):
+    rc, out, err, recs = chat(["Answer at once.", "Again."], "--no-thinking", "--max-thinking-tokens", "0")
+    assert rc == 0, err
+    r1, r2 = recs
+    assert r1["prompt_token_ids"][-4:] == [ASSISTANT, NEWLINE, THINK, END_THINK]
+    assert r1["no_thinking"] is True
+    # the budget never fires when the prompt closed the block
+    assert r1["token_ids"][:2] != [END_THINK, ANSWER]
+    # the prefix is a prompt for this turn only: it is not stored in the history
+    assert "<think>" not in r1["history_content"]
+
+
+@pytest.mark.skipif(HAS_ASSISTANT_PREFIX, reason="Processor.encode_messages(assistant_prefix=) exists")
+def test_no_thinking_says_what_is_missing(chat):
+    rc, _, err, _ = chat(["hi"], "--no-thinking")
+    assert rc == 2 and "error: --no-thinking needs Processor.encode_messages(assistant_prefix=...)" in err
+
+
+@pytest.mark.skipif(HAS_THINKING_BUDGET, reason="Engine.generate(max_thinking_tokens=) exists")
+def test_max_thinking_tokens_says_what_is_missing(chat):
+    rc, _, err, _ = chat(["hi"], "--max-thinking-tokens", "4")
+    assert rc == 2 and "error: --max-thinking-tokens needs Engine.generate(max_thinking_tokens=...)" in err
