@@ -2,20 +2,31 @@
 
 Prefill: the whole prompt (vision tower + decoder) writes slots [0, T) of a zeroed KV cache of `max_len` slots and
 samples the first token from the logits of the last prompt slot only. Prompts are left-padded to a length bucket
-(`bucket_length`), vision patches are padded to a bucket too (`vision_bucket`), and the cache length is rounded,
-so requests of similar size reuse one executable.
+(`bucket_length`), vision patches are padded to a bucket too (`vision_bucket`), the cache length is rounded and a
+batch can be padded to a fixed number of rows, so requests of similar size reuse one executable.
 
-Decode: a compiled `lax.while_loop` that runs up to `chunk_size` steps on device (stopping early once every row has
-emitted an eos id or `max_new_tokens` is reached) and hands the chunk's tokens back to the host for streaming. The
-host dispatches the next chunk before reading the previous one, so the device never waits on the host. The cache
-and the loop state are donated to each call (updated in place).
+Decode: a compiled `lax.while_loop` that runs up to `chunk_size` steps on device (stopping early once every row is
+done: it emitted an eos id or reached its own token limit) and hands the chunk's tokens back to the host for
+streaming. The host dispatches the next chunk before reading the previous one, so the device never waits on the
+host. The cache and the loop state are donated to each call (updated in place).
+
+Thinking budget (`max_thinking_tokens`): inside the compiled loop each row counts the tokens it generates while its
+`<think>` block is open; once the budget is spent, the next tokens are forced to `think_end_ids` (the ids of
+`</think><answer>`), after which the model writes its answer. Rows whose prompt already closed the block (the
+`--no-thinking` prefill `<think></think>`) are never forced.
 
 Positions (GLM41V_SPEC §4.5): generated token number i (0-based) of row b sits in cache slot T + i - 1 ... and
 has M-RoPE position n_b + i + rope_delta_b on all three rows, where n_b counts the row's *real* prompt tokens
 (left padding makes slots and real-token counts differ). Padding slots have kv segment 0 and are never attended.
 
-Executables are compiled ahead of time (`jit(...).lower(...).compile()`) and cached by argument shapes, which
-gives exact compile counts (`Engine.num_compiles`) and compile times separate from run times.
+Mesh: with `Engine(mesh=...)` the params live in their `NamedSharding`s (sharding.LOGICAL_RULES), the KV cache is
+sharded by the same table (logical axes batch, length, kv_heads, head_dim; 2 KV heads on tensor > 2 are replicated
+across the tensor shards, see sharding.py), per-row arrays are sharded over the batch axes when the batch divides
+them, and both programs are compiled with these explicit in/out shardings.
+
+Executables are compiled ahead of time (`jit(...).lower(...).compile()`) and cached by their static choices and
+argument shapes, which gives exact compile counts (`Engine.num_compiles`), compile times separate from run times,
+and one log line per compile (logger "glm41v_jax.generate", naming the shape key).
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,7 +48,10 @@ from .config import Glm4vConfig
 from .model import Glm4v, init_cache, prepare_inputs
 from .sampling import SamplingParams, sample_tokens
 
+log = logging.getLogger(__name__)
+
 MAX_EOS = 8  # eos ids are passed as a fixed-size array (padded with -1) so that changing them never recompiles
+MAX_FORCED = 8  # at most this many forced ids close a thinking block
 
 
 class GenerationError(ValueError):
@@ -88,6 +103,21 @@ def cache_length(prompt_bucket: int, max_new_tokens: int, multiple: int = 128) -
     return _round_up(prompt_bucket + max_new_tokens, multiple)
 
 
+def kv_cache_bytes(cfg: Glm4vConfig, batch: int, max_len: int, dtype: Any = None) -> int:
+    """Bytes of the KV cache for `batch` rows of `max_len` slots (keys and values, every layer)."""
+    t = cfg.text
+    itemsize = np.dtype(jnp.dtype(dtype or cfg.runtime.dtype)).itemsize
+    return 2 * t.num_hidden_layers * batch * max_len * t.num_key_value_heads * t.head_dim * itemsize
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
 def read_eos_ids(checkpoint_dir: str | os.PathLike | None, cfg: Glm4vConfig) -> tuple[int, ...]:
     """generation_config.json's eos_token_id when present, else the model config's eos ids."""
     if checkpoint_dir is not None:
@@ -111,23 +141,78 @@ def read_eos_ids(checkpoint_dir: str | os.PathLike | None, cfg: Glm4vConfig) -> 
 _HF_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
+def collate(encoded: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> dict[str, np.ndarray]:
+    """Per-request processor outputs (one prompt each) -> one left-padded batch, media concatenated in row order.
+
+    The result is what the processor returns for several prompts at once: the vision features of row 0's images come
+    first, then row 1's, ...; videos likewise (after all images, as the model packs them).
+    """
+    if not encoded:
+        raise GenerationError("no requests to collate")
+    rows, types = [], []
+    for i, enc in enumerate(encoded):
+        ids = np.asarray(enc["input_ids"])
+        ids = ids[None] if ids.ndim == 1 else ids
+        if ids.ndim != 2 or ids.shape[0] != 1:
+            raise GenerationError(f"request {i}: expected one prompt, got input_ids of shape {ids.shape}")
+        mask = np.asarray(enc.get("attention_mask", np.ones_like(ids))).reshape(ids.shape) > 0
+        rows.append(ids[0][mask[0]])
+        tt = enc.get("mm_token_type_ids")
+        types.append(None if tt is None else np.asarray(tt).reshape(ids.shape)[0][mask[0]])
+    n = max(len(r) for r in rows)
+    out: dict[str, Any] = {
+        "input_ids": np.full((len(rows), n), pad_token_id, np.int64),
+        "attention_mask": np.zeros((len(rows), n), np.int64),
+    }
+    for b, r in enumerate(rows):
+        out["input_ids"][b, n - len(r):] = r
+        out["attention_mask"][b, n - len(r):] = 1
+    if all(t is not None for t in types):
+        out["mm_token_type_ids"] = np.zeros((len(rows), n), np.int64)
+        for b, t in enumerate(types):
+            out["mm_token_type_ids"][b, n - len(t):] = t
+    for pix, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        parts = [(np.asarray(e[pix]), np.asarray(e[grid])) for e in encoded if e.get(grid) is not None
+                 and len(e[grid])]
+        if parts:
+            out[pix] = np.concatenate([p for p, _ in parts], axis=0)
+            out[grid] = np.concatenate([g for _, g in parts], axis=0)
+    return out
+
+
 @dataclasses.dataclass
 class PreparedBatch:
     """A left-padded, bucketed batch ready for the prefill program."""
 
     model_kwargs: dict[str, Any]  # input_ids, positions, segment_ids, vision, vision_index (NumPy)
-    prompt_token_ids: list[list[int]]
+    prompt_token_ids: list[list[int]]  # the real rows (batch padding rows excluded)
     next_positions: np.ndarray  # (B,) M-RoPE position of the first generated token
+    limits: np.ndarray  # (B,) max new tokens per row (padding rows: 1)
     prompt_len: int  # T, the padded prompt length
     max_len: int  # S, cache slots
 
 
-def prepare_batch(cfg: Glm4vConfig, inputs: Mapping[str, Any], max_new_tokens: int,
+def _as_limits(max_new_tokens: int | Sequence[int], n: int) -> np.ndarray:
+    if isinstance(max_new_tokens, (int, np.integer)):
+        lim = np.full((n,), int(max_new_tokens), np.int64)
+    else:
+        lim = np.asarray(list(max_new_tokens), np.int64)
+        if lim.shape != (n,):
+            raise GenerationError(f"max_new_tokens: expected one int or {n} ints (one per row), got {lim.shape[0]}")
+    if (lim < 1).any():
+        raise GenerationError(f"max_new_tokens must be >= 1, got {int(lim.min())}")
+    return lim
+
+
+def prepare_batch(cfg: Glm4vConfig, inputs: Mapping[str, Any], max_new_tokens: int | Sequence[int],
                   prompt_bucket: Callable[[int], int] = bucket_length,
-                  patch_bucket: Callable[[int], int] | None = vision_bucket) -> PreparedBatch:
+                  patch_bucket: Callable[[int], int] | None = vision_bucket,
+                  max_context: int | None = None, pad_batch_to: int | None = None) -> PreparedBatch:
     """Processor output (input_ids, attention_mask, mm_token_type_ids, pixel_values, ...) -> PreparedBatch.
 
-    Rows are re-laid-out left-padded (whatever padding side they came with) to `prompt_bucket(longest)`.
+    Rows are re-laid-out left-padded (whatever padding side they came with) to `prompt_bucket(longest)`. With
+    `pad_batch_to`, extra one-token rows (limit 1, no media) fill the batch to that many rows. Every limit is checked
+    here, before any device work.
     """
     if "input_ids" not in inputs:
         raise GenerationError("inputs have no 'input_ids'")
@@ -140,16 +225,24 @@ def prepare_batch(cfg: Glm4vConfig, inputs: Mapping[str, Any], max_new_tokens: i
     mask = np.ones_like(ids) if mask is None else np.asarray(mask).reshape(ids.shape)
     types = inputs.get("mm_token_type_ids")
     types = None if types is None else np.asarray(types).reshape(ids.shape)
-    if max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     rows = [ids[b][mask[b] > 0] for b in range(ids.shape[0])]
     if any(len(r) == 0 for r in rows):
         raise GenerationError("empty prompt (a row has no tokens)")
+    limits = _as_limits(max_new_tokens, len(rows))
+    limit = cfg.text.max_position_embeddings if max_context is None else int(max_context)
+    for b, r in enumerate(rows):
+        if len(r) + limits[b] > limit:
+            raise GenerationError(f"{'prompt' if len(rows) == 1 else f'row {b}: prompt'} of {len(r)} tokens + "
+                                  f"max_new_tokens {int(limits[b])} = {len(r) + int(limits[b])} is too long for the "
+                                  f"context of {limit} tokens")
+    n_real_rows = len(rows)
+    if pad_batch_to is not None:
+        if pad_batch_to < n_real_rows:
+            raise GenerationError(f"batch of {n_real_rows} rows does not fit pad_batch_to={pad_batch_to}")
+        filler = np.asarray([cfg.text.pad_token_id])
+        rows += [filler] * (pad_batch_to - n_real_rows)
+        limits = np.concatenate([limits, np.ones((pad_batch_to - n_real_rows,), np.int64)])
     longest = max(len(r) for r in rows)
-    limit = cfg.text.max_position_embeddings
-    if longest + max_new_tokens > limit:
-        raise GenerationError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} is too long for the "
-                              f"model's context of {limit} positions")
     t = prompt_bucket(longest)
     bsz = len(rows)
     new_ids = np.full((bsz, t), cfg.text.pad_token_id, np.int32)
@@ -158,7 +251,7 @@ def prepare_batch(cfg: Glm4vConfig, inputs: Mapping[str, Any], max_new_tokens: i
     for b, r in enumerate(rows):
         new_ids[b, t - len(r):] = r
         new_mask[b, t - len(r):] = 1
-        if types is not None:
+        if types is not None and b < n_real_rows:
             new_types[b, t - len(r):] = types[b][mask[b] > 0]
     media = {k: (None if inputs.get(k) is None else np.asarray(inputs[k])) for k in _HF_KEYS}
     n_patches = sum(int(np.prod(g, axis=-1).sum()) for g in (media["image_grid_thw"], media["video_grid_thw"])
@@ -175,12 +268,75 @@ def prepare_batch(cfg: Glm4vConfig, inputs: Mapping[str, Any], max_new_tokens: i
         raise GenerationError(str(e)) from e
     n_real = new_mask.sum(-1).astype(np.int32)
     next_pos = (n_real + mi.rope_deltas).astype(np.int32)
-    if int(next_pos.max()) + max_new_tokens > limit:
-        raise GenerationError(f"prompt positions reach {int(next_pos.max())} (images and videos take fewer positions "
-                              f"than tokens, but still count); + max_new_tokens {max_new_tokens} exceeds the model's "
-                              f"context of {limit} positions")
-    return PreparedBatch(mi.as_kwargs(), [r.astype(int).tolist() for r in rows], next_pos, t,
-                         cache_length(t, max_new_tokens))
+    reach = next_pos.astype(np.int64) + limits
+    if int(reach.max()) > cfg.text.max_position_embeddings:
+        b = int(reach.argmax())
+        raise GenerationError(f"prompt positions reach {int(next_pos[b])} + max_new_tokens {int(limits[b])} exceeds "
+                              f"the model's {cfg.text.max_position_embeddings} positions")
+    return PreparedBatch(mi.as_kwargs(), [r.astype(int).tolist() for r in rows[:n_real_rows]], next_pos,
+                         limits.astype(np.int32), t, cache_length(t, int(limits.max())))
+
+
+@dataclasses.dataclass(frozen=True)
+class ThinkingBudget:
+    """Close the `<think>` block after `max_tokens` thinking tokens by forcing `end_ids` (`</think><answer>`).
+
+    `start_id` (`<think>`): a row is thinking from the `<think>` it generates (or from the start, when its prompt
+    ends inside an open block). Without `start_id`, every row whose prompt did not close a block (`end_ids[0]` after
+    the last `start_id`) counts as thinking from its first generated token — GLM-4.1V opens with `<think>`.
+    """
+
+    max_tokens: int
+    end_ids: tuple[int, ...]
+    start_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 0:
+            raise GenerationError(f"max_thinking_tokens must be >= 0, got {self.max_tokens}")
+        if not 1 <= len(self.end_ids) <= MAX_FORCED:
+            raise GenerationError(f"think_end_ids: expected 1 to {MAX_FORCED} ids, got {len(self.end_ids)}")
+
+    def initial_state(self, prompts: Sequence[Sequence[int]], pad_rows: int) -> dict[str, np.ndarray]:
+        """Per-row thinking state at the first generated token (host side)."""
+        thinking = []
+        for p in prompts:
+            p = list(p)
+            last_end = max((i for i, x in enumerate(p) if x == self.end_ids[0]), default=-1)
+            last_start = max((i for i, x in enumerate(p) if x == self.start_id), default=-1) \
+                if self.start_id is not None else -1
+            if self.start_id is None:
+                thinking.append(last_end < 0)
+            else:
+                thinking.append(last_start > last_end)
+        thinking += [False] * pad_rows
+        th = np.asarray(thinking, bool)
+        n = len(th)
+        end = np.full((MAX_FORCED,), -1, np.int32)
+        end[: len(self.end_ids)] = self.end_ids
+        return {"thinking": th, "closed": ~th if self.start_id is None else np.zeros((n,), bool),
+                "n_think": np.zeros((n,), np.int32),
+                "force_i": np.where(th & (self.max_tokens == 0), 0, -1).astype(np.int32),
+                "budget": np.int32(self.max_tokens), "end_ids": end, "n_end": np.int32(len(self.end_ids)),
+                "start_id": np.int32(-1 if self.start_id is None else self.start_id)}
+
+
+_THINK_ROWS = ("thinking", "closed", "n_think", "force_i")  # the per-row entries of the thinking state
+
+
+def _thinking_step(tok: jax.Array, th: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Apply a forced close to the sampled tokens (B,) and advance the per-row thinking state."""
+    forcing = th["force_i"] >= 0
+    forced = th["end_ids"][jnp.clip(th["force_i"], 0, MAX_FORCED - 1)]
+    tok = jnp.where(forcing, forced, tok)
+    force_i = jnp.where(forcing, th["force_i"] + 1, -1)
+    force_i = jnp.where(force_i >= th["n_end"], -1, force_i)
+    ends = forcing | (tok == th["end_ids"][0])
+    closed = th["closed"] | ends
+    opens = (tok == th["start_id"]) & ~th["thinking"]
+    n_think = th["n_think"] + (th["thinking"] & ~ends & ~opens).astype(jnp.int32)
+    thinking = (th["thinking"] | opens) & ~closed
+    force_i = jnp.where(thinking & (n_think >= th["budget"]) & (force_i < 0), 0, force_i)
+    return tok, {**th, "thinking": thinking, "closed": closed, "n_think": n_think, "force_i": force_i}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,8 +366,9 @@ def _step_logits(params, cache, kv_seg, slot, pos, tok, *, model: Glm4v):
     return logits[:, 0].astype(jnp.float32), cache, kv_seg
 
 
-def _prefill(params, kw, next_pos, key, scalars, eos, *, model: Glm4v, cfg: Glm4vConfig, max_len: int,
+def _prefill(params, kw, row, key, scalars, eos, *, model: Glm4v, cfg: Glm4vConfig, max_len: int,
              sampling: SamplingParams):
+    """row: per-row host arrays {"pos", "limit", optionally "think"}. Returns (cache, loop state)."""
     logits, cache, kv_seg = _prefill_logits(params, kw, model=model, cfg=cfg, max_len=max_len)
     b = logits.shape[0]
     seen = None
@@ -219,34 +376,42 @@ def _prefill(params, kw, next_pos, key, scalars, eos, *, model: Glm4v, cfg: Glm4
         ids = kw["input_ids"]
         seen = jnp.zeros(logits.shape, bool).at[jnp.arange(b)[:, None], ids].max(kw["segment_ids"] > 0)
     tok = sample_tokens(logits, jax.random.fold_in(key, 0), sampling, scalars, seen)
-    state = {"kv_seg": kv_seg, "slot": jnp.int32(kw["input_ids"].shape[1]), "pos": next_pos.astype(jnp.int32),
-             "tok": tok, "done": jnp.isin(tok, eos), "step": jnp.int32(1), "key": key}
+    state = {"kv_seg": kv_seg, "slot": jnp.int32(kw["input_ids"].shape[1]), "pos": row["pos"].astype(jnp.int32),
+             "limit": row["limit"], "key": key, "step": jnp.int32(1)}
+    if "think" in row:
+        tok, state["think"] = _thinking_step(tok, row["think"])
+    state["tok"] = tok
+    state["done"] = jnp.isin(tok, eos) | (row["limit"] <= 1)
     if seen is not None:
         state["seen"] = seen.at[jnp.arange(b), tok].set(True)
     return cache, state
 
 
-def _decode(params, cache, state, max_new, scalars, eos, pad_id, *, model: Glm4v, chunk: int,
-            sampling: SamplingParams):
+def _decode(params, cache, state, scalars, eos, pad_id, *, model: Glm4v, chunk: int, sampling: SamplingParams):
     b = state["tok"].shape[0]
     buf = jnp.full((b, chunk), -1, jnp.int32)
 
     def cond(c):
         _, st, _, i = c
-        return (i < chunk) & ~jnp.all(st["done"]) & (st["step"] < max_new)
+        return (i < chunk) & ~jnp.all(st["done"])
 
     def body(c):
         cache, st, buf, i = c
         logits, cache, kv_seg = _step_logits(params, cache, st["kv_seg"], st["slot"], st["pos"], st["tok"],
                                              model=model)
         tok = sample_tokens(logits, jax.random.fold_in(st["key"], st["step"]), sampling, scalars, st.get("seen"))
+        new = {**st, "kv_seg": kv_seg, "slot": st["slot"] + 1, "pos": st["pos"] + 1, "step": st["step"] + 1}
+        if "think" in st:
+            tok, think = _thinking_step(tok, st["think"])
+            new["think"] = {k: jnp.where(st["done"], st["think"][k], v) if k in _THINK_ROWS else v
+                            for k, v in think.items()}
         tok = jnp.where(st["done"], pad_id, tok)
         buf = jax.lax.dynamic_update_slice(buf, tok[:, None], (jnp.int32(0), i))
-        st = {"kv_seg": kv_seg, "slot": st["slot"] + 1, "pos": st["pos"] + 1, "tok": tok,
-              "done": st["done"] | jnp.isin(tok, eos), "step": st["step"] + 1, "key": st["key"]}
-        if "seen" in c[1]:
-            st["seen"] = c[1]["seen"].at[jnp.arange(b), tok].set(True)
-        return cache, st, buf, i + 1
+        new["tok"] = tok
+        new["done"] = st["done"] | jnp.isin(tok, eos) | (new["step"] >= st["limit"])
+        if "seen" in st:
+            new["seen"] = st["seen"].at[jnp.arange(b), tok].set(True)
+        return cache, new, buf, i + 1
 
     cache, state, buf, n = jax.lax.while_loop(cond, body, (cache, state, buf, jnp.int32(0)))
     return cache, state, buf, n
@@ -257,28 +422,64 @@ def _signature(tree: Any) -> tuple:
     return (treedef, tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves))
 
 
+def _shape_key(kind: str, statics: Mapping[str, Any], args: tuple) -> str:
+    """A short human-readable description of a compiled program (for the compile log)."""
+    parts = [kind]
+    if kind == "prefill":
+        kw = args[1]
+        b, t = np.shape(kw["input_ids"])
+        parts.append(f"batch={b} prompt={t} cache={statics['max_len']}")
+        if kw.get("vision") is not None:
+            parts.append(f"patches={np.shape(kw['vision']['pixel_values'])[0]}")
+    else:
+        b, s = np.shape(args[2]["kv_seg"])
+        parts.append(f"batch={b} cache={s} chunk={statics['chunk']}")
+    parts.append(f"sampling={statics['sampling'].static_key}")
+    return " ".join(parts)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Engine.
 
 
 class Engine:
-    """Holds the params on device and the compiled prefill / decode executables of one model.
+    """Holds the params on device (optionally sharded over a mesh) and the compiled prefill / decode executables.
 
-    `generate_batch` / `generate` serve requests; `num_compiles` counts the executables built so far.
+    `generate_batch` / `generate` serve requests; `warmup` compiles ahead of time; `num_compiles` counts the
+    executables built so far. `max_context` caps prompt + new tokens (default and maximum: the model's
+    max_position_embeddings, 65536 for GLM-4.1V); `memory_limit_bytes` caps the KV cache of one call (default: what
+    the device reports as free, when it reports it).
     """
 
-    def __init__(self, params: Any, cfg: Glm4vConfig, *, chunk_size: int = 16,
-                 prompt_bucket: Callable[[int], int] = bucket_length,
-                 patch_bucket: Callable[[int], int] | None = vision_bucket) -> None:
+    def __init__(self, params: Any, cfg: Glm4vConfig, *, mesh: jax.sharding.Mesh | None = None,
+                 chunk_size: int = 16, prompt_bucket: Callable[[int], int] = bucket_length,
+                 patch_bucket: Callable[[int], int] | None = vision_bucket, max_context: int | None = None,
+                 memory_limit_bytes: int | None = None) -> None:
         if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+            raise GenerationError(f"chunk_size must be >= 1, got {chunk_size}")
+        limit = cfg.text.max_position_embeddings
+        if max_context is not None and not 1 <= max_context <= limit:
+            raise GenerationError(f"max_context must be in [1, {limit}] (the model's max_position_embeddings), "
+                                  f"got {max_context}")
         self.cfg = cfg
         self.model = Glm4v(cfg)
-        self.params = jax.device_put(params)
+        self.mesh = mesh
+        self.max_context = int(max_context or limit)
+        self.memory_limit_bytes = memory_limit_bytes
         self.chunk_size = int(chunk_size)
         self.prompt_bucket = prompt_bucket
         self.patch_bucket = patch_bucket
+        if mesh is not None:
+            from .model import abstract_params
+            from .sharding import param_shardings
+
+            self.param_shardings = param_shardings(abstract_params(cfg), mesh)
+            self.params = jax.device_put(params, self.param_shardings)
+        else:
+            self.param_shardings = None
+            self.params = jax.device_put(params)
         self._compiled: dict[tuple, Any] = {}
+        self.compile_log: list[tuple[str, float]] = []  # (shape key, seconds) per compile
         self.compile_seconds = 0.0  # all compiles of this engine
         self._last_compile_s = 0.0  # compiles of the current request
 
@@ -286,79 +487,201 @@ class Engine:
     def num_compiles(self) -> int:
         return len(self._compiled)
 
+    # -------------------------------------------------------------------------------------------- shardings
+    def _replicated(self) -> Any:
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+    def _rows(self, x: Any, axis: int = 0) -> Any:
+        """Shard dimension `axis` (the batch) over the batch mesh axes when it divides them, else replicate."""
+        from .sharding import logical_to_spec
+
+        shape = np.shape(x)
+        names = [None] * len(shape)
+        if len(shape) > axis:
+            names[axis] = "batch"
+        return jax.sharding.NamedSharding(self.mesh, logical_to_spec(names, shape, self.mesh))
+
+    def cache_shardings(self, cache: Any) -> Any:
+        """KV-cache shardings: (B, S, K, H) per layer (L, B, S, K, H stacked) -> batch, length, kv_heads, head_dim."""
+        from .sharding import logical_to_spec
+
+        def one(x):
+            names = ("batch", "length", "kv_heads", "head_dim")
+            names = names if len(np.shape(x)) == 4 else ("layers", *names)
+            return jax.sharding.NamedSharding(self.mesh, logical_to_spec(names, np.shape(x), self.mesh))
+
+        return jax.tree.map(one, cache)
+
+    def _state_shardings(self, state: Mapping[str, Any]) -> Any:
+        out = {}
+        for k, v in state.items():
+            if k == "kv_seg":
+                out[k] = self._rows(v)
+            elif isinstance(v, Mapping):
+                out[k] = {kk: self._rows(vv) if kk in _THINK_ROWS else self._replicated() for kk, vv in v.items()}
+            elif np.ndim(v) >= 1 and k != "key":
+                out[k] = self._rows(v)
+            else:
+                out[k] = self._replicated()
+        return out
+
+    def _in_out_shardings(self, kind: str, fn: Callable, args: tuple) -> tuple[Any, Any]:
+        rep = self._replicated()
+        if kind == "prefill":
+            _, kw, row, key, scalars, eos = args
+            kw_sh = {k: (None if v is None else jax.tree.map(lambda _: rep, v) if k == "vision"
+                         else self._rows(v, 1) if k == "positions" else self._rows(v)) for k, v in kw.items()}
+            ins = (self.param_shardings, kw_sh, self._state_shardings(row), rep,
+                   jax.tree.map(lambda _: rep, scalars), rep)
+            shapes = jax.eval_shape(fn, *args)  # (cache, state): laid out as the decode program takes them
+            return ins, (self.cache_shardings(shapes[0]), self._state_shardings(shapes[1]))
+        _, cache, state, scalars, eos, pad_id = args
+        st_sh = self._state_shardings(state)
+        ins = (self.param_shardings, self.cache_shardings(cache), st_sh, jax.tree.map(lambda _: rep, scalars), rep,
+               rep)
+        outs = (self.cache_shardings(cache), st_sh, self._rows(np.zeros((np.shape(state["tok"])[0], 1))), rep)
+        return ins, outs
+
     def _executable(self, kind: str, statics: dict[str, Any], args: tuple, donate: tuple[int, ...] = ()) -> Any:
         key = (kind, tuple(sorted(statics.items(), key=lambda kv: kv[0])), _signature(args[1:]))
         exe = self._compiled.get(key)
-        if exe is None:
-            fn = {"prefill": _prefill, "decode": _decode}[kind]
-            t0 = time.perf_counter()
-            exe = jax.jit(functools.partial(fn, model=self.model, **statics), donate_argnums=donate
-                          ).lower(*args).compile()
-            dt = time.perf_counter() - t0
-            self.compile_seconds += dt
-            self._last_compile_s += dt
-            self._compiled[key] = exe
+        if exe is not None:
+            return exe
+        fn = functools.partial({"prefill": _prefill, "decode": _decode}[kind], model=self.model, **statics)
+        t0 = time.perf_counter()
+        if self.mesh is None:
+            jitted = jax.jit(fn, donate_argnums=donate)
+        else:
+            ins, outs = self._in_out_shardings(kind, fn, args)
+            jitted = jax.jit(fn, donate_argnums=donate, in_shardings=ins, out_shardings=outs)
+        exe = jitted.lower(*args).compile()
+        dt = time.perf_counter() - t0
+        self.compile_seconds += dt
+        self._last_compile_s += dt
+        self._compiled[key] = exe
+        desc = _shape_key(kind, statics, args)
+        self.compile_log.append((desc, dt))
+        log.info("compiled %s in %.2fs (%d programs)", desc, dt, len(self._compiled))
         return exe
+
+    # -------------------------------------------------------------------------------------------- limits
+    def _check_memory(self, batch: int, max_len: int) -> None:
+        need = kv_cache_bytes(self.cfg, batch, max_len)
+        budget = self.memory_limit_bytes
+        if budget is None:
+            budget = _free_device_bytes(self.mesh)
+        if budget is not None and need > budget:
+            raise GenerationError(f"the KV cache for {batch} rows x {max_len} slots needs {format_bytes(need)}, more "
+                                  f"than the {format_bytes(budget)} available; lower the batch size, the prompt "
+                                  f"length or max_new_tokens")
+
+    # -------------------------------------------------------------------------------------------- serving
+    def prepare(self, inputs: Mapping[str, Any], max_new_tokens: int | Sequence[int],
+                pad_batch_to: int | None = None) -> PreparedBatch:
+        """Bucket and check a batch (no device work): every limit error is raised here."""
+        prep = prepare_batch(self.cfg, inputs, max_new_tokens, self.prompt_bucket, self.patch_bucket,
+                             self.max_context, pad_batch_to)
+        self._check_memory(len(prep.limits), prep.max_len)
+        return prep
+
+    def warmup(self, buckets: Sequence[Mapping[str, Any]], *, sampling: SamplingParams | None = None,
+               thinking: bool = False) -> int:
+        """Compile the prefill and decode programs for each bucket ahead of time; returns the number of new compiles.
+
+        A bucket is {"batch": B, "prompt_tokens": T, "max_new_tokens": N, "images": [(height, width), ...] in
+        pixels after resizing (multiples of patch*merge; optional), "videos": [(frames, height, width), ...]}.
+        Any request whose sizes round to the same buckets then runs without compiling.
+        """
+        before = self.num_compiles
+        sampling = sampling or SamplingParams()
+        for spec in buckets:
+            inputs = synthetic_inputs(self.cfg, **spec)
+            budget = ThinkingBudget(1 << 30, (0,), None) if thinking else None
+            self._run(inputs, max_new_tokens=int(spec.get("max_new_tokens", 16)), sampling=sampling, seed=0,
+                      eos=(), thinking=budget, stream_callback=None, pad_batch_to=None, dry=True)
+        return self.num_compiles - before
 
     def generate_batch(
         self,
         inputs: Mapping[str, Any],
         *,
-        max_new_tokens: int = 256,
+        max_new_tokens: int | Sequence[int] = 256,
         sampling: SamplingParams | None = None,
         seed: int = 0,
         eos_ids: Sequence[int] | None = None,
         stream_callback: Callable[[list[list[int]]], None] | None = None,
+        max_thinking_tokens: int | None = None,
+        think_end_ids: Sequence[int] | None = None,
+        think_start_id: int | None = None,
+        pad_batch_to: int | None = None,
     ) -> list[GenerationResult]:
         """Generate for every row of a (possibly padded) batch. `eos_ids=()` disables stopping on eos.
 
-        `stream_callback(new_tokens_per_row)` is called with each chunk of new tokens (rows that already stopped
-        get an empty list).
+        max_new_tokens: one limit for all rows or one per row. `stream_callback(new_tokens_per_row)` is called with
+        each chunk of new tokens (rows that already stopped get an empty list). `max_thinking_tokens` with
+        `think_end_ids` (and preferably `think_start_id`) bounds the thinking (see `ThinkingBudget`).
+        `pad_batch_to` pads the batch with dummy rows to a fixed size (one compiled program for every batch).
         """
         sampling = sampling or SamplingParams()
         eos = tuple(self.cfg.text.eos_token_ids if eos_ids is None else eos_ids)
+        budget = None
+        if max_thinking_tokens is not None:
+            if not think_end_ids:
+                raise GenerationError("max_thinking_tokens needs think_end_ids (the ids of '</think><answer>')")
+            budget = ThinkingBudget(int(max_thinking_tokens), tuple(int(i) for i in think_end_ids), think_start_id)
+        return self._run(inputs, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, eos=eos,
+                         thinking=budget, stream_callback=stream_callback, pad_batch_to=pad_batch_to)
+
+    def _run(self, inputs, *, max_new_tokens, sampling, seed, eos, thinking, stream_callback, pad_batch_to,
+             dry: bool = False) -> list[GenerationResult]:
         if len(eos) > MAX_EOS:
             raise GenerationError(f"at most {MAX_EOS} eos ids are supported, got {len(eos)}")
         eos_arr = np.full((MAX_EOS,), -1, np.int32)
         eos_arr[: len(eos)] = eos
         eos_set = set(int(e) for e in eos)
-        prep = prepare_batch(self.cfg, inputs, max_new_tokens, self.prompt_bucket, self.patch_bucket)
-        bsz = len(prep.prompt_token_ids)
+        prep = self.prepare(inputs, max_new_tokens, pad_batch_to)
+        n_rows = len(prep.prompt_token_ids)
+        bsz = len(prep.limits)
+        limits = [int(x) for x in prep.limits]
         self._last_compile_s = 0.0
         scalars = jax.tree.map(np.asarray, sampling.scalars())
         key = jax.random.PRNGKey(seed)
-        kw = jax.tree.map(jnp.asarray, prep.model_kwargs)
+        kw = prep.model_kwargs
+        row: dict[str, Any] = {"pos": prep.next_positions, "limit": prep.limits}
+        if thinking is not None:
+            row["think"] = thinking.initial_state(prep.prompt_token_ids, bsz - n_rows)
 
-        pargs = (self.params, kw, prep.next_positions, key, scalars, eos_arr)
-        prefill = self._executable("prefill", dict(cfg=self.cfg, max_len=prep.max_len, sampling=sampling.canonical()),
-                                   pargs)
+        pargs = (self.params, kw, row, key, scalars, eos_arr)
+        pstatics = dict(cfg=self.cfg, max_len=prep.max_len, sampling=sampling.canonical())
+        prefill = self._executable("prefill", pstatics, pargs)
+        pad_id = np.int32(self.cfg.text.pad_token_id)
+        statics = dict(chunk=self.chunk_size, sampling=sampling.canonical())
+        if dry:
+            shapes = jax.eval_shape(functools.partial(_prefill, model=self.model, **pstatics), *pargs)
+            dargs = (self.params, *shapes, scalars, eos_arr, pad_id)
+            self._executable("decode", statics, dargs, donate=(1, 2))
+            return []
         t0 = time.perf_counter()
         cache, state = prefill(*pargs)
         first = np.asarray(state["tok"])
         prefill_s = time.perf_counter() - t0
 
-        out: list[list[int]] = [[int(x)] for x in first]
-        done = [int(x) in eos_set for x in first]
+        out: list[list[int]] = [[int(x)] for x in first[:n_rows]]
+        done = [int(first[b]) in eos_set or limits[b] <= 1 for b in range(n_rows)]
         if stream_callback is not None:
             stream_callback([list(r) for r in out])
 
-        max_new = np.int32(max_new_tokens)
-        pad_id = np.int32(self.cfg.text.pad_token_id)
-        statics = dict(chunk=self.chunk_size, sampling=sampling.canonical())
         steps = 1
         t_dec = time.perf_counter()
         decode_compile_s = 0.0
         pending = None
-
-        def finished() -> bool:
-            return all(done) or steps >= max_new_tokens
-
+        n_generated = 0
         while True:
-            # Dispatch the next chunk before reading the previous one: `done`/`steps` lag one chunk behind, and a
-            # chunk dispatched after the end returns at once with no tokens.
+            # Dispatch the next chunk before reading the previous one: `done` lags one chunk behind, and a chunk
+            # dispatched after the end returns at once with no tokens.
             nxt = None
-            if not finished():
-                dargs = (self.params, cache, state, max_new, scalars, eos_arr, pad_id)
+            if not all(done):
+                dargs = (self.params, cache, state, scalars, eos_arr, pad_id)
                 c0 = self._last_compile_s
                 exe = self._executable("decode", statics, dargs, donate=(1, 2))
                 decode_compile_s += self._last_compile_s - c0
@@ -366,14 +689,15 @@ class Engine:
                 nxt = (buf, n)
             if pending is not None:
                 buf_np, n_np = np.asarray(pending[0]), int(pending[1])
-                new: list[list[int]] = [[] for _ in range(bsz)]
-                for b in range(bsz):
+                new: list[list[int]] = [[] for _ in range(n_rows)]
+                for b in range(n_rows):
                     for tok in buf_np[b, :n_np]:
                         if done[b]:
                             break
                         new[b].append(int(tok))
-                        done[b] = int(tok) in eos_set
+                        done[b] = int(tok) in eos_set or len(out[b]) + len(new[b]) >= limits[b]
                     out[b].extend(new[b])
+                    n_generated += len(new[b])
                 steps += n_np
                 if stream_callback is not None and n_np:
                     stream_callback(new)
@@ -381,32 +705,90 @@ class Engine:
                 break
             pending = nxt
         decode_s = time.perf_counter() - t_dec - decode_compile_s
-        n_decoded = steps - 1
         timings = {
             "compile_s": self._last_compile_s,
             "prefill_s": prefill_s,
             "decode_s": decode_s,
-            "decode_tokens_per_s": (n_decoded / decode_s) if decode_s > 0 and n_decoded else 0.0,
+            "decode_steps": float(steps - 1),
+            "decode_tokens": float(n_generated),
+            "decode_tokens_per_s": (n_generated / decode_s) if decode_s > 0 and n_generated else 0.0,
             "prompt_tokens": float(max(len(p) for p in prep.prompt_token_ids)),
             "prompt_bucket": float(prep.prompt_len),
+            "batch_rows": float(bsz),
+            "kv_cache_bytes": float(kv_cache_bytes(self.cfg, bsz, prep.max_len)),
+            "num_compiles": float(self.num_compiles),
         }
         results = []
-        for b in range(bsz):
-            toks = out[b][:max_new_tokens]
+        for b in range(n_rows):
+            toks = out[b][: limits[b]]
             reason = "eos" if toks and toks[-1] in eos_set else "length"
             results.append(GenerationResult(toks, prep.prompt_token_ids[b], reason, dict(timings), self.num_compiles))
         return results
 
     def generate(self, inputs: Mapping[str, Any], *, max_new_tokens: int = 256, sampling: SamplingParams | None = None,
                  seed: int = 0, eos_ids: Sequence[int] | None = None,
-                 stream_callback: Callable[[list[int]], None] | None = None) -> GenerationResult:
+                 stream_callback: Callable[[list[int]], None] | None = None, max_thinking_tokens: int | None = None,
+                 think_end_ids: Sequence[int] | None = None, think_start_id: int | None = None) -> GenerationResult:
         """One prompt (batch of 1). `stream_callback(new_token_ids)` is called per chunk."""
         cb = None if stream_callback is None else (lambda rows: stream_callback(rows[0]) if rows[0] else None)
         res = self.generate_batch(inputs, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
-                                  eos_ids=eos_ids, stream_callback=cb)
+                                  eos_ids=eos_ids, stream_callback=cb, max_thinking_tokens=max_thinking_tokens,
+                                  think_end_ids=think_end_ids, think_start_id=think_start_id)
         if len(res) != 1:
             raise GenerationError(f"generate() takes one prompt, got a batch of {len(res)}; use generate_batch()")
         return res[0]
+
+
+def _free_device_bytes(mesh: Any) -> int | None:
+    """Free bytes on the (first) device, as the runtime reports it (TPU/GPU); None when unknown (CPU)."""
+    dev = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    try:
+        stats = dev.memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory stats
+        return None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    n_dev = 1 if mesh is None else mesh.devices.size
+    return int((stats["bytes_limit"] - stats.get("bytes_in_use", 0)) * n_dev)
+
+
+def synthetic_inputs(cfg: Glm4vConfig, batch: int = 1, prompt_tokens: int = 32, images: Sequence[Sequence[int]] = (),
+                     videos: Sequence[Sequence[int]] = (), **_: Any) -> dict[str, np.ndarray]:
+    """Processor-like arrays of the given sizes (zero pixels, placeholder tokens in row 0) for `Engine.warmup`.
+
+    images: (height, width) in pixels after resizing; videos: (frames, height, width)."""
+    v = cfg.vision
+    unit = v.patch_size * v.spatial_merge_size
+    m2 = v.spatial_merge_size**2
+
+    def grid(t: int, h: int, w: int) -> list[int]:
+        if h % unit or w % unit or h <= 0 or w <= 0:
+            raise GenerationError(f"warmup: media sizes must be positive multiples of {unit} px, got {h}x{w}")
+        return [max(t // v.temporal_patch_size, 1), h // v.patch_size, w // v.patch_size]
+
+    img_grids = [grid(v.temporal_patch_size, int(h), int(w)) for h, w in images]
+    vid_grids = [grid(int(f), int(h), int(w)) for f, h, w in videos]
+    toks: list[int] = []
+    for g in img_grids:
+        toks += [cfg.image_start_token_id] + [cfg.image_token_id] * (int(np.prod(g)) // m2) + [cfg.image_end_token_id]
+    for g in vid_grids:
+        toks.append(cfg.video_start_token_id)
+        for _ in range(g[0]):
+            toks += [cfg.image_start_token_id] + [cfg.image_token_id] * (g[1] * g[2] // m2)
+            toks.append(cfg.image_end_token_id)
+        toks.append(cfg.video_end_token_id)
+    n = max(int(prompt_tokens), len(toks) + 1)
+    ids = np.zeros((batch, n), np.int64)
+    ids[0, : len(toks)] = toks
+    out: dict[str, Any] = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    if img_grids:
+        out["image_grid_thw"] = np.asarray(img_grids, np.int64)
+        out["pixel_values"] = np.zeros((int(np.prod(out["image_grid_thw"], -1).sum()), v.patch_dim), np.float32)
+    if vid_grids:
+        out["video_grid_thw"] = np.asarray(vid_grids, np.int64)
+        out["pixel_values_videos"] = np.zeros((int(np.prod(out["video_grid_thw"], -1).sum()), v.patch_dim),
+                                              np.float32)
+    return out
 
 
 def teacher_forced_logits(params: Any, cfg: Glm4vConfig, inputs: Mapping[str, Any], continuation: Sequence[int],
@@ -485,7 +867,7 @@ def generate_batch(
     cfg: Glm4vConfig,
     inputs: Mapping[str, Any],
     *,
-    max_new_tokens: int = 256,
+    max_new_tokens: int | Sequence[int] = 256,
     greedy: bool = True,
     temperature: float = 1.0,
     top_k: int | None = None,
