@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import os
 import sys
@@ -93,14 +92,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="append one JSON record per answered turn (token ids, text, thinking, answer, boxes, ...)")
     p.set_defaults(func=run)
     return p
-
-
-def _accepts(fn: Any, name: str) -> bool:
-    """Whether `fn` has a parameter called `name` (a `**kwargs` catch-all does not count)."""
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _image_size(path: Any) -> tuple[int, int] | None:
@@ -339,12 +330,6 @@ def _chat(args: argparse.Namespace) -> int:
     from .processing import Processor
     from .sampling import SamplingParams
 
-    if args.no_thinking and not _accepts(Processor.encode_messages, "assistant_prefix"):
-        raise CliError("--no-thinking needs Processor.encode_messages(assistant_prefix=...), "
-                       "which this version of glm41v_jax does not have yet")
-    if args.max_thinking_tokens is not None and not _accepts(Engine.generate, "max_thinking_tokens"):
-        raise CliError("--max-thinking-tokens needs Engine.generate(max_thinking_tokens=...), "
-                       "which this version of glm41v_jax does not have yet")
 
     if args.model is None:
         directory = tiny.materialize_tiny_checkpoint()

@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 
 from glm41v_jax import tiny
-from glm41v_jax.chat_cli import _accepts
 from glm41v_jax.cli import main
 from glm41v_jax.generate import Engine
 from glm41v_jax.processing import Processor
@@ -24,8 +23,6 @@ USER, ASSISTANT, NEWLINE = 151336, 151337, 198
 BEGIN_IMAGE, IMAGE, END_IMAGE = 151339, 151343, 151340
 THINK, END_THINK, ANSWER = 151350, 151351, 151347
 
-HAS_ASSISTANT_PREFIX = _accepts(Processor.encode_messages, "assistant_prefix")
-HAS_THINKING_BUDGET = _accepts(Engine.generate, "max_thinking_tokens")
 
 
 @pytest.fixture(scope="module")
@@ -192,12 +189,10 @@ def test_eof_right_away(chat):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Thinking flags. They need the engine / processor side of issue 3 item 6 (Engine.generate(max_thinking_tokens=...,
-# think_end_ids=...), Processor.encode_messages(assistant_prefix=...)); until those exist the flags exit with a
-# clear error (checked below) and these tests are skipped.
+# Thinking flags: Engine.generate(max_thinking_tokens=..., think_end_ids=...) and
+# Processor.encode_messages(assistant_prefix=...).
 
 
-@pytest.mark.skipif(not HAS_THINKING_BUDGET, reason="waits on Engine.generate(max_thinking_tokens=, think_end_ids=)")
 def test_max_thinking_tokens_forces_the_answer(chat):
     rc, out, err, recs = chat(["Think briefly."], "--max-thinking-tokens", "2")
     assert rc == 0, err
@@ -208,7 +203,6 @@ def test_max_thinking_tokens_forces_the_answer(chat):
     assert "</think><answer>" in rec["text"]
 
 
-@pytest.mark.skipif(not HAS_ASSISTANT_PREFIX, reason="waits on Processor.encode_messages(assistant_prefix=)")
 def test_no_thinking_prefills_an_empty_think_block(chat):
     rc, out, err, recs = chat(["Answer at once.", "Again."], "--no-thinking", "--max-thinking-tokens", "0")
     assert rc == 0, err
@@ -219,15 +213,3 @@ def test_no_thinking_prefills_an_empty_think_block(chat):
     assert r1["token_ids"][:2] != [END_THINK, ANSWER]
     # the prefix is a prompt for this turn only: it is not stored in the history
     assert "<think>" not in r1["history_content"]
-
-
-@pytest.mark.skipif(HAS_ASSISTANT_PREFIX, reason="Processor.encode_messages(assistant_prefix=) exists")
-def test_no_thinking_says_what_is_missing(chat):
-    rc, _, err, _ = chat(["hi"], "--no-thinking")
-    assert rc == 2 and "error: --no-thinking needs Processor.encode_messages(assistant_prefix=...)" in err
-
-
-@pytest.mark.skipif(HAS_THINKING_BUDGET, reason="Engine.generate(max_thinking_tokens=) exists")
-def test_max_thinking_tokens_says_what_is_missing(chat):
-    rc, _, err, _ = chat(["hi"], "--max-thinking-tokens", "4")
-    assert rc == 2 and "error: --max-thinking-tokens needs Engine.generate(max_thinking_tokens=...)" in err

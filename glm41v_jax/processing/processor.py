@@ -282,16 +282,25 @@ class Processor:
 
     # ------------------------------------------------------------------ messages
     def encode_messages(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **call_kwargs: Any
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, assistant_prefix: str = "",
+        **call_kwargs: Any
     ) -> dict[str, Any]:
         """Render the chat template and process the images/videos found in the messages, in order.
 
         Image items: {"type": "image", "image": path | PIL | uint8 array} ("path"/"url" keys accepted for local
         files). Video items: {"type": "video", "video": path | (frames, VideoMetadata) | frames}.
+        `assistant_prefix` is appended after the generation prompt: the start of the reply, written for the model
+        (e.g. `"<think></think>"` for an empty thinking block).
         """
         messages = normalize_messages(messages)
         images, videos = extract_media(messages)
         prompt = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        if assistant_prefix:
+            if not add_generation_prompt:
+                raise ProcessingError("assistant_prefix needs add_generation_prompt=True")
+            if IMAGE_TOKEN in assistant_prefix or VIDEO_TOKEN in assistant_prefix:
+                raise ProcessingError("assistant_prefix must not contain media placeholders")
+            prompt += assistant_prefix
         return self(prompt, images=images or None, videos=videos or None, **call_kwargs)
 
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = False) -> str:
