@@ -19,6 +19,9 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+# Attention backends (glm41v_jax.attention): the XLA reference, TPU splash (Pallas), GPU cuDNN, or per-call choice.
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
+
 
 class ConfigError(ValueError):
     """A config.json field is missing or has a bad value. The message names the field."""
@@ -217,7 +220,12 @@ class RuntimeConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False  # True: nn.scan over stacked weights (training); False: unrolled (decode)
     remat_policy: str = "none"  # none | full | dots | dots_no_batch (see layers.remat_policy)
-    attention_impl: str = "xla"
+    attention_impl: str = "xla"  # xla | pallas | cudnn | auto (see glm41v_jax.attention)
+
+    def __post_init__(self) -> None:
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"runtime: attention_impl must be one of {', '.join(map(repr, ATTENTION_IMPLS))}; "
+                              f"got {self.attention_impl!r}")
 
 
 @dataclasses.dataclass(frozen=True)

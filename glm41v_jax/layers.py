@@ -1,4 +1,4 @@
-"""Shared building blocks: the one dense layer, the one attention function, norms and remat policies.
+"""Shared building blocks: the one dense layer, norms and remat policies (+ the attention entry point, re-exported).
 
 Every weight is declared here (shape, dtype, logical axes, init) and nowhere else, so quantized kernels, LoRA
 adapters or fused attention kernels slot in at one place each.
@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .attention import NEG_INF, attention  # noqa: F401  (re-exported: the one attention lives in attention.py)
+
 Dtype = Any
-NEG_INF = -2.3819763e38  # a large finite negative: fully masked rows stay NaN-free
 
 
 def _init(scale_fan_in: int):
@@ -93,42 +94,6 @@ class LayerNorm(nn.Module):
         var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
         y = (xf - mu) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
         return y.astype(self.dtype)
-
-
-def attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    q_segment_ids: jax.Array,
-    kv_segment_ids: jax.Array,
-    causal: bool,
-    q_positions: jax.Array | None = None,
-    kv_positions: jax.Array | None = None,
-    scale: float | None = None,
-) -> jax.Array:
-    """Grouped-query attention with segment ids: the one attention of both towers.
-
-    q (B, T, N, H); k, v (B, S, K, H); segment ids (B, T) / (B, S) int, 0 = padding (never attended).
-    A query attends to a key iff their segment ids are equal and non-zero, and (if causal) the key's position is
-    <= the query's. Block-diagonal vision attention = one segment per image/frame, causal=False.
-    Logits and softmax in fp32; probabilities cast to v's dtype (as HF). Returns (B, T, N, H).
-    """
-    b, t, n, h = q.shape
-    kh = k.shape[2]
-    g = n // kh
-    scale = h**-0.5 if scale is None else scale
-    qg = q.reshape(b, t, kh, g, h)
-    with jax.named_scope("attention"):
-        logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-        mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)
-        if causal:
-            assert q_positions is not None and kv_positions is not None
-            mask = mask & (kv_positions[:, None, :] <= q_positions[:, :, None])
-        logits = jnp.where(mask[:, None, None], logits, NEG_INF)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, n, h).astype(q.dtype)
 
 
 class GatedMLP(nn.Module):

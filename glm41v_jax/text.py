@@ -28,6 +28,7 @@ class TextAttention(nn.Module):
     cfg: TextConfig
     dtype: Any
     param_dtype: Any
+    attention_impl: str = "xla"  # RuntimeConfig.attention_impl
 
     @nn.compact
     def __call__(self, x, cos, sin, q_seg, q_slots, kv_seg, kv_slots, kv_cache, cache_index):
@@ -48,7 +49,8 @@ class TextAttention(nn.Module):
             v_all = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
             new_cache = (k_all, v_all)
         o = attention(q, k_all.astype(self.dtype), v_all.astype(self.dtype), q_segment_ids=q_seg,
-                      kv_segment_ids=kv_seg, causal=True, q_positions=q_slots, kv_positions=kv_slots)
+                      kv_segment_ids=kv_seg, causal=True, q_positions=q_slots, kv_positions=kv_slots,
+                      impl=self.attention_impl)
         return Dense((c.hidden_size,), ("heads", "head_dim", "embed"), n_in=2, name="o_proj", **kw)(o), new_cache
 
 
@@ -56,14 +58,15 @@ class DecoderLayer(nn.Module):
     cfg: TextConfig
     dtype: Any
     param_dtype: Any
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, cos, sin, q_seg, q_slots, kv_seg, kv_slots, cache_index, kv_cache):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
-        h, new_cache = TextAttention(c, name="self_attn", **kw)(h, cos, sin, q_seg, q_slots, kv_seg, kv_slots,
-                                                                 kv_cache, cache_index)
+        h, new_cache = TextAttention(c, name="self_attn", attention_impl=self.attention_impl, **kw)(
+            h, cos, sin, q_seg, q_slots, kv_seg, kv_slots, kv_cache, cache_index)
         x = x + RMSNorm(c.rms_norm_eps, name="post_self_attn_layernorm", **kw)(h)
         h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         h = GatedMLP(c.intermediate_size, c.hidden_size, fused=True, name="mlp", **kw)(h)
@@ -85,9 +88,11 @@ class TextModel(nn.Module):
         if rt.scan_layers:
             self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                                   in_axes=(nn.broadcast,) * 7 + (0,), length=c.num_hidden_layers,
-                                  metadata_params={nn.PARTITION_NAME: "layers"})(c, **kw)
+                                  metadata_params={nn.PARTITION_NAME: "layers"})(c, attention_impl=rt.attention_impl,
+                                                                                 **kw)
         else:
-            self.layers = [layer(c, name=f"layers_{i}", **kw) for i in range(c.num_hidden_layers)]
+            self.layers = [layer(c, name=f"layers_{i}", attention_impl=rt.attention_impl, **kw)
+                           for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, **kw)
 
     def embed(self, ids: jax.Array) -> jax.Array:
