@@ -1,8 +1,10 @@
-"""`glm41v generate`: chat with a GLM-4.1V checkpoint from the command line, streaming the reply.
+"""`glm41v generate`: run GLM-4.1V from the command line, one prompt (streamed) or a batch file of requests.
 
     glm41v generate [--model M] [--image P]... [--video P]... --prompt TEXT [--system TEXT]
                     [--max-new-tokens N] [--greedy] [--temperature T] [--top-k K] [--top-p P]
                     [--repetition-penalty R] [--seed S] [--json] [--dtype float32|bfloat16]
+                    [--mesh data=D,fsdp=F,tensor=T] [--max-context N] [--max-thinking-tokens N] [--no-thinking]
+    glm41v generate [--model M] --batch-file requests.jsonl [--batch-size N] [...]
 
 The user turn holds the images, then the videos, then the prompt text. Decoded text is streamed to stdout as it is
 generated, with the model's `<think>` part shown under "thinking:" and its `<answer>` part under "answer:". With
@@ -10,11 +12,16 @@ generated, with the model's `<think>` part shown under "thinking:" and its `<ans
 num_compiles, ...). Without `--model` the embedded tiny checkpoint runs: its weights are random and its output is
 meaningless (said on stderr).
 
+Batch mode: `--batch-file` holds one request per line, `{"prompt": ..., "system": ..., "images": [...], "videos":
+[...], "max_new_tokens": N}` (only prompt required; relative paths resolve against the file's folder). stdout gets
+one JSON result per request in input order (the `--json` fields, or `{"line": n, "error": ...}` for a line that
+failed while the others still ran), then `{"summary": {...}}`. Exit code 2 when any line failed.
+
 Sampling defaults come from the checkpoint's generation_config.json (do_sample, temperature, top_k, top_p,
 repetition_penalty); any of
 --temperature/--top-k/--top-p switches sampling on, --greedy switches it off. Expected failures (missing or
-corrupt media, bad model path, empty prompt, prompt too long for the context) print one `error: ...` line on
-stderr and exit with code 2.
+corrupt media, bad model path, empty prompt, prompt too long for the context, bad --mesh) print one `error: ...`
+line on stderr and exit with code 2. Every compile logs its shape key on stderr.
 """
 
 from __future__ import annotations
@@ -42,7 +49,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                         "checkpoint with RANDOM weights)")
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file (repeatable)")
     p.add_argument("--video", action="append", default=[], metavar="PATH", help="a video file (repeatable)")
-    p.add_argument("--prompt", required=True, help="the user's text")
+    p.add_argument("--prompt", default=None, help="the user's text (required unless --batch-file)")
+    p.add_argument("--batch-file", default=None, metavar="JSONL",
+                   help="requests, one JSON object per line (prompt, system, images, videos, max_new_tokens)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows generated together in batch mode (default 8)")
     p.add_argument("--system", default=None, help="an optional system message")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                    help=f"at most this many generated tokens (default {DEFAULT_MAX_NEW_TOKENS})")
@@ -57,6 +67,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="weights and activations (default: float32 on CPU, bfloat16 on accelerators)")
     p.add_argument("--chunk-size", type=int, default=16, help="tokens per device round trip (default 16)")
+    p.add_argument("--mesh", default="auto",
+                   help="device mesh 'data=D,fsdp=F,tensor=T' (one axis may be -1); 'auto' (default): tensor over "
+                        "as many devices as divide the heads (<= 8), fsdp over the rest; 'none': one device")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="cap on prompt + new tokens (default and maximum: the model's max_position_embeddings)")
+    p.add_argument("--max-thinking-tokens", type=int, default=None, metavar="N",
+                   help="force '</think><answer>' once N thinking tokens are spent")
+    p.add_argument("--no-thinking", action="store_true", help="pre-fill an empty '<think></think>' block")
     p.set_defaults(func=run)
     return p
 
@@ -186,76 +204,139 @@ def build_messages(prompt: str, images: list[str], videos: list[str], system: st
     return msgs
 
 
-def _generate(args: argparse.Namespace) -> int:
-    _configure_jax()
-    if not args.prompt or not args.prompt.strip():
+def _check_args(args: argparse.Namespace) -> None:
+    if args.batch_file is None and (not args.prompt or not args.prompt.strip()):
         raise CliError("empty prompt: --prompt needs some text")
-    if args.max_new_tokens < 1:
-        raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.chunk_size < 1:
-        raise CliError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    if args.batch_file is not None and (args.prompt or args.image or args.video):
+        raise CliError("--batch-file takes the prompts, images and videos from the file; drop --prompt/--image/--video")
+    for flag, v in (("--max-new-tokens", args.max_new_tokens), ("--chunk-size", args.chunk_size),
+                    ("--batch-size", args.batch_size)):
+        if v < 1:
+            raise CliError(f"{flag} must be >= 1, got {v}")
+    if args.max_thinking_tokens is not None and args.max_thinking_tokens < 0:
+        raise CliError(f"--max-thinking-tokens must be >= 0, got {args.max_thinking_tokens}")
+    if args.max_context is not None and args.max_context < 1:
+        raise CliError(f"--max-context must be >= 1, got {args.max_context}")
     _check_media(args.image, "image")
     _check_media(args.video, "video")
 
-    import jax
-    import numpy as np
 
-    from . import tiny
-    from .generate import Engine, read_eos_ids
-    from .loading import load, resolve_model_dir
-    from .processing import Processor
-    from .sampling import SamplingParams
-    from .thinking import parse_response
+def load_pipeline(args: argparse.Namespace) -> tuple[Any, float]:
+    """Pipeline.load from the common flags (--model, --dtype, --mesh, --chunk-size, --max-context); logs compiles."""
+    import logging
 
-    random_weights = args.model is None
-    if random_weights:
-        directory = tiny.materialize_tiny_checkpoint()
+    from .pipeline import Pipeline
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(message)s]"))
+    glog = logging.getLogger("glm41v_jax.generate")
+    glog.setLevel(logging.INFO)
+    glog.handlers[:] = [handler]
+    glog.propagate = False
+    if args.model is None:
         print("note: no --model given: running the embedded tiny checkpoint, whose weights are RANDOM; "
               "its output is meaningless", file=sys.stderr)
-    else:
-        directory = resolve_model_dir(args.model)
-    processor = Processor.from_dir(directory)
-    inputs = processor.encode_messages(build_messages(args.prompt, args.image, args.video, args.system))
-    inputs = {k: v for k, v in inputs.items() if isinstance(v, np.ndarray)}
-    sampling = SamplingParams(**_sampling_from(args, directory))
-
-    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    mesh = getattr(args, "mesh", None)
     t0 = time.perf_counter()
-    params, cfg = load(directory, dtype=dtype)
-    cfg = cfg.with_runtime(dtype=dtype, param_dtype=dtype)
-    load_s = time.perf_counter() - t0
-    eos = read_eos_ids(directory, cfg)
+    pipe = Pipeline.load(args.model, dtype=args.dtype, mesh=None if mesh in (None, "none") else mesh,
+                         chunk_size=args.chunk_size, max_context=getattr(args, "max_context", None))
+    return pipe, time.perf_counter() - t0
 
-    engine = Engine(params, cfg, chunk_size=args.chunk_size)
-    printer = StreamPrinter(lambda ids: processor.decode(ids, skip_special_tokens=True), sys.stdout)
+
+def _read_batch_file(path: str) -> list[Any]:
+    """Requests of a JSONL file; a line that does not parse becomes its error (reported with its line number)."""
+    from .pipeline import Request, RequestError
+
+    if not os.path.isfile(path):
+        raise CliError(f"batch file not found: {path}")
+    base = os.path.dirname(os.path.abspath(path))
+    out: list[Any] = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                try:
+                    d = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise RequestError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+                req: Any = Request.from_dict(d, base)
+            except RequestError as e:
+                req = RequestError(f"{path}:{n}: {e}")
+            out.append((n, req))
+    if not out:
+        raise CliError(f"batch file {path} has no requests")
+    return out
+
+
+def _generate(args: argparse.Namespace) -> int:
+    _configure_jax()
+    _check_args(args)
+    lines = _read_batch_file(args.batch_file) if args.batch_file else None
+
+    from .sampling import SamplingParams
+
+    pipe, load_s = load_pipeline(args)
+    sampling = SamplingParams(**_sampling_from(args, pipe.directory))
+    engine = pipe.engine
+    ctx = engine.max_context
+    from .generate import format_bytes, kv_cache_bytes
+
+    print(f"[model loaded in {load_s:.2f}s; {engine.mesh.shape if engine.mesh is not None else '1 device'}; "
+          f"max context {ctx} tokens: KV cache {format_bytes(kv_cache_bytes(engine.cfg, 1, ctx))} per row]",
+          file=sys.stderr)
+    if lines is not None:
+        return _generate_batch_file(args, pipe, sampling, lines)
+
+    from .pipeline import Request
+
+    req = Request(args.prompt, images=args.image, videos=args.video, system=args.system)
+    inputs = pipe.encode(req, no_thinking=args.no_thinking)
+    printer = StreamPrinter(lambda ids: pipe.processor.decode(ids, skip_special_tokens=True), sys.stdout)
+    think = {}
+    if args.max_thinking_tokens is not None:
+        think = {"max_thinking_tokens": args.max_thinking_tokens, "think_end_ids": pipe.think_end_ids}
     result = engine.generate(inputs, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
-                             eos_ids=eos, stream_callback=printer.feed)
-    text = printer.finish()
-    parsed = parse_response(text)
+                             eos_ids=pipe.eos_ids, stream_callback=printer.feed, **think)
+    printer.finish()
+    record = pipe.record(result)
     t = result.timings
     print(f"[{len(result.prompt_token_ids)} prompt tokens, {len(result.token_ids)} generated ({result.finish_reason})"
-          f"; load {load_s:.2f}s, compile {t['compile_s']:.2f}s, prefill {t['prefill_s']:.3f}s, "
+          f"; compile {t['compile_s']:.2f}s ({result.num_compiles} programs), prefill {t['prefill_s']:.3f}s, "
           f"decode {t['decode_tokens_per_s']:.1f} tok/s]", file=sys.stderr)
     if args.json:
-        record = {
-            "model": "embedded-tiny-random" if random_weights else args.model,
-            "random_weights": random_weights,
-            "prompt_token_ids": result.prompt_token_ids,
-            "token_ids": result.token_ids,
-            "text": text,
-            "thinking": parsed["thinking"],
-            "answer": parsed["answer"],
-            "finish_reason": result.finish_reason,
+        record.update({
+            "model": "embedded-tiny-random" if pipe.random_weights else args.model,
+            "random_weights": pipe.random_weights,
             "sampling": {"greedy": sampling.greedy, "temperature": sampling.temperature, "top_k": sampling.top_k,
                          "top_p": sampling.top_p, "repetition_penalty": sampling.repetition_penalty,
                          "seed": args.seed},
-            "dtype": dtype,
-            "timings": {**t, "load_s": load_s},
-            "num_compiles": result.num_compiles,
-        }
+            "dtype": engine.cfg.runtime.dtype,
+        })
+        record["timings"]["load_s"] = load_s
         sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
         sys.stdout.flush()
     return 0
+
+
+def _generate_batch_file(args: argparse.Namespace, pipe: Any, sampling: Any, lines: list[Any]) -> int:
+    def emit(i: int, rec: dict[str, Any]) -> None:
+        rec = {"line": lines[i][0], **rec}
+        if "error" in rec:
+            print(f"error: line {lines[i][0]}: {rec['error']}", file=sys.stderr)
+        sys.stdout.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+
+    pipe.generate([r for _, r in lines], batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                  sampling=sampling, seed=args.seed, max_thinking_tokens=args.max_thinking_tokens,
+                  no_thinking=args.no_thinking, errors="return", on_result=emit)
+    summary = pipe.last_summary
+    sys.stdout.write(json.dumps({"summary": summary}) + "\n")
+    sys.stdout.flush()
+    print(f"[{summary['requests']} requests ({summary['failed']} failed) in {summary['batches']} batches of "
+          f"{args.batch_size}; prefill {summary['prefill_s']:.3f}s, decode {summary['decode_tokens_per_s']:.1f} "
+          f"tok/s over all rows, {summary['num_compiles']} programs]", file=sys.stderr)
+    return 2 if summary["failed"] else 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -263,12 +344,15 @@ def run(args: argparse.Namespace) -> int:
     from .config import ConfigError
     from .generate import GenerationError
     from .loading import CheckpointError
+    from .pipeline import RequestError
     from .processing import ProcessingError
+    from .sharding import MeshError
     from .weights import WeightsError
 
     try:
         return _generate(args)
-    except (CliError, ProcessingError, CheckpointError, ConfigError, WeightsError, GenerationError, OSError) as e:
+    except (CliError, ProcessingError, CheckpointError, ConfigError, WeightsError, GenerationError, MeshError,
+            RequestError, OSError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
