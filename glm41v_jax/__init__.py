@@ -5,17 +5,21 @@ Public API:
   Processor.from_dir(dir)                  chat template + tokenizer + image/video processors (NumPy/PIL)
   forward(params, cfg, **processor_arrays) logits, comparable to transformers' Glm4vForConditionalGeneration
   generate(params, cfg, inputs, ...)       compiled prefill + on-device decode loop
+  Pipeline.load(model).generate([Request(...), ...])   batched requests, in order (the --json records)
+  Engine(params, cfg, mesh=...)            the engine: buckets, warmup, sharded KV cache
   Glm4vConfig, Glm4v (the Linen module)
 """
 
 from .config import ConfigError, Glm4vConfig, RuntimeConfig, TextConfig, VisionConfig
-from .generate import generate, generate_batch
+from .generate import Engine, GenerationError, generate, generate_batch
 from .loading import load, load_config
 from .model import Glm4v, forward
+from .pipeline import Pipeline, Request
 from .processing import ProcessingError, Processor
 
 __all__ = [
-    "ConfigError", "Glm4v", "Glm4vConfig", "ProcessingError", "Processor", "RuntimeConfig", "TextConfig",
-    "VisionConfig", "forward", "generate", "generate_batch", "load", "load_config",
+    "ConfigError", "Engine", "GenerationError", "Glm4v", "Glm4vConfig", "Pipeline", "ProcessingError", "Processor",
+    "Request", "RuntimeConfig", "TextConfig", "VisionConfig", "forward", "generate", "generate_batch", "load",
+    "load_config",
 ]
 __version__ = "0.1.0"
