@@ -41,7 +41,6 @@ import contextlib
 import json
 import os
 import sys
-import time
 from typing import Any, TextIO
 
 from .generate_cli import (
@@ -53,6 +52,7 @@ from .generate_cli import (
     _one_line,
     _sampling_from,
     build_messages,
+    guarded,
 )
 
 HELP = ("commands: /image PATH, /video PATH (attach to the next message), /reset, /history, /help, "
@@ -88,6 +88,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="answer without thinking (prefills an empty <think></think> block)")
     p.add_argument("--max-thinking-tokens", type=int, default=None, metavar="N",
                    help="force '</think><answer>' once N thinking tokens are spent")
+    p.add_argument("--mesh", default="auto", help="device mesh 'data=D,fsdp=F,tensor=T', 'auto' (default) or 'none'")
+    p.add_argument("--max-context", type=int, default=None, help="cap on prompt + new tokens (default: the model's)")
     p.add_argument("--log-jsonl", default=None, metavar="PATH",
                    help="append one JSON record per answered turn (token ids, text, thinking, answer, boxes, ...)")
     p.set_defaults(func=run)
@@ -322,33 +324,17 @@ def _chat(args: argparse.Namespace) -> int:
     if args.max_thinking_tokens is not None and args.max_thinking_tokens < 0:
         raise CliError(f"--max-thinking-tokens must be >= 0, got {args.max_thinking_tokens}")
 
-    import jax
-
-    from . import tiny
-    from .generate import Engine, read_eos_ids
-    from .loading import load, resolve_model_dir
-    from .processing import Processor
+    from .generate_cli import load_pipeline
     from .sampling import SamplingParams
 
-
-    if args.model is None:
-        directory = tiny.materialize_tiny_checkpoint()
-        print("note: no --model given: running the embedded tiny checkpoint, whose weights are RANDOM; "
-              "its output is meaningless", file=sys.stderr)
-    else:
-        directory = resolve_model_dir(args.model)
-    processor = Processor.from_dir(directory)
-    sampling = SamplingParams(**_sampling_from(args, directory))
-    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-    t0 = time.perf_counter()
-    params, cfg = load(directory, dtype=dtype)
-    cfg = cfg.with_runtime(dtype=dtype, param_dtype=dtype)
-    engine = Engine(params, cfg, chunk_size=args.chunk_size)
-    print(f"[model loaded in {time.perf_counter() - t0:.2f}s; {HELP}]", file=sys.stderr)
+    pipe, load_s = load_pipeline(args)
+    sampling = SamplingParams(**_sampling_from(args, pipe.directory))
+    engine, processor = pipe.engine, pipe.processor
+    print(f"[model loaded in {load_s:.2f}s; {HELP}]", file=sys.stderr)
 
     log = open(args.log_jsonl, "a", encoding="utf-8") if args.log_jsonl else None  # noqa: SIM115
     try:
-        session = ChatSession(engine, processor, sampling=sampling, eos_ids=read_eos_ids(directory, cfg),
+        session = ChatSession(engine, processor, sampling=sampling, eos_ids=pipe.eos_ids,
                               max_new_tokens=args.max_new_tokens, seed=args.seed, system=args.system,
                               out=sys.stdout, err=sys.stderr, no_thinking=args.no_thinking,
                               max_thinking_tokens=args.max_thinking_tokens, log=log)
@@ -363,17 +349,4 @@ def _chat(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """The `chat` subcommand. Returns the process exit code."""
-    from .config import ConfigError
-    from .generate import GenerationError
-    from .loading import CheckpointError
-    from .processing import ProcessingError
-    from .weights import WeightsError
-
-    try:
-        return _chat(args)
-    except (CliError, ProcessingError, CheckpointError, ConfigError, WeightsError, GenerationError, OSError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    return guarded(_chat, args)

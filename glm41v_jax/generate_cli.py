@@ -339,8 +339,8 @@ def _generate_batch_file(args: argparse.Namespace, pipe: Any, sampling: Any, lin
     return 2 if summary["failed"] else 0
 
 
-def run(args: argparse.Namespace) -> int:
-    """The `generate` subcommand. Returns the process exit code."""
+def guarded(fn: Any, args: argparse.Namespace) -> int:
+    """Run a subcommand; an expected failure becomes one `error:` line on stderr and exit code 2."""
     from .config import ConfigError
     from .generate import GenerationError
     from .loading import CheckpointError
@@ -350,7 +350,7 @@ def run(args: argparse.Namespace) -> int:
     from .weights import WeightsError
 
     try:
-        return _generate(args)
+        return fn(args)
     except (CliError, ProcessingError, CheckpointError, ConfigError, WeightsError, GenerationError, MeshError,
             RequestError, OSError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
@@ -358,3 +358,8 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+
+
+def run(args: argparse.Namespace) -> int:
+    """The `generate` subcommand. Returns the process exit code."""
+    return guarded(_generate, args)
