@@ -44,13 +44,13 @@ import sys
 from typing import Any, TextIO
 
 from .generate_cli import (
-    DEFAULT_MAX_NEW_TOKENS,
     CliError,
     StreamPrinter,
     _check_media,
     _configure_jax,
     _one_line,
     _sampling_from,
+    add_model_args,
     build_messages,
     guarded,
 )
@@ -68,28 +68,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                     "attach media to the next message; /reset, /history, /exit. Earlier <think> parts are kept "
                     "out of the history.",
     )
-    p.add_argument("--model", default=None,
-                   help="HF checkpoint directory, converted directory or hub id (default: the embedded tiny "
-                        "checkpoint with RANDOM weights)")
-    p.add_argument("--system", default=None, help="an optional system message")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                   help=f"at most this many generated tokens per reply (default {DEFAULT_MAX_NEW_TOKENS})")
-    p.add_argument("--greedy", action="store_true", help="argmax decoding (overrides the sampling options)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (turns sampling on)")
-    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (turns sampling on)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (turns sampling on)")
-    p.add_argument("--repetition-penalty", type=float, default=None,
-                   help="HF repetition penalty (default: generation_config.json's, else 1.0 = off)")
-    p.add_argument("--seed", type=int, default=0, help="PRNG seed; turn k samples with seed + k (default 0)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="weights and activations (default: float32 on CPU, bfloat16 on accelerators)")
-    p.add_argument("--chunk-size", type=int, default=16, help="tokens per device round trip (default 16)")
-    p.add_argument("--no-thinking", action="store_true",
-                   help="answer without thinking (prefills an empty <think></think> block)")
-    p.add_argument("--max-thinking-tokens", type=int, default=None, metavar="N",
-                   help="force '</think><answer>' once N thinking tokens are spent")
-    p.add_argument("--mesh", default="auto", help="device mesh 'data=D,fsdp=F,tensor=T', 'auto' (default) or 'none'")
-    p.add_argument("--max-context", type=int, default=None, help="cap on prompt + new tokens (default: the model's)")
+    add_model_args(p)
     p.add_argument("--log-jsonl", default=None, metavar="PATH",
                    help="append one JSON record per answered turn (token ids, text, thinking, answer, boxes, ...)")
     p.set_defaults(func=run)

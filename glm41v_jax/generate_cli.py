@@ -37,25 +37,14 @@ DEFAULT_MAX_NEW_TOKENS = 1024
 TAG_LABELS = {"<think>": "thinking:\n", "</think>": "\n\n", "<answer>": "answer:\n", "</answer>": ""}
 
 
-def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the `generate` subcommand to a `glm41v` subparsers object."""
-    p = subparsers.add_parser(
-        "generate",
-        help="generate a reply to a prompt with images / videos (streams text)",
-        description="Run GLM-4.1V on one user turn (images, then videos, then the prompt) and stream the reply.",
-    )
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The options `generate` and `chat` share: model, system turn, limits, sampling, thinking, dtype, mesh."""
     p.add_argument("--model", default=None,
                    help="HF checkpoint directory, converted directory or hub id (default: the embedded tiny "
                         "checkpoint with RANDOM weights)")
-    p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file (repeatable)")
-    p.add_argument("--video", action="append", default=[], metavar="PATH", help="a video file (repeatable)")
-    p.add_argument("--prompt", default=None, help="the user's text (required unless --batch-file)")
-    p.add_argument("--batch-file", default=None, metavar="JSONL",
-                   help="requests, one JSON object per line (prompt, system, images, videos, max_new_tokens)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows generated together in batch mode (default 8)")
     p.add_argument("--system", default=None, help="an optional system message")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                   help=f"at most this many generated tokens (default {DEFAULT_MAX_NEW_TOKENS})")
+                   help=f"at most this many generated tokens per reply (default {DEFAULT_MAX_NEW_TOKENS})")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (overrides the sampling options)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (turns sampling on)")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (turns sampling on)")
@@ -63,7 +52,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=None,
                    help="HF repetition penalty (default: generation_config.json's, else 1.0 = off)")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling (default 0)")
-    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="weights and activations (default: float32 on CPU, bfloat16 on accelerators)")
     p.add_argument("--chunk-size", type=int, default=16, help="tokens per device round trip (default 16)")
@@ -75,6 +63,23 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-thinking-tokens", type=int, default=None, metavar="N",
                    help="force '</think><answer>' once N thinking tokens are spent")
     p.add_argument("--no-thinking", action="store_true", help="pre-fill an empty '<think></think>' block")
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `generate` subcommand to a `glm41v` subparsers object."""
+    p = subparsers.add_parser(
+        "generate",
+        help="generate a reply to a prompt with images / videos (streams text)",
+        description="Run GLM-4.1V on one user turn (images, then videos, then the prompt) and stream the reply.",
+    )
+    p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file (repeatable)")
+    p.add_argument("--video", action="append", default=[], metavar="PATH", help="a video file (repeatable)")
+    p.add_argument("--prompt", default=None, help="the user's text (required unless --batch-file)")
+    p.add_argument("--batch-file", default=None, metavar="JSONL",
+                   help="requests, one JSON object per line (prompt, system, images, videos, max_new_tokens)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows generated together in batch mode (default 8)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    add_model_args(p)
     p.set_defaults(func=run)
     return p
 

@@ -7,32 +7,19 @@ line is reported with its line number while the others still run, and the summar
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from glm41v_jax import tiny
-from glm41v_jax.cli import main
 from glm41v_jax.pipeline import Pipeline, Request, RequestError, auto_mesh_spec
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> str:
-    d = str(tmp_path_factory.mktemp("glm41v_cache"))
-    tiny.materialize_tiny_checkpoint(os.path.join(d, f"tiny-{tiny.TINY_SEED}"))
-    return d
-
-
 @pytest.fixture
-def cli(cache_dir, monkeypatch, capsys):
-    monkeypatch.setenv("GLM41V_CACHE", cache_dir)
-
+def cli(run_cli):
     def call(*argv: str):
-        rc = main(["generate", *argv])
-        out = capsys.readouterr()
-        return rc, [json.loads(ln) for ln in out.out.splitlines() if ln.startswith("{")], out.err
+        rc, out, err = run_cli("generate", *argv)
+        return rc, [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")], err
 
     return call
 
@@ -112,8 +99,8 @@ def test_too_long_and_empty_prompt(cli):
     assert rc == 2 and "empty prompt" in err
 
 
-def test_pipeline_api(cache_dir, monkeypatch, tmp_path):
-    monkeypatch.setenv("GLM41V_CACHE", cache_dir)
+def test_pipeline_api(tiny_cache_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("GLM41V_CACHE", tiny_cache_dir)
     pipe = Pipeline.load(mesh="data=2,tensor=4")
     _image(tmp_path / "x.png", 50, 70, 2)
     reqs = [Request("First?"), Request("Second, with a picture.", images=[str(tmp_path / "x.png")]),

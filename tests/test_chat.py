@@ -25,25 +25,10 @@ THINK, END_THINK, ANSWER = 151350, 151351, 151347
 
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> str:
-    d = str(tmp_path_factory.mktemp("glm41v_chat_cache"))
-    old = os.environ.get("GLM41V_CACHE")
-    os.environ["GLM41V_CACHE"] = d
-    try:
-        tiny.materialize_tiny_checkpoint()
-    finally:
-        if old is None:
-            os.environ.pop("GLM41V_CACHE", None)
-        else:
-            os.environ["GLM41V_CACHE"] = old
-    return d
-
-
 @pytest.fixture
-def chat(cache_dir, monkeypatch, capsys, tmp_path):
+def chat(tiny_cache_dir, monkeypatch, capsys, tmp_path):
     """chat(lines, *argv) -> (rc, stdout, stderr, log records)."""
-    monkeypatch.setenv("GLM41V_CACHE", cache_dir)
+    monkeypatch.setenv("GLM41V_CACHE", tiny_cache_dir)
 
     def call(lines, *argv):
         log = tmp_path / f"log-{len(list(tmp_path.glob('log-*')))}.jsonl"
@@ -57,8 +42,8 @@ def chat(cache_dir, monkeypatch, capsys, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def processor(cache_dir) -> Processor:
-    return Processor.from_dir(os.path.join(cache_dir, os.path.basename(tiny.default_cache_dir())))
+def processor(tiny_cache_dir) -> Processor:
+    return Processor.from_dir(os.path.join(tiny_cache_dir, os.path.basename(tiny.default_cache_dir())))
 
 
 def png(tmp_path, name="pic.png", size=(90, 60)):

@@ -13,29 +13,14 @@ import pytest
 from PIL import Image
 
 from glm41v_jax import tiny
-from glm41v_jax.cli import main
 from glm41v_jax.generate_cli import StreamPrinter, build_messages
 
 REQUIRED = {"prompt_token_ids", "token_ids", "text", "thinking", "answer", "timings", "num_compiles"}
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> str:
-    d = str(tmp_path_factory.mktemp("glm41v_cache"))
-    tiny.materialize_tiny_checkpoint(os.path.join(d, f"tiny-{tiny.TINY_SEED}"))
-    return d
-
-
 @pytest.fixture
-def cli(cache_dir, monkeypatch, capsys):
-    monkeypatch.setenv("GLM41V_CACHE", cache_dir)
-
-    def call(*argv: str):
-        rc = main(["generate", *argv])
-        out = capsys.readouterr()
-        return rc, out.out, out.err
-
-    return call
+def cli(run_cli):
+    return lambda *argv: run_cli("generate", *argv)
 
 
 def last_json(stdout: str) -> dict:
@@ -79,8 +64,8 @@ def test_image_and_sampling(cli, tmp_path):
     assert r1["token_ids"] == r2["token_ids"]
 
 
-def test_console_subprocess(cache_dir):
-    env = {**os.environ, "GLM41V_CACHE": cache_dir, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+def test_console_subprocess(tiny_cache_dir):
+    env = {**os.environ, "GLM41V_CACHE": tiny_cache_dir, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
     cmd = [sys.executable, "-m", "glm41v_jax", "generate", "--json", "--prompt", "Hi", "--max-new-tokens", "8"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr

@@ -44,7 +44,6 @@ from glm41v_jax.sampling import (
     process_logits,
     sample_tokens,
 )
-from glm41v_jax.thinking import parse_response
 
 
 @pytest.fixture(scope="module")
@@ -270,24 +269,6 @@ def test_errors(ref_a):
         ref_a.engine.generate({"input_ids": np.ones((1, 4)), "attention_mask": np.zeros((1, 4))}, max_new_tokens=4)
     with pytest.raises(GenerationError, match="image"):
         ref_a.engine.generate({"input_ids": np.asarray([chat(image_span((1, 4, 4)))])}, max_new_tokens=4)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Thinking parser.
-
-
-@pytest.mark.parametrize("text,thinking,answer", [
-    ("<think>a\nb</think><answer>c</answer>", "a\nb", "c"),
-    ("<think> a </think>\n<answer> c d", "a", "c d"),
-    ("<think>a</think> plain", "a", "plain"),
-    ("<think>still thinking", "still thinking", ""),
-    ("just text", "", "just text"),
-    ("x</think><answer>y</answer>", "x", "y"),
-    ("<think>t</think><answer>1<|begin_of_box|>2<|end_of_box|></answer>", "t", "12"),
-])
-def test_parse_response(text, thinking, answer):
-    r = parse_response(text)
-    assert (r["thinking"], r["answer"]) == (thinking, answer)
 
 
 # ---------------------------------------------------------------------------------------------------------------
