@@ -1,0 +1,275 @@
+"""Packing samples into fixed-shape batches (NumPy, host side), and the grain stage that does it.
+
+Batch (per host; B rows of T tokens; every shape static), the contract with the train step:
+    input_ids     (B, T) int32    padding: the tokenizer's pad id
+    labels        (B, T) int32    aligned with input_ids (the loss shifts: logits at t predict labels[t+1]);
+                                  -100 = ignored; the first token of every segment is never a label
+    segment_ids   (B, T) int32    1, 2, ... per sample in the row; 0 = padding
+    positions     (3, B, T) int32 M-RoPE (t, h, w): each sample's own `get_rope_index` positions, restarting at 0
+    vision_index  (B, T) int32    -1 = text; else the index of the vision token (merged patch group) this position
+                                  takes, in the order of `vision`
+    vision        dict            `glm41v_jax.model.pack_vision` of all images of the batch (row-major sample order),
+                                  then all video frames (row-major), padded to `max_patches` rows, dense attention
+                                  layout; always present (all padding when the batch has no media)
+`Glm4v.apply({"params": p}, **{k: v for k, v in batch.items() if k != "labels"})` runs it.
+
+Packing (first fit, deterministic): up to `open_batches` batches are open at once. A sample goes into the first open
+batch with room for its patches (`max_patches` per batch) and, in it, the first row with room for its tokens (unpacked
+mode: the first empty row). When it fits nowhere, all open batches are emitted, in the order they were opened, and
+a new group starts with that sample. Iterator state: the parent's state at the start of the group being emitted,
+the number of its batches already emitted and the counters at that point; restoring re-reads the group from the
+parent (its samples are decoded again) and skips what was already emitted, so a resumed run yields the same batches.
+
+Stats (with every batch, cumulative over this iterator's life): records, samples, truncated, skipped and
+skipped_<reason>, batches, tokens (real tokens emitted), slots (B*T per batch), label_tokens,
+packing_efficiency = tokens / slots, batch_efficiency (this batch).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from typing import Any
+
+import grain
+import numpy as np
+
+from glm41v_jax.model import mm_token_types, pack_vision
+
+logger = logging.getLogger("glm41v_train.packing")
+IGNORE = -100
+_READ_KEYS = ("records", "samples", "truncated", "skipped")
+_EMIT_KEYS = ("batches", "tokens", "slots", "label_tokens")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# First-fit packer (pure Python over sample dicts).
+
+
+class FirstFitPacker:
+    """Assigns samples to rows of open batches; `take()` returns the batches (lists of rows of samples)."""
+
+    def __init__(self, seq_len: int, batch_size: int, max_patches: int, packing: bool = True,
+                 open_batches: int = 1) -> None:
+        self.seq_len, self.batch_size, self.max_patches = seq_len, batch_size, max_patches
+        self.packing, self.open_batches = packing, open_batches
+        self._batches: list[dict[str, Any]] = []
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def add(self, sample: dict[str, Any]) -> bool:
+        """Place the sample; False if it fits in no open batch and no new batch may be opened."""
+        n, p = len(sample["input_ids"]), num_patches(sample)
+        if n > self.seq_len or p > self.max_patches:
+            raise ValueError(f"{sample.get('where')}: sample of {n} tokens / {p} patches exceeds the row "
+                             f"({self.seq_len} tokens) or batch ({self.max_patches} patches) budget")
+        for b in self._batches:
+            if b["patches"] + p > self.max_patches:
+                continue
+            for r, row in enumerate(b["rows"]):
+                if (not row if not self.packing else b["lengths"][r] + n <= self.seq_len):
+                    row.append(sample)
+                    b["lengths"][r] += n
+                    b["patches"] += p
+                    return True
+        if len(self._batches) >= self.open_batches:
+            return False
+        self._batches.append({"rows": [[] for _ in range(self.batch_size)], "lengths": [0] * self.batch_size,
+                              "patches": 0})
+        return self.add(sample)
+
+    def take(self) -> list[list[list[dict[str, Any]]]]:
+        out = [b["rows"] for b in self._batches]
+        self._batches = []
+        return out
+
+
+def num_patches(sample: dict[str, Any]) -> int:
+    return len(sample["pixel_values"]) + len(sample["pixel_values_videos"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batch assembly.
+
+
+def _pack_vision_dense(cfg, *arrays, pad_to: int) -> dict[str, Any] | None:
+    kw = {"attention_layout": "dense"} if "attention_layout" in inspect.signature(pack_vision).parameters else {}
+    return pack_vision(cfg, *arrays, pad_to=pad_to, **kw)
+
+
+def empty_vision(cfg, max_patches: int) -> dict[str, np.ndarray]:
+    """The vision dict of a batch without media: `max_patches` padding rows, as pack_vision pads them."""
+    z = np.zeros((max_patches,), np.int32)
+    return {"pixel_values": np.zeros((max_patches, cfg.vision.patch_dim), np.float32), "hpos": z, "wpos": z.copy(),
+            "segment_ids": z.copy(), "seg_h": np.ones_like(z), "seg_w": np.ones_like(z)}
+
+
+def assemble_batch(rows: list[list[dict[str, Any]]], *, seq_len: int, max_patches: int, model_cfg: Any,
+                   pad_id: int) -> dict[str, Any]:
+    """Rows of samples (as encoded by data.ConversationEncoder) -> the batch dict (module docstring)."""
+    b = len(rows)
+    input_ids = np.full((b, seq_len), pad_id, np.int32)
+    labels = np.full((b, seq_len), IGNORE, np.int32)
+    segment_ids = np.zeros((b, seq_len), np.int32)
+    positions = np.zeros((3, b, seq_len), np.int32)
+    vision_index = np.full((b, seq_len), -1, np.int32)
+    m2 = model_cfg.vision.spatial_merge_size**2
+    samples = [s for row in rows for s in row]
+    n_img_tokens = sum(int(np.prod(s["image_grid_thw"], -1).sum()) // m2 for s in samples)
+    img_base, vid_base = 0, n_img_tokens
+    for r, row in enumerate(rows):
+        t = 0
+        for seg, s in enumerate(row, 1):
+            n = len(s["input_ids"])
+            sl = slice(t, t + n)
+            input_ids[r, sl] = s["input_ids"]
+            labels[r, sl] = s["labels"]
+            labels[r, t] = IGNORE  # the first token of a segment is never a label (nothing predicts it)
+            segment_ids[r, sl] = seg
+            positions[:, r, sl] = s["positions"]
+            types = mm_token_types(s["input_ids"], model_cfg)
+            idx = np.full(n, -1, np.int64)
+            n_i, n_v = int((types == 1).sum()), int((types == 2).sum())
+            idx[types == 1] = img_base + np.arange(n_i)
+            idx[types == 2] = vid_base + np.arange(n_v)
+            vision_index[r, sl] = idx
+            img_base += n_i
+            vid_base += n_v
+            t += n
+    if img_base != n_img_tokens:
+        raise ValueError(f"image placeholder tokens ({img_base}) do not match the image grids ({n_img_tokens})")
+
+    def cat(key, width):
+        parts = [s[key] for s in samples if len(s[key])]
+        return np.concatenate(parts).reshape(-1, width) if parts else None
+
+    patch_dim = model_cfg.vision.patch_dim
+    vision = _pack_vision_dense(model_cfg, cat("pixel_values", patch_dim), cat("image_grid_thw", 3),
+                                cat("pixel_values_videos", patch_dim), cat("video_grid_thw", 3), pad_to=max_patches)
+    if vision is None:
+        vision = empty_vision(model_cfg, max_patches)
+    return {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids, "positions": positions,
+            "vision_index": vision_index, "vision": vision}
+
+
+def batch_counts(rows: list[list[dict[str, Any]]], seq_len: int) -> dict[str, int]:
+    """Emission counters of one batch (computed from the samples, so a restore can account skipped batches)."""
+    samples = [s for row in rows for s in row]
+    return {"batches": 1, "tokens": sum(len(s["input_ids"]) for s in samples), "slots": len(rows) * seq_len,
+            "label_tokens": sum(int((s["labels"][1:] != IGNORE).sum()) for s in samples)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The grain stage.
+
+
+class PackedBatchDataset(grain.IterDataset):
+    """samples (or {"skip": reason, ...} records) -> (batch, stats) pairs."""
+
+    def __init__(self, parent: grain.IterDataset, *, seq_len: int, batch_size: int, max_patches: int, model_cfg: Any,
+                 pad_id: int, packing: bool = True, open_batches: int = 4) -> None:
+        super().__init__(parent)
+        self.spec = dict(seq_len=seq_len, batch_size=batch_size, max_patches=max_patches, model_cfg=model_cfg,
+                         pad_id=pad_id, packing=packing, open_batches=open_batches)
+
+    def __iter__(self) -> PackedBatchIterator:
+        return PackedBatchIterator(self._parent.__iter__(), **self.spec)
+
+    def __str__(self) -> str:
+        s = self.spec
+        return (f"PackedBatchDataset(seq_len={s['seq_len']}, batch_size={s['batch_size']}, "
+                f"max_patches={s['max_patches']}, packing={s['packing']})")
+
+
+class PackedBatchIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, *, seq_len: int, batch_size: int, max_patches: int,
+                 model_cfg: Any, pad_id: int, packing: bool, open_batches: int) -> None:
+        super().__init__(parent)
+        self._seq_len, self._batch_size, self._max_patches = seq_len, batch_size, max_patches
+        self._model_cfg, self._pad_id = model_cfg, pad_id
+        self._packer = FirstFitPacker(seq_len, batch_size, max_patches, packing, open_batches)
+        self._reset(self._parent.get_state(), dict.fromkeys(_READ_KEYS, 0), dict.fromkeys(_EMIT_KEYS, 0))
+
+    def _reset(self, start: Any, read: dict[str, int], emit: dict[str, int], skip: int = 0) -> None:
+        self._start, self._start_read, self._start_emit = start, dict(read), dict(emit)
+        self._read, self._emit = dict(read), dict(emit)
+        self._packer.take()
+        self._ready: list[list[list[dict[str, Any]]]] = []  # finalized batches not yet emitted
+        self._emitted = 0  # batches of the current group already emitted
+        self._skip = skip  # batches to drop after a restore (already emitted before the checkpoint)
+        self._next_start: tuple[Any, dict[str, int]] | None = None
+        self._exhausted = False
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._start, "emitted": self._emitted + self._skip, "read": dict(self._start_read),
+                "emit": dict(self._start_emit)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._reset(copy.deepcopy(state["parent"]), state["read"], state["emit"], int(state["emitted"]))
+
+    def _count(self, elem: dict[str, Any]) -> None:
+        self._read["records"] += 1
+        if "skip" in elem:
+            self._read["skipped"] += 1
+            key = f"skipped_{elem['skip']}"
+            self._read[key] = self._read.get(key, 0) + 1
+            logger.warning("skipped %s (%s): %s", elem["where"], elem["skip"], elem["message"])
+        else:
+            self._read["samples"] += 1
+            self._read["truncated"] += bool(elem["truncated"])
+
+    def _fill(self) -> None:
+        """Read samples until a group of batches is finalized (or the parent is exhausted)."""
+        while not self._ready and not self._exhausted:
+            prior, prior_read = self._parent.get_state(), dict(self._read)
+            try:
+                elem = next(self._parent)
+            except StopIteration:
+                self._exhausted = True
+                self._ready = self._packer.take()
+                self._next_start = (prior, prior_read)
+                if not self._ready:  # nothing pending: the state is the end state
+                    self._start, self._start_read, self._start_emit = prior, prior_read, dict(self._emit)
+                break
+            self._count(elem)
+            if "skip" in elem or self._packer.add(elem):
+                continue
+            self._ready = self._packer.take()
+            self._next_start = (prior, prior_read)  # the next group starts by re-reading this sample
+            if not self._packer.add(elem):
+                raise AssertionError("a sample that fits the budgets must fit an empty packer")
+
+    def _pop(self) -> list[list[dict[str, Any]]]:
+        rows = self._ready.pop(0)
+        for k, v in batch_counts(rows, self._seq_len).items():
+            self._emit[k] += v
+        self._emitted += 1
+        if not self._ready:  # the group is done: the state moves to the start of the next one
+            self._start, self._start_read = self._next_start
+            self._start_emit = dict(self._emit)
+            self._emitted = 0
+        return rows
+
+    def __next__(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        while True:
+            self._fill()
+            if not self._ready:
+                raise StopIteration
+            if not self._skip:
+                break
+            self._pop()
+            self._skip -= 1
+        rows = self._pop()
+        batch = assemble_batch(rows, seq_len=self._seq_len, max_patches=self._max_patches,
+                               model_cfg=self._model_cfg, pad_id=self._pad_id)
+        this = batch_counts(rows, self._seq_len)
+        stats: dict[str, Any] = {**self._read, **self._emit}
+        stats["packing_efficiency"] = stats["tokens"] / stats["slots"]
+        stats["batch_efficiency"] = this["tokens"] / this["slots"]
+        return batch, stats
+
+    def __str__(self) -> str:
+        return f"PackedBatchIterator(seq_len={self._seq_len}, batch_size={self._batch_size})"
