@@ -1,0 +1,177 @@
+"""The SFT loss: token-weighted cross-entropy over packed rows, without materialising (B, T, V) logits.
+
+Label convention (HF): `labels` (B, T) are aligned with `input_ids`; the logits at position t predict `labels[t+1]`;
+-100 is ignored. The shift happens here, and never crosses a segment boundary: the target of position t is
+`labels[t+1]` only when `segment_ids[t+1] == segment_ids[t] != 0` (so the last token of one packed sample never
+predicts the first token of the next). On an unpacked row this is exactly HF's `ForCausalLMLoss`.
+
+`loss_and_count(params, batch, cfg)` returns (sum of per-token losses, number of label tokens), both fp32 scalars,
+so that any mean is token-weighted: training divides the gradient of the sum by the count of the whole accumulated
+global batch; evaluation (`glm41v loss`) adds sums and counts over a file.
+
+Memory: the output head runs over T in chunks of `chunk_size` inside a `lax.scan` (fp32 log-softmax per chunk), so
+at most (B, chunk, V) fp32 logits exist at a time. With vocab 151552 the full (B, T, V) fp32 logits would be
+0.6 MB per token (2.4 GB for B*T = 4096). Under differentiation the head is a fused "linear cross-entropy"
+(`head_cross_entropy`, a custom VJP): the forward pass computes each chunk's logits once and, when the head is
+being differentiated, already forms d(loss)/dh and accumulates d(loss)/dW from that chunk's softmax; the backward
+pass only scales them by the incoming cotangent. Cost: the same three head matmuls as plain autodiff (logits, dh,
+dW) with no logits recompute, and residuals of one (B, T, D) hidden-size array plus one head-size fp32 array (the
+head's gradient, which autodiff produces anyway). When the head is frozen (not perturbed) dW is skipped.
+
+Axis legend: B batch rows, T tokens, C chunk of T, D model width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from glm41v_jax.config import Glm4vConfig
+from glm41v_jax.model import Glm4v
+
+IGNORE = -100
+DEFAULT_CHUNK = 512
+
+
+def shift_targets(labels: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(B, T) labels, segment ids -> targets (B, T) int32 (the label position t predicts) and fp32 weights (1 = a
+    label token, 0 = none: ignored label, segment boundary, padding, or the last position)."""
+    nxt = labels[:, 1:]
+    same = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, :-1] != 0)
+    valid = same & (nxt != IGNORE)
+    pad = jnp.zeros_like(valid[:, :1])
+    valid = jnp.concatenate([valid, pad], axis=1)
+    targets = jnp.concatenate([jnp.where(valid[:, :-1], nxt, 0), jnp.zeros_like(labels[:, :1])], axis=1)
+    return targets.astype(jnp.int32), valid.astype(jnp.float32)
+
+
+def label_count(labels: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """Number of label tokens (fp32 scalar) under the shift rule; works on any leading axes (..., T)."""
+    t = labels.shape[-1]
+    _, w = shift_targets(labels.reshape(-1, t), segment_ids.reshape(-1, t))
+    return w.sum()
+
+
+def head_kernel(params: Mapping[str, Any], cfg: Glm4vConfig) -> tuple[jax.Array, bool]:
+    """The output projection and its layout: lm_head (D, V), or the tied embedding (V, D) (`vocab_major`)."""
+    if cfg.tie_word_embeddings:
+        return params["language_model"]["embed_tokens"]["embedding"], True
+    return params["lm_head"]["kernel"], False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chunked (fused) linear cross-entropy.
+
+
+def _chunks(x: jax.Array, c: int) -> jax.Array:
+    """(B, T, ...) -> (T/c, B, c, ...), T padded with zeros to a multiple of c."""
+    b, t = x.shape[:2]
+    n = -(-t // c)
+    if n * c != t:
+        x = jnp.pad(x, [(0, 0), (0, n * c - t)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.swapaxes(x.reshape(b, n, c, *x.shape[2:]), 0, 1)
+
+
+def _unchunk(x: jax.Array, t: int) -> jax.Array:
+    n, b, c = x.shape[:3]
+    return jnp.swapaxes(x, 0, 1).reshape(b, n * c, *x.shape[3:])[:, :t]
+
+
+def _logits(h: jax.Array, w: jax.Array, vocab_major: bool, dtype: Any) -> jax.Array:
+    spec = "bcd,vd->bcv" if vocab_major else "bcd,dv->bcv"
+    return jnp.einsum(spec, h.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _chunk_loss(logits: jax.Array, tgt: jax.Array, wt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    tl = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
+    return jnp.sum((lse - tl) * wt), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def head_cross_entropy(h: jax.Array, w: jax.Array, targets: jax.Array, weights: jax.Array, chunk: int,
+                       vocab_major: bool, dtype: Any) -> jax.Array:
+    """sum_t weights[b,t] * CE(h[b,t] @ W, targets[b,t]), fp32, in chunks of T. h (B, T, D); W (D, V) or (V, D)."""
+    t = h.shape[1]
+    chunk = min(chunk, t)
+
+    def body(total, xs):
+        hc, tc, wc = xs
+        s, _ = _chunk_loss(_logits(hc, w, vocab_major, dtype), tc, wc)
+        return total + s, None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                            (_chunks(h, chunk), _chunks(targets, chunk), _chunks(weights, chunk)))
+    return total
+
+
+def _fwd(h, w, targets, weights, chunk, vocab_major, dtype):
+    # symbolic_zeros=True: the differentiable arguments arrive as CustomVJPPrimal(value, perturbed).
+    need_dw = w.perturbed
+    h, w, targets, weights = h.value, w.value, targets.value, weights.value
+    t = h.shape[1]
+    chunk = min(chunk, t)
+    cd = jnp.dtype(dtype)
+
+    def body(carry, xs):
+        total, dw = carry
+        hc, tc, wc = xs
+        logits = _logits(hc, w, vocab_major, cd)  # (B, C, V) fp32
+        s, lse = _chunk_loss(logits, tc, wc)
+        # d(sum)/d(logits) = (softmax - onehot(target)) * weight, without materialising the one-hot.
+        p = jnp.exp(logits - lse[..., None])
+        hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == tc[..., None]
+        g = (jnp.where(hit, p - 1.0, p) * wc[..., None]).astype(cd)
+        dh = jnp.einsum("bcv,vd->bcd" if vocab_major else "bcv,dv->bcd", g, w.astype(cd),
+                        preferred_element_type=jnp.float32).astype(h.dtype)
+        if need_dw:
+            spec = "bcv,bcd->vd" if vocab_major else "bcd,bcv->dv"
+            args = (g, hc.astype(cd)) if vocab_major else (hc.astype(cd), g)
+            dw = dw + jnp.einsum(spec, *args, preferred_element_type=jnp.float32)
+        return (total + s, dw), dh
+
+    dw0 = jnp.zeros(w.shape, jnp.float32) if need_dw else None
+    (total, dw), dh = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dw0),
+                                   (_chunks(h, chunk), _chunks(targets, chunk), _chunks(weights, chunk)))
+    return total, (_unchunk(dh, t), None if dw is None else dw.astype(w.dtype))
+
+
+def _bwd(chunk, vocab_major, dtype, res, g):
+    dh, dw = res
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        return None, None, None, None
+    dh = dh * g.astype(dh.dtype)
+    dw = None if dw is None else (dw * g).astype(dw.dtype)
+    return dh, dw, None, None
+
+
+head_cross_entropy.defvjp(_fwd, _bwd, symbolic_zeros=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model loss.
+
+
+def loss_and_count(params: Any, batch: Mapping[str, Any], cfg: Glm4vConfig, *, chunk_size: int = DEFAULT_CHUNK
+                   ) -> tuple[jax.Array, jax.Array]:
+    """(sum of token cross-entropies, number of label tokens) for one batch, fp32 scalars.
+
+    `batch`: the kwargs of `Glm4v.apply` (input_ids, positions, segment_ids, vision, vision_index) plus `labels`
+    (B, T) int32 aligned with input_ids. `params` must match `cfg.runtime.scan_layers` (stacked or unrolled).
+    """
+    model = Glm4v(cfg)
+    vision = batch.get("vision")
+    with jax.named_scope("model"):
+        h = model.apply({"params": params}, input_ids=batch["input_ids"], positions=batch["positions"],
+                        segment_ids=batch["segment_ids"], vision=vision,
+                        vision_index=batch.get("vision_index") if vision is not None else None, return_hidden=True)
+    targets, weights = shift_targets(batch["labels"], batch["segment_ids"])
+    kernel, vocab_major = head_kernel(params, cfg)
+    with jax.named_scope("head_cross_entropy"):
+        total = head_cross_entropy(h, kernel, targets, weights, int(chunk_size), vocab_major,
+                                   jnp.dtype(cfg.runtime.dtype).name)
+    return total, weights.sum()
