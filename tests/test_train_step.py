@@ -1,0 +1,422 @@
+"""The SFT train step (train/): loss and gradients against transformers, packing, accumulation, freezing, weight-decay
+masks, sharding, overfitting. Tiny O(1)-weight configs, float32, CPU (8 devices from conftest)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import reference as R
+import torch
+from glm41v_train import loss as L
+from glm41v_train import optim as O
+from glm41v_train import step as S
+
+from glm41v_jax import tiny, weights
+from glm41v_jax.config import Glm4vConfig
+from glm41v_jax.model import pack_vision, prepare_inputs
+from glm41v_jax.sharding import make_mesh
+
+EOS = 151329
+FP32 = S.StepConfig(compute_dtype="float32", loss_chunk=16, remat_policy="full")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Samples and batches (processor-like arrays, built without the processor).
+
+
+def sample(rng, cfg: Glm4vConfig, images=(), video=None, n_text=4, n_answer=6) -> dict:
+    """A chat prompt (+ media) followed by an answer and <|endoftext|>; labels on the answer only (HF-aligned)."""
+    p = R.build_prompt(rng, images=list(images), video=video, n_text=n_text, patch_dim=cfg.vision.patch_dim)
+    answer = R.text_ids(rng, n_answer) + [EOS]
+    prompt = p.pop("input_ids")[0].tolist()
+    p["ids"] = np.asarray(prompt + answer, np.int64)
+    p["labels"] = np.asarray([-100] * len(prompt) + answer, np.int64)
+    return p
+
+
+def hf_arrays(samples: list[dict], length: int | None = None) -> dict:
+    """Right-padded (B, T) ids / mask / labels and the media of all rows concatenated in row order."""
+    t = length or max(len(s["ids"]) for s in samples)
+    ids = np.full((len(samples), t), EOS, np.int64)
+    mask = np.zeros_like(ids)
+    labels = np.full_like(ids, -100)
+    for i, s in enumerate(samples):
+        n = len(s["ids"])
+        ids[i, :n], mask[i, :n], labels[i, :n] = s["ids"], 1, s["labels"]
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    for key, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        parts = [s for s in samples if key in s]
+        if parts:
+            out[key] = np.concatenate([s[key] for s in parts])
+            out[grid] = np.concatenate([s[grid] for s in parts])
+    return out
+
+
+def our_batch(cfg: Glm4vConfig, arrays: dict, vision_pad_to: int | None = None) -> dict:
+    kw = {k: v for k, v in arrays.items() if k != "labels"}
+    inputs = prepare_inputs(cfg, **kw, vision_pad_to=vision_pad_to, vision_attention="dense")
+    return {**inputs.as_kwargs(), "labels": arrays["labels"].astype(np.int32)}
+
+
+def hf_loss(hf, groups: list[list[dict]]) -> torch.Tensor:
+    """Token-weighted mean of HF's losses over groups of samples. Transformers' Glm4v cannot take images and
+    videos in one batch (its placeholder masks count video-frame <|image|> tokens as image tokens), so a mixed
+    batch is one HF call per group, combined by label-token counts."""
+    total, count = 0.0, 0
+    for samples in groups:
+        arrays = hf_arrays(samples)
+        kw = R.to_torch(arrays)
+        kw["mm_token_type_ids"] = torch.from_numpy(R.mm_types(arrays["input_ids"]))
+        n = int((arrays["labels"][:, 1:] != -100).sum())
+        total = total + hf(**kw).loss * n
+        count += n
+    return total / count
+
+
+@pytest.fixture(scope="module")
+def ref():
+    d = R.hf_config_dict("a")
+    hf = R.build_hf_model(d, seed=3)
+    cfg = Glm4vConfig.from_hf(d)
+    params = weights.hf_to_flax({k: v.numpy() for k, v in hf.state_dict().items()}, cfg)
+    return hf, cfg, params
+
+
+# The step tests run a small-vocabulary twin of config "a" (random O(1) weights, no HF model needed): the special
+# ids 151xxx are moved to 300 + (id - 151000), so a 700-token head replaces the 151552-token one and a step costs
+# milliseconds instead of a second on CPU. The parity tests above keep the real vocabulary.
+SMALL_VOCAB = 700
+
+
+def small_ids(x):
+    x = np.asarray(x)
+    return np.where(x >= 151000, x - 151000 + 300, x)
+
+
+@pytest.fixture(scope="module")
+def small():
+    d = R.hf_config_dict("a")
+    d["text_config"].update(vocab_size=SMALL_VOCAB, pad_token_id=int(small_ids(EOS)),
+                            eos_token_id=[int(small_ids(EOS))])
+    for key in ("image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id",
+                "video_start_token_id", "video_end_token_id"):
+        d[key] = int(small_ids(d[key]))
+    cfg = Glm4vConfig.from_hf(d)
+    return cfg, weights.hf_to_flax(tiny.random_hf_state_dict(d, seed=5), cfg)
+
+
+def media_samples(cfg, seed=0) -> tuple[list[dict], list[list[dict]]]:
+    """Rows with images, a video and text only; and the same rows grouped the way HF can take them."""
+    rng = np.random.default_rng(seed)
+    rows = [sample(rng, cfg, images=[(1, 4, 6)], n_answer=7),
+            sample(rng, cfg, video=(2, 4, 4), n_text=3, n_answer=5),
+            sample(rng, cfg, images=[(1, 2, 4), (1, 4, 4)], n_text=2, n_answer=9),
+            sample(rng, cfg, n_text=8, n_answer=4)]
+    return rows, [[rows[0], rows[2], rows[3]], [rows[1]]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parity with transformers.
+
+
+def test_loss_matches_transformers(ref):
+    hf, cfg, params = ref
+    rows, groups = media_samples(cfg)
+    arrays = hf_arrays(rows)
+    with torch.no_grad():
+        want = float(hf_loss(hf, groups))
+    tcfg = S.train_config(cfg, FP32)
+    s, n = jax.jit(lambda p, b: L.loss_and_count(p, b, tcfg, chunk_size=16))(weights.stack_layers(params),
+                                                                            our_batch(cfg, arrays))
+    assert int(n) == int((arrays["labels"][:, 1:] != -100).sum())
+    np.testing.assert_allclose(float(s) / float(n), want, rtol=1e-5)
+
+
+def test_tied_head_loss_matches_transformers():
+    d = R.hf_config_dict("d")  # tied embeddings (the head is the (V, D) table), vision qkv bias, 7-px patches
+    hf = R.build_hf_model(d, seed=4)
+    cfg = Glm4vConfig.from_hf(d)
+    params = weights.hf_to_flax({k: v.numpy() for k, v in hf.state_dict().items()}, cfg)
+    rng = np.random.default_rng(9)
+    rows = [sample(rng, cfg, images=[(1, 4, 4)]), sample(rng, cfg, n_text=7, n_answer=4)]
+    with torch.no_grad():
+        want = float(hf_loss(hf, [rows]))
+    s, n = jax.jit(lambda p, b: L.loss_and_count(p, b, cfg, chunk_size=8))(params, our_batch(cfg, hf_arrays(rows)))
+    np.testing.assert_allclose(float(s) / float(n), want, rtol=1e-5)
+
+
+def test_gradients_match_torch(ref):
+    hf, cfg, params = ref
+    rows, groups = media_samples(cfg, seed=1)
+    arrays = hf_arrays(rows)
+    hf.zero_grad()
+    hf_loss(hf, groups).backward()
+    want = {k: p.grad.numpy() for k, p in hf.named_parameters()}
+    ts = S.TrainStep(cfg, O.OptimConfig(), sc=FP32)
+    _, _, grads = ts.grads(ts.place_params(params), our_batch(cfg, arrays))
+    got = weights.flax_to_hf(weights.unstack_layers(jax.tree.map(np.asarray, grads)), cfg)
+    assert set(got) == set(want)
+    worst = {}
+    for name, g in want.items():
+        err = np.linalg.norm(got[name] - g) / max(np.linalg.norm(g), 1e-30)
+        worst[name] = err
+        assert np.linalg.norm(g) > 0, name
+    bad = {k: v for k, v in worst.items() if v > 1e-4}
+    assert not bad, bad
+    print("worst relative gradient error", max(worst.values()), max(worst, key=worst.get))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packing and accumulation.
+
+
+def _tokens(s, grid_key):
+    return int(np.prod(s[grid_key], -1).sum()) // 4 if grid_key in s else 0
+
+
+def packed_batch(cfg, rows: list[list[dict]], length: int, vision_pad: int = 8) -> dict:
+    """Rows of samples concatenated: segment ids 1, 2, ... per row, per-sample M-RoPE positions, one vision pack of
+    all images (row-major) then all videos, the order `vision_index` counts in."""
+    flat = [s for row in rows for s in row]
+    n_img, n_vid = [_tokens(s, "image_grid_thw") for s in flat], [_tokens(s, "video_grid_thw") for s in flat]
+    out = {k: [] for k in ("input_ids", "labels", "segment_ids", "vision_index", "positions")}
+    j = 0
+    for row in rows:
+        cols = {k: [] for k in out}
+        for k, smp in enumerate(row):
+            p = our_batch(cfg, hf_arrays([smp]))
+            n = p["input_ids"].shape[1]
+            v = np.full(n, -1) if p["vision_index"] is None else p["vision_index"][0]
+            img_off, vid_off = sum(n_img[:j]), sum(n_img) + sum(n_vid[:j])
+            cols["vision_index"].append(np.where(v < 0, -1, np.where(v < n_img[j], v + img_off,
+                                                                     v - n_img[j] + vid_off)))
+            cols["input_ids"].append(p["input_ids"][0])
+            cols["labels"].append(p["labels"][0])
+            cols["segment_ids"].append(np.full(n, k + 1))
+            cols["positions"].append(p["positions"][:, 0])
+            j += 1
+        pad = length - sum(len(x) for x in cols["input_ids"])
+        assert pad >= 0
+        for key, fill in (("input_ids", EOS), ("labels", -100), ("segment_ids", 0), ("vision_index", -1)):
+            out[key].append(np.concatenate([*cols[key], np.full(pad, fill)]))
+        out["positions"].append(np.concatenate([*cols["positions"], np.zeros((3, pad))], axis=1))
+    batch = {k: np.stack(v, axis=1 if k == "positions" else 0).astype(np.int32) for k, v in out.items()}
+    media = hf_arrays(flat)
+    n_rows = sum(len(media.get(k, ())) for k in ("pixel_values", "pixel_values_videos"))
+    batch["vision"] = pack_vision(cfg, media.get("pixel_values"), media.get("image_grid_thw"),
+                                  media.get("pixel_values_videos"), media.get("video_grid_thw"),
+                                  pad_to=n_rows + vision_pad, attention_layout="dense")
+    return batch
+
+
+def test_packed_loss_equals_unpacked(ref):
+    _, cfg, params = ref
+    tcfg = S.train_config(cfg, FP32)
+    sp = weights.stack_layers(params)
+    rng = np.random.default_rng(5)
+    samples = [sample(rng, cfg, images=[(1, 4, 4)], n_answer=8), sample(rng, cfg, n_text=6, n_answer=3),
+               sample(rng, cfg, video=(2, 2, 4), n_answer=5), sample(rng, cfg, images=[(1, 2, 2)], n_answer=4)]
+    samples[1]["labels"] = samples[1]["ids"].copy()  # every token a label, the first one included: only the
+    # segment-boundary rule keeps the previous sample's last token from predicting it
+    fn = jax.jit(lambda p, b: L.loss_and_count(p, b, tcfg, chunk_size=16))
+    unpacked_sum, unpacked_count = fn(sp, our_batch(cfg, hf_arrays(samples)))  # one sample per padded row
+    rows = [samples[:2], samples[2:]]
+    length = 3 + max(sum(len(s["ids"]) for s in r) for r in rows)
+    s, n = fn(sp, packed_batch(cfg, rows, length))
+    assert float(n) == float(unpacked_count) == sum(int((x["labels"][1:] != -100).sum()) for x in samples)
+    np.testing.assert_allclose(float(s) / float(n), float(unpacked_sum) / float(unpacked_count), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizer: weight-decay mask, frozen groups, bf16 moments, state shardings (no model compile).
+
+
+def _toy_params(cfg):
+    from glm41v_jax.model import abstract_params
+    from glm41v_jax.sharding import unbox
+
+    shapes = unbox(abstract_params(S.train_config(cfg, FP32)))
+    return jax.tree.map(lambda a: jnp.ones(a.shape, jnp.float32), shapes)
+
+
+def test_no_weight_decay_on_norms_and_biases(small):
+    cfg, _ = small
+    params = _toy_params(cfg)
+    oc = O.OptimConfig(peak_lr=0.01, warmup_steps=0, total_steps=10, weight_decay=0.5, clip_norm=None)
+    tx = O.make_optimizer(oc)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    upd, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
+    lm = upd["language_model"]["layers"]
+    # zero gradient: Adam's step is 0, so what remains is the decoupled decay -lr * wd * p (= -0.005) or nothing
+    np.testing.assert_array_equal(lm["input_layernorm"]["scale"], 0.0)
+    np.testing.assert_array_equal(lm["self_attn"]["q_proj"]["bias"], 0.0)
+    np.testing.assert_array_equal(upd["visual"]["merger"]["post_projection_norm"]["bias"], 0.0)
+    np.testing.assert_allclose(lm["self_attn"]["q_proj"]["kernel"], -0.005, rtol=1e-6)
+    np.testing.assert_allclose(upd["lm_head"]["kernel"], -0.005, rtol=1e-6)
+    np.testing.assert_allclose(upd["visual"]["position_embedding"], -0.005, rtol=1e-6)  # decayed (documented)
+    no_emb = O.make_optimizer(O.OptimConfig(peak_lr=0.01, warmup_steps=0, total_steps=10, weight_decay=0.5,
+                                            decay_embeddings=False))
+    upd, _ = jax.jit(no_emb.update)(zeros, no_emb.init(params), params)
+    np.testing.assert_array_equal(upd["visual"]["position_embedding"], 0.0)
+    np.testing.assert_array_equal(upd["language_model"]["embed_tokens"]["embedding"], 0.0)
+    np.testing.assert_allclose(upd["visual"]["patch_embed"]["kernel"], -0.005, rtol=1e-6)
+
+
+def test_frozen_groups_get_no_update_and_no_moments(small):
+    cfg, _ = small
+    params = _toy_params(cfg)
+    oc = O.OptimConfig(peak_lr=0.01, warmup_steps=0, total_steps=10, freeze=("vision",))
+    tx = O.make_optimizer(oc)
+    state = tx.init(params)
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.3), params)
+    upd, _ = jax.jit(tx.update)(grads, state, params)
+    groups = O.param_groups(params)
+    for g, u in zip(jax.tree.leaves(groups), jax.tree.leaves(upd), strict=True):
+        assert (np.abs(np.asarray(u)).max() == 0) == (g == "vision"), g
+    n_moments = sum(x.size for x in jax.tree.leaves(state) if x.ndim > 0)
+    n_train = sum(p.size for p, g in zip(jax.tree.leaves(params), jax.tree.leaves(groups), strict=True)
+                  if g != "vision")
+    assert n_moments == 2 * n_train  # mu and nu for the trained leaves only
+    with pytest.raises(ValueError, match="unknown group"):
+        O.OptimConfig(freeze=("tower",))
+
+
+def test_bf16_moments_stochastic_rounding():
+    x = jnp.full((1 << 16,), 1.0 + 2.0**-10, jnp.float32)  # a quarter of a bf16 ulp above 1.0
+    r = O.stochastic_round(x, jax.random.PRNGKey(0), jnp.bfloat16).astype(jnp.float32)
+    assert set(np.unique(np.asarray(r)).tolist()) == {1.0, 1.0 + 2.0**-7}
+    np.testing.assert_allclose(float(r.mean()), 1.0 + 2.0**-10, rtol=2e-5)
+    # nu decays under zero gradients (round-to-nearest would keep 0.999 * 1.0 at 1.0 forever)
+    tx = O.scale_by_adam_lowp(0.9, 0.999, 1e-8)
+    p = {"w": jnp.zeros((4096,))}
+    st = tx.init(p)._replace(nu={"w": jnp.ones((4096,), jnp.bfloat16)})
+    step = jax.jit(lambda s: tx.update({"w": jnp.zeros((4096,))}, s)[1])
+    for _ in range(300):
+        st = step(st)
+    assert st.nu["w"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(float(st.nu["w"].astype(jnp.float32).mean()), 0.999**300, rtol=1e-2)
+    # and it tracks fp32 Adam on a real gradient sequence
+    ref_tx, g = optax.scale_by_adam(0.9, 0.999, 1e-8), jax.random.normal(jax.random.PRNGKey(1), (50, 256))
+    s16, s32 = tx.init({"w": g[0]}), ref_tx.init({"w": g[0]})
+    for i in range(50):
+        u16, s16 = tx.update({"w": g[i]}, s16)
+        u32, s32 = ref_tx.update({"w": g[i]}, s32)
+    np.testing.assert_allclose(u16["w"], u32["w"], atol=0.05)
+
+
+def test_opt_state_mirrors_param_shardings(ref):
+    _, cfg, _ = ref
+    mesh = make_mesh({"fsdp": 4, "tensor": 2})
+    ts = S.TrainStep(cfg, O.OptimConfig(state_dtype="bfloat16", freeze=("projector",)), mesh, FP32)
+    state = jax.eval_shape(ts.tx.init, ts.abstract_params)
+    mus = [x for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, O.ScaleByAdamLowpState))
+           if isinstance(x, O.ScaleByAdamLowpState)][0]
+    q_sh = ts.param_shardings["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q_sh.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    for tree in (mus.mu, mus.nu):
+        sh = O.opt_state_shardings(tree, ts.abstract_params, ts.param_shardings, mesh)
+        assert sh["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"] == q_sh
+        assert tree["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
+    assert not jax.tree.leaves(mus.mu["visual"]["merger"])  # frozen: MaskedNode, no memory
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The jitted step: accumulation, freezing, sharding, overfitting.
+
+
+def _batch_rows(cfg, seed, n, length, vision_pad):
+    """n rows of the small-vocabulary config, each one sample (images on even rows, text on odd rows), padded to
+    `length`, vision to `vision_pad`."""
+    rng = np.random.default_rng(seed)
+    rows = [sample(rng, cfg, images=[(1, 4, 4)] if i % 2 == 0 else (), n_text=3 + i % 3, n_answer=4 + i % 4)
+            for i in range(n)]
+    for r in rows:
+        r["ids"], r["labels"] = small_ids(r["ids"]), np.where(r["labels"] < 0, r["labels"], small_ids(r["labels"]))
+    return _small_batch(cfg, rows, length, vision_pad), rows
+
+
+def _small_batch(cfg, rows, length, vision_pad):
+    arrays = hf_arrays(rows, length)
+    arrays["input_ids"] = small_ids(arrays["input_ids"])  # the padding id
+    return our_batch(cfg, arrays, vision_pad_to=vision_pad)
+
+
+def _run(ts, params, batches):
+    p = ts.place_params(params)
+    st = ts.init_opt_state(p)
+    losses = []
+    for b in batches:
+        p, st, m = ts(p, st, b)
+        losses.append(float(m["loss"]))
+    return p, st, losses
+
+
+OC = O.OptimConfig(peak_lr=1e-3, warmup_steps=0, total_steps=100, eps=1e-6)
+
+
+def test_grad_accumulation_equals_one_batch(small):
+    """2 micro-batches of 2 rows = 1 batch of 4 rows: the same token-weighted mean loss and the same gradient, the
+    input of the (deterministic) optimizer update. The two differ only in fp32 summation order (different matmul
+    shapes), which this O(1)-weight network amplifies to ~2e-6 over the whole tree (3e-7 when the same comparison
+    runs the network in float64), so: 5e-6 over the tree, 1e-5 per tensor (the k-bias gradient is a sum of nearly
+    cancelling terms). Updates are not compared elementwise: Adam's first step g / (|g| + eps) amplifies such
+    differences near g = 0 by up to 1/eps."""
+    cfg, params = small
+    big, rows = _batch_rows(cfg, 11, 4, 40, 64)
+    micro = [_small_batch(cfg, rows[i:i + 2], 40, 32) for i in (0, 2)]
+    one = S.TrainStep(cfg, OC, sc=FP32)
+    two = S.TrainStep(cfg, OC, sc=S.dataclasses.replace(FP32, accum_steps=2))
+    l1, n1, g1 = one.grads(one.place_params(params), big)
+    l2, n2, g2 = two.grads(two.place_params(params), S.stack_batches(micro))
+    assert float(n1) == float(n2) == sum(int((r["labels"][1:] != -100).sum()) for r in rows)
+    np.testing.assert_allclose(float(l2), float(l1), rtol=1e-6)
+    num = den = 0.0
+    for path, a, b in zip(jax.tree_util.tree_flatten_with_path(g1)[0], jax.tree.leaves(g1), jax.tree.leaves(g2),
+                          strict=True):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.linalg.norm(a) > 0
+        assert np.linalg.norm(b - a) <= 1e-5 * np.linalg.norm(a), jax.tree_util.keystr(path[0])
+        num, den = num + np.sum((b - a) ** 2), den + np.sum(a**2)
+    assert np.sqrt(num / den) <= 5e-6
+
+
+def test_frozen_decoder_is_unchanged(small):
+    cfg, params = small
+    batch, _ = _batch_rows(cfg, 12, 2, 40, 32)
+    ts = S.TrainStep(cfg, S.dataclasses.replace(OC, freeze=("decoder",)), sc=FP32)
+    p, st, _ = _run(ts, params, [batch])
+    start = weights.stack_layers(params)
+    groups = O.param_groups(start)
+    for path, g, a, b in zip(jax.tree_util.tree_flatten_with_path(start)[0], jax.tree.leaves(groups),
+                             jax.tree.leaves(start), jax.tree.leaves(p), strict=True):
+        changed = bool(np.abs(np.asarray(b) - a).max() > 0)
+        assert changed == (g != "decoder"), (jax.tree_util.keystr(path[0]), g)
+    moments = [x for x in jax.tree.leaves(st) if x.ndim > 0]
+    assert sum(x.size for x in moments) == 2 * sum(np.size(a) for a, g in zip(jax.tree.leaves(start),
+                                                                             jax.tree.leaves(groups), strict=True)
+                                                   if g != "decoder")
+
+
+def test_sharded_steps_match_single_device(small):
+    cfg, params = small
+    batch, _ = _batch_rows(cfg, 13, 8, 40, 128)
+    runs = {}
+    for name, mesh in (("1 device", None), ("fsdp=4,tensor=2", make_mesh({"fsdp": 4, "tensor": 2})),
+                       ("data=2,fsdp=4", make_mesh({"data": 2, "fsdp": 4}))):
+        ts = S.TrainStep(cfg, OC, mesh, FP32)
+        runs[name] = _run(ts, params, [ts.shard_batch(batch) if mesh is not None else batch] * 5)[2]
+    base = runs.pop("1 device")
+    assert base[-1] < base[0]
+    for name, losses in runs.items():
+        np.testing.assert_allclose(losses, base, rtol=1e-5, err_msg=name)
+
+
+def test_overfits_eight_samples(small):
+    cfg, params = small
+    batch, _ = _batch_rows(cfg, 14, 8, 40, 64)
+    oc = O.OptimConfig(peak_lr=3e-3, warmup_steps=5, total_steps=50, end_lr=3e-4, weight_decay=0.0)
+    _, _, losses = _run(S.TrainStep(cfg, oc, sc=FP32), params, [batch] * 50)
+    assert losses[-1] <= 0.1 * losses[0], (losses[0], losses[-1])
