@@ -7,9 +7,11 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glm41v", description="GLM-4.1V-9B-Thinking in JAX: convert, generate, chat.")
+    parser = argparse.ArgumentParser(prog="glm41v",
+                                     description="GLM-4.1V-9B-Thinking in JAX: convert, generate, chat, train, loss.")
     sub = parser.add_subparsers(dest="command", required=True)
     from glm41v_convert.main import register as register_convert
+    from glm41v_train.cli import register as register_train
 
     from .chat_cli import register as register_chat
     from .generate_cli import register as register_generate
@@ -17,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_convert(sub)
     register_generate(sub)
     register_chat(sub)
+    register_train(sub)  # train, loss
     return parser
 
 

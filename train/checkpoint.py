@@ -1,0 +1,210 @@
+"""Training checkpoints (orbax CheckpointManager) and the final weights (the converted format).
+
+Layout of `output_dir/checkpoints/<step>/` (one orbax composite checkpoint per saved step):
+    state/   params (fp32, scanned layout), opt_state, step, rng: each host writes the shards it holds
+    data/    process_<i>-of-<n>.json: host i's data-iterator state (grain's checkpoint handler; every host its own)
+    meta/    JSON: step, process count, mesh, the whole training config
+
+Atomicity is orbax's: a save is written into `<step>.orbax-checkpoint-tmp` and renamed to `<step>` once every host
+has finished, so a kill at any moment leaves the previous checkpoints intact (the manager removes the unfinished
+temporary directory when it next opens). Saves are asynchronous: `save` returns once the arrays are copied to host
+memory; the files are written in the background while training goes on. `keep_last` checkpoints are kept.
+
+A checkpoint that cannot be restored (files removed or damaged, a different parameter tree or process count) raises
+`CheckpointCorruptError` naming its directory. Nothing falls back silently: remove the checkpoint (the previous one
+is then the latest) or restore another with `resume_step`.
+
+Final weights (`save_final`): the params, cast to `final_dtype`, unstacked, written in the converted format that
+`glm41v generate --model DIR` loads (config.json + processor files + params/ + the completion marker). One process:
+`glm41v_convert.hf_to_orbax.save_converted`. Several: every host writes its shards of params/ into a shared
+temporary directory, then process 0 writes the side files and the marker and renames it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glm41v_jax.loading import CheckpointError
+
+ITEMS = ("state", "data", "meta")
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A training checkpoint exists but cannot be restored; the message names its directory."""
+
+
+class DataState:
+    """A data-iterator state captured at a given step, in the shape grain's orbax handler saves and restores (JSON
+    bytes through get_state / set_state). The loop captures the state right after taking a step's batches, so the
+    checkpoint of that step holds it even though the iterator has already moved on to the next step's batches."""
+
+    def __init__(self, state: Any = None) -> None:
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state, indent=1).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.state = json.loads(state)
+
+    def start_prefetch(self) -> None:  # called by grain's handler after a restore
+        pass
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg[:400]}" if msg else type(e).__name__
+
+
+class TrainCheckpointer:
+    """orbax CheckpointManager for the training state. All processes call every method (multi-host)."""
+
+    def __init__(self, directory: str, *, keep_last: int, async_save: bool = True) -> None:
+        import grain.checkpoint as gc
+        import orbax.checkpoint as ocp
+
+        self._ocp, self._gc = ocp, gc
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep_last, enable_async_checkpointing=async_save,
+                                               create=True, cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": gc.CheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, *, params: Any, opt_state: Any, rng: np.ndarray, data_state: Any,
+             meta: Mapping[str, Any]) -> None:
+        """Start saving (asynchronous unless async_save=False); the arrays are on host before this returns."""
+        ocp, gc = self._ocp, self._gc
+        state = {"params": params, "opt_state": opt_state, "step": np.asarray(step, np.int64),
+                 "rng": np.asarray(rng, np.uint32)}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=gc.CheckpointSave(DataState(data_state)),
+                                  meta=ocp.args.JsonSave(dict(meta, step=int(step))))
+        self.manager.save(step, args=args, force=True)
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        path = os.path.join(self.path(step), "meta")
+        try:
+            meta = self.manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # noqa: BLE001  (any failure to read it: one clear error)
+            raise CheckpointCorruptError(f"checkpoint {self.path(step)}: its metadata ({path}) cannot be read "
+                                         f"({_one_line(e)}); the checkpoint is corrupt or incomplete. Remove it to "
+                                         "resume from the previous one, or set resume_step") from None
+        if not isinstance(meta, dict) or meta.get("step") != step:
+            raise CheckpointCorruptError(f"checkpoint {self.path(step)}: its metadata says step "
+                                         f"{meta.get('step') if isinstance(meta, dict) else meta!r}, not {step}")
+        return meta
+
+    def restore(self, step: int, *, abstract_params: Any, abstract_opt_state: Any) -> dict[str, Any]:
+        """{"params", "opt_state", "step", "rng", "data_state", "meta"} of checkpoint `step`, arrays placed with the
+        shardings in the abstract trees (jax.ShapeDtypeStruct with .sharding)."""
+        ocp, gc = self._ocp, self._gc
+        meta = self.read_meta(step)
+        n = jax.process_count()
+        if meta.get("process_count", n) != n:
+            raise CheckpointCorruptError(
+                f"checkpoint {self.path(step)} was written by {meta.get('process_count')} processes and this run has "
+                f"{n}: the per-host data iterator states cannot be redistributed; resume with "
+                f"{meta.get('process_count')} processes")
+        target = {"params": abstract_params, "opt_state": abstract_opt_state, "step": np.zeros((), np.int64),
+                  "rng": np.zeros((2,), np.uint32)}
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                     data=gc.CheckpointRestore(DataState())))
+        except Exception as e:  # noqa: BLE001  (any failure to read it: one clear error)
+            raise CheckpointCorruptError(f"checkpoint {self.path(step)} cannot be restored ({_one_line(e)}); it is "
+                                         "corrupt, incomplete or from a different model/optimizer. Remove it to "
+                                         "resume from the previous one, or set resume_step") from None
+        state = out["state"]
+        if int(state["step"]) != step:
+            raise CheckpointCorruptError(f"checkpoint {self.path(step)} holds step {int(state['step'])}, not {step}")
+        return {"params": state["params"], "opt_state": state["opt_state"], "step": step,
+                "rng": np.asarray(state["rng"], np.uint32), "data_state": out["data"].state, "meta": meta}
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Final weights.
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def cast_params(params: Any, dtype: Any) -> Any:
+    """Every leaf cast to `dtype`, keeping its sharding (one jitted program; works across hosts)."""
+    dtype = jnp.dtype(dtype)
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p), out_shardings=shardings)(params)
+
+
+def save_final(params: Any, cfg: Any, dst: str, *, source_dir: str | None, dtype: Any = "bfloat16") -> str:
+    """Write the final weights in the converted format (module docstring). All processes call it."""
+    from glm41v_convert.hf_to_orbax import save_converted
+
+    dst = os.path.abspath(dst)
+    params = cast_params(params, dtype)
+    if jax.process_count() == 1:
+        return save_converted(params, cfg, dst, source_dir=source_dir)
+    return _save_final_multihost(params, cfg, dst, source_dir)
+
+
+def _save_final_multihost(params: Any, cfg: Any, dst: str, source_dir: str | None) -> str:
+    import orbax.checkpoint.experimental.v1 as ocp
+    from glm41v_convert.hf_to_orbax import _copy_side_files, _finish
+
+    from glm41v_jax.loading import FORMAT_NAME, FORMAT_VERSION, PARAMS_SUBDIR
+    from glm41v_jax.weights import iter_leaves, unstack_layers
+
+    primary = jax.process_index() == 0
+    if os.path.lexists(dst):
+        raise CheckpointError(f"{dst}: destination already exists; remove it or choose another path")
+    tmp = dst + ".tmp-final"
+    if primary:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _sync("glm41v_final_prepare")
+    unrolled = unstack_layers(params)
+    ocp.save(os.path.join(tmp, PARAMS_SUBDIR), unrolled)
+    _sync("glm41v_final_params")
+    if primary:
+        copied = _copy_side_files(os.fspath(source_dir), tmp) if source_dir is not None else []
+        if "config.json" not in copied:
+            with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(cfg.to_hf(), f, indent=2)
+        leaves = [leaf for _, leaf in iter_leaves(unrolled)]
+        dtypes = sorted({str(np.dtype(x.dtype)) for x in leaves})
+        fmt = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "layout": "unrolled",
+               "dtype": dtypes[0] if len(dtypes) == 1 else "mixed", "source": "training (multi-host)",
+               "num_tensors": len(leaves), "num_bytes": int(sum(x.size * np.dtype(x.dtype).itemsize for x in leaves)),
+               "copied_files": copied}
+        _finish(tmp, dst, fmt)
+    _sync("glm41v_final_done")
+    return dst
