@@ -159,6 +159,10 @@ def test_config_defaults_and_overrides(tmp_path, run_cli):
     assert cfg.optim.peak_lr == 2e-5 and cfg.optim.freeze == ("vision",) and cfg.mesh == "data=2,fsdp=4"
     assert cfg.data.seq_len == 64 and cfg.eval.jsonl == "v.jsonl" and cfg.eval.every == 2
     assert load_config(SMOKE).data.jsonl == "train/configs/smoke_data/train.jsonl"
+    kaggle = load_config(os.path.join(REPO, "train", "configs", "kaggle_v5e8.yaml"))  # the examples are valid
+    assert kaggle.optim.state_dtype == "bfloat16" and kaggle.step.grad_dtype == "bfloat16" and kaggle.mesh == "fsdp=8"
+    pod = load_config(os.path.join(REPO, "train", "configs", "v5p_pod.yaml"))
+    assert pod.data.max_patches % (4 * 4) == 0 and pod.data.batch_size % 4 == 0  # 4 chips per v5p host
     # through the CLI: one error line, exit code 2
     rc, out, err = run_cli("train", "--config", _yaml(tmp_path, BASE), "--set", "data.packing=yes please")
     assert rc == 2 and err.startswith("error: ") and "data.packing: expected true or false" in err
