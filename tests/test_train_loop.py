@@ -423,7 +423,7 @@ def mh_data(tmp_path_factory):
     _png(str(d / "a.png"), 56, 84, 3)
     _png(str(d / "b.png"), 56, 56, 4)
     lines = []
-    for i in range(23):  # one epoch: 12 records for host 0, 11 for host 1
+    for i in range(43):  # one epoch: 22 records for host 0, 21 for host 1
         user = [{"type": "text", "text": f"Q{i}" + "x" * (i % 7)}]
         if i % 3 != 2:
             user.insert(0, {"type": "image", "image": "ab"[i % 2] + ".png"})
@@ -448,16 +448,16 @@ final_dtype: float32
 progress: false
 data: {{jsonl: {data_path}, seq_len: 64, batch_size: 2, max_patches: 64, seed: 5, num_epochs: 1}}
 optim: {{peak_lr: 1.0e-3, warmup_steps: 1, weight_decay: 0.0}}
-step: {{compute_dtype: float32, loss_chunk: 64}}
+step: {{compute_dtype: float32, loss_chunk: 64, accum_steps: 2}}
 eval: {{jsonl: {eval_path}, every: 2}}
 """, "mh.yaml")
 
 
 @pytest.mark.slow
 def test_multihost_two_processes_match_one(tmp_path, mh_data, ckpt, tiny_cache_dir, jit_cache):
-    """2 processes x 4 CPU devices (jax.distributed on localhost) against one process with 8 devices: the same
-    losses, eval losses, stop step (the epoch runs out on one host: both stop together), and each process reads a
-    disjoint part of the data, exactly what its shard's iterator yields."""
+    """2 processes x 4 CPU devices (jax.distributed on localhost), 2 micro-batches per step, against one process
+    with 8 devices: the same losses, eval losses, stop step (the epoch runs out on one host: both stop together),
+    and each process reads a disjoint part of the data, exactly what its shard's iterator yields."""
     import orbax.checkpoint as ocp
     from glm41v_train.data import ConversationEncoder, make_iterator
     from glm41v_train.loop import LossEvaluator, abstract_state, place_unrolled
@@ -474,29 +474,29 @@ def test_multihost_two_processes_match_one(tmp_path, mh_data, ckpt, tiny_cache_d
     env = _env(tiny_cache_dir, jit_cache, devices=4)
     procs = [_start(["train", "--config", cfg_path, "--coordinator", f"localhost:{port}", "--num-processes", "2",
                      "--process-id", str(i)], f"{out}.{i}.log", env) for i in range(2)]
-    # Reference, meanwhile: one process, 8 devices, the same mesh; each step is the two hosts' batches as two
+    # Reference, meanwhile: one process, 8 devices, the same mesh; each step is the two hosts' 2 + 2 batches as 4
     # accumulated micro-batches, each with its own vision pack (no offsets, no global assembly); it stops when
     # either shard has no batch left. Eval: every sample of the eval file on one host.
     cfg = load_config(cfg_path)
     params, mcfg = load(ckpt, as_numpy=True)
     mesh = make_mesh("data=2,fsdp=2,tensor=2")
-    ts = TrainStep(mcfg, cfg.optim, mesh, dataclasses.replace(cfg.step, accum_steps=2))
+    ts = TrainStep(mcfg, cfg.optim, mesh, dataclasses.replace(cfg.step, accum_steps=4))
     p = place_unrolled(params, ts)
     opt = ts.init_opt_state(p)
     its = [make_iterator(cfg.data, ckpt, i, 2, mcfg) for i in range(2)]
-    eval_ts = TrainStep(mcfg, cfg.optim, mesh, cfg.step)
+    eval_ts = TrainStep(mcfg, cfg.optim, mesh, dataclasses.replace(cfg.step, accum_steps=1))
     eval_cfg = dataclasses.replace(cfg.data, jsonl=eval_path, num_epochs=1, shuffle=False)
     ref, ref_eval, ref_samples = [], {}, [[], []]
     while True:
         try:
-            host = [next(it) for it in its]
+            host = [[next(it), next(it)] for it in its]
         except StopIteration:
             break
-        for i, b in enumerate(host):
-            seg, ids = b["segment_ids"], b["input_ids"]
-            ref_samples[i].append([_fingerprint(ids[r][seg[r] == s]) for r in range(seg.shape[0])
-                                   for s in range(1, seg[r].max() + 1)])
-        p, opt, m = ts(p, opt, stack_batches(host))
+        for i, micro in enumerate(host):
+            ref_samples[i].append([_fingerprint(b["input_ids"][r][b["segment_ids"][r] == s]) for b in micro
+                                   for r in range(b["segment_ids"].shape[0])
+                                   for s in range(1, b["segment_ids"][r].max() + 1)])
+        p, opt, m = ts(p, opt, stack_batches(host[0] + host[1]))
         ref.append(float(m["loss"]))
         if len(ref) % 2 == 0:
             it = make_iterator(eval_cfg, ckpt, 0, 1, mcfg)

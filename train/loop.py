@@ -437,8 +437,7 @@ def _train(cfg: TrainConfig, preempt: _Preemption, stack: contextlib.ExitStack) 
     if not primary:
         logging.getLogger("glm41v_train").setLevel(logging.WARNING)
     out_dir = os.path.abspath(cfg.output_dir)
-    if primary:
-        os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(out_dir, exist_ok=True)
     mesh = make_mesh(cfg.mesh)
     model_dir = resolve_model_dir(cfg.model)
     from glm41v_jax.config import Glm4vConfig
