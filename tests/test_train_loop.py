@@ -384,6 +384,7 @@ def test_kill_during_save_then_sigterm(smoke, tmp_path, tiny_cache_dir, jit_cach
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax reader futures
 def test_corrupt_checkpoint_is_named(smoke, tmp_path, run_cli):
     out = str(tmp_path / "run")
     shutil.copytree(smoke[0], out)
