@@ -166,6 +166,8 @@ def test_config_defaults_and_overrides(tmp_path, run_cli):
     # through the CLI: one error line, exit code 2
     rc, out, err = run_cli("train", "--config", _yaml(tmp_path, BASE), "--set", "data.packing=yes please")
     assert rc == 2 and err.startswith("error: ") and "data.packing: expected true or false" in err
+    rc, out, err = run_cli("train", "--config", SMOKE, "--set", f"output_dir={tmp_path}/o", "--set", "mesh=data=3")
+    assert rc == 2 and "error: mesh: " in err and "8 are available" in err
     rc, out, err = run_cli("train", "--config", _yaml(tmp_path, BASE), "optim.b1=0.8", "--print-config")
     assert rc == 0 and "b1: 0.8" in out
 

@@ -52,7 +52,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from glm41v_jax.loading import CheckpointError, load, resolve_model_dir
-from glm41v_jax.sharding import make_mesh
+from glm41v_jax.sharding import MeshError, make_mesh
 from glm41v_jax.weights import get_path
 
 from .checkpoint import TrainCheckpointer, save_final
@@ -438,7 +438,10 @@ def _train(cfg: TrainConfig, preempt: _Preemption, stack: contextlib.ExitStack) 
         logging.getLogger("glm41v_train").setLevel(logging.WARNING)
     out_dir = os.path.abspath(cfg.output_dir)
     os.makedirs(out_dir, exist_ok=True)
-    mesh = make_mesh(cfg.mesh)
+    try:
+        mesh = make_mesh(cfg.mesh)
+    except MeshError as e:
+        raise TrainConfigError(f"mesh: {str(e).removeprefix('--mesh: ')}") from None
     model_dir = resolve_model_dir(cfg.model)
     from glm41v_jax.config import Glm4vConfig
 
