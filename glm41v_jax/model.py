@@ -27,6 +27,7 @@ from .layers import Dense
 from .rope import frame_grids, get_rope_index, mrope_cos_sin, vision_patch_positions
 from .text import TextModel
 from .vision import VisionModel
+from .vision import attention_layout as vision_attention_layout
 
 
 class Glm4v(nn.Module):
@@ -40,8 +41,9 @@ class Glm4v(nn.Module):
             self.lm_head = Dense((self.cfg.text.vocab_size,), ("embed", "vocab"), name="lm_head",
                                  dtype=jnp.dtype(rt.dtype), param_dtype=jnp.dtype(rt.param_dtype))
 
-    def encode_vision(self, pixel_values, hpos, wpos, segment_ids, seg_h, seg_w) -> jax.Array:
-        return self.visual(pixel_values, hpos, wpos, segment_ids, seg_h, seg_w)
+    def encode_vision(self, pixel_values, hpos, wpos, segment_ids, seg_h, seg_w, attn_groups=None,
+                      attn_inverse=None) -> jax.Array:
+        return self.visual(pixel_values, hpos, wpos, segment_ids, seg_h, seg_w, attn_groups, attn_inverse)
 
     def logits(self, h: jax.Array) -> jax.Array:
         if self.cfg.tie_word_embeddings:
@@ -118,7 +120,7 @@ class ModelInputs:
     positions: np.ndarray  # (3, B, T) int32
     segment_ids: np.ndarray  # (B, T) int32
     rope_deltas: np.ndarray  # (B,) int32
-    vision: dict[str, np.ndarray] | None
+    vision: dict[str, Any] | None  # pack_vision's dict (packed patches, metadata, attention layout)
     vision_index: np.ndarray | None  # (B, T) int32
 
     def as_kwargs(self) -> dict[str, Any]:
@@ -128,8 +130,13 @@ class ModelInputs:
 
 def pack_vision(cfg: Glm4vConfig, pixel_values: np.ndarray | None, image_grid_thw: np.ndarray | None,
                 pixel_values_videos: np.ndarray | None, video_grid_thw: np.ndarray | None,
-                pad_to: int | None = None) -> dict[str, np.ndarray] | None:
-    """Images then video frames as one packed patch sequence with per-patch metadata; padded rows get segment 0."""
+                pad_to: int | None = None, attention_layout: str = "auto") -> dict[str, Any] | None:
+    """Images then video frames as one packed patch sequence with per-patch metadata; padded rows get segment 0.
+
+    `attention_layout` ("auto" | "dense" | "grouped", see vision.py) adds the grouped attention layout arrays
+    `attn_groups` (tuple of int32 (n_g, L_g)) and `attn_inverse` (int32 (P,)) when it is chosen; their shapes are
+    the layout's statics, so they are part of every compile key.
+    """
     v = cfg.vision
     pix = [p for p in (pixel_values, pixel_values_videos) if p is not None and len(p)]
     if not pix:
@@ -153,8 +160,10 @@ def pack_vision(cfg: Glm4vConfig, pixel_values: np.ndarray | None, image_grid_th
     def padded(a, fill=0):
         return np.concatenate([a, np.full((pad, *a.shape[1:]), fill, a.dtype)]) if pad else a
 
-    return {"pixel_values": padded(pixels), "hpos": padded(hpos), "wpos": padded(wpos),
-            "segment_ids": padded(seg), "seg_h": padded(seg_h, 1), "seg_w": padded(seg_w, 1)}
+    out = {"pixel_values": padded(pixels), "hpos": padded(hpos), "wpos": padded(wpos),
+           "segment_ids": padded(seg), "seg_h": padded(seg_h, 1), "seg_w": padded(seg_w, 1)}
+    out.update(vision_attention_layout(sizes.tolist(), total, attention_layout))
+    return out
 
 
 def prepare_inputs(
@@ -167,8 +176,12 @@ def prepare_inputs(
     pixel_values_videos: np.ndarray | None = None,
     video_grid_thw: np.ndarray | None = None,
     vision_pad_to: int | None = None,
+    vision_attention: str = "auto",
 ) -> ModelInputs:
-    """HF-processor arrays -> ModelInputs. Checks that placeholders and vision tokens agree."""
+    """HF-processor arrays -> ModelInputs. Checks that placeholders and vision tokens agree.
+
+    `vision_attention`: the vision tower's attention layout, "auto" (cheaper of dense / grouped), "dense" or
+    "grouped" (see vision.py)."""
     ids = np.asarray(input_ids).astype(np.int32)
     if ids.ndim != 2:
         raise ValueError(f"input_ids must be (batch, length), got shape {ids.shape}")
@@ -177,7 +190,8 @@ def prepare_inputs(
     types = np.where(mask > 0, types, 0)
     m2 = cfg.vision.spatial_merge_size**2
     positions, deltas = get_rope_index(ids, types, image_grid_thw, video_grid_thw, mask, cfg.vision.spatial_merge_size)
-    vision = pack_vision(cfg, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, vision_pad_to)
+    vision = pack_vision(cfg, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, vision_pad_to,
+                         vision_attention)
     vision_index = None
     n_img = int(np.prod(np.asarray(image_grid_thw), axis=-1).sum()) // m2 if image_grid_thw is not None else 0
     n_vid = int(np.prod(np.asarray(video_grid_thw), axis=-1).sum()) // m2 if video_grid_thw is not None else 0

@@ -1,0 +1,166 @@
+"""Generation speed: this engine against transformers' Glm4vForConditionalGeneration, measured in the same run.
+
+The "small" config (issue 3): text hidden 1024, 8 layers, 16 q / 2 kv heads, MLP 2816, mrope [4, 6, 6], vocab
+151552; vision hidden 512, depth 4, 4 heads, out 1024. The prompt is one 448x448 image (1024 patches, 256 LLM
+tokens) plus about 40 text tokens, built by our processor and fed identically to both. Random weights, float32.
+
+Reported per batch size (1 and 4 by default):
+  TTFT                 time to the first generated token (vision tower + prefill + first sample), after warm-up;
+  decode tokens/s      generated tokens per second per row... summed over rows (batch x steps / decode time).
+Both sides generate exactly N tokens (eos disabled). Greedy. Run:
+
+    python benchmarks/generate.py [--new-tokens 64] [--batch 1 4] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+SMALL = {
+    "text": dict(vocab_size=151552, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                 num_attention_heads=16, num_key_value_heads=2,
+                 rope_scaling={"rope_type": "default", "mrope_section": [4, 6, 6]}),
+    "vision": dict(depth=4, hidden_size=512, num_heads=4, out_hidden_size=1024, intermediate_size=2816,
+                   image_size=336, patch_size=14),
+}
+
+
+def small_config() -> dict:
+    from glm41v_jax import tiny
+
+    d = tiny.tiny_hf_config()
+    d["text_config"].update(SMALL["text"])
+    d["vision_config"].update(SMALL["vision"])
+    return d
+
+
+def build_inputs(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """One 448x448 image + ~40 text tokens per row, through our processor (hub pixel limits)."""
+    from PIL import Image
+
+    from glm41v_jax import tiny
+    from glm41v_jax.processing import Processor
+
+    with tempfile.TemporaryDirectory() as d:
+        tiny.write_tokenizer_files(d)
+        proc = Processor.from_dir(d)
+    rng = np.random.default_rng(seed)
+    texts, images = [], []
+    for i in range(batch):
+        img = Image.fromarray(rng.integers(0, 256, (448, 448, 3), dtype=np.uint8))
+        prompt = f"Describe this picture in detail, please ({i})."  # ~40 characters = tokens (char-level tokenizer)
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        texts.append(proc.apply_chat_template(msgs))
+        images.append(img)
+    return proc(texts, images=images)
+
+
+def bench_hf(hf_cfg: dict, inputs: dict, new_tokens: int, repeats: int) -> dict[str, float]:
+    import torch
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = Glm4vForConditionalGeneration(Glm4vConfig(**hf_cfg)).eval()
+    kw = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items() if v is not None}
+    gen = dict(do_sample=False, eos_token_id=None, pad_token_id=151329)
+
+    def run(n):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**kw, max_new_tokens=n, min_new_tokens=n, **gen)
+        return time.perf_counter() - t0, out
+
+    run(2)  # warm-up
+    ttft = statistics.median(run(1)[0] for _ in range(repeats))
+    total, out = run(new_tokens)
+    b = kw["input_ids"].shape[0]
+    steps = out.shape[1] - kw["input_ids"].shape[1]
+    assert steps == new_tokens, (steps, new_tokens)
+    return {"ttft_s": ttft, "decode_tokens_per_s": b * (steps - 1) / max(total - ttft, 1e-9),
+            "tokens": out[:, kw["input_ids"].shape[1]:].numpy()}
+
+
+def bench_jax(hf_cfg: dict, hf_state: dict, inputs: dict, new_tokens: int, repeats: int) -> dict[str, float]:
+    from glm41v_jax import weights
+    from glm41v_jax.config import Glm4vConfig
+    from glm41v_jax.generate import Engine
+
+    cfg = Glm4vConfig.from_hf(hf_cfg)
+    params = weights.hf_to_flax(hf_state, cfg)
+    eng = Engine(params, cfg)
+    kw = dict(max_new_tokens=new_tokens, eos_ids=())
+    t0 = time.perf_counter()
+    eng.generate_batch(inputs, **kw)  # compiles prefill + decode
+    compile_s = time.perf_counter() - t0
+    ttfts, rates = [], []
+    res = None
+    for _ in range(repeats):
+        res = eng.generate_batch(inputs, **kw)
+        ttfts.append(res[0].timings["prefill_s"])
+        rates.append(sum(len(r.token_ids) - 1 for r in res) / res[0].timings["decode_s"])
+    return {"ttft_s": statistics.median(ttfts), "decode_tokens_per_s": statistics.median(rates),
+            "compile_s": compile_s, "num_compiles": eng.num_compiles,
+            "tokens": np.asarray([r.token_ids for r in res])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+
+    hf_cfg = small_config()
+    torch.manual_seed(0)
+    state = {k: v.numpy() for k, v in
+             Glm4vForConditionalGeneration(Glm4vConfig(**hf_cfg)).state_dict().items()}
+    rows = []
+    for b in args.batch:
+        inputs = build_inputs(b)
+        n_prompt = inputs["input_ids"].shape[1]
+        hf = bench_hf(hf_cfg, inputs, args.new_tokens, args.repeats)
+        ours = bench_jax(hf_cfg, state, inputs, args.new_tokens, args.repeats)
+        same = bool((hf.pop("tokens") == ours.pop("tokens")).all())
+        row = {"batch": b, "prompt_tokens": n_prompt, "new_tokens": args.new_tokens,
+               "hf_ttft_s": hf["ttft_s"], "jax_ttft_s": ours["ttft_s"],
+               "ttft_ratio": ours["ttft_s"] / hf["ttft_s"],
+               "hf_decode_tok_s": hf["decode_tokens_per_s"], "jax_decode_tok_s": ours["decode_tokens_per_s"],
+               "decode_speedup": ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"],
+               "jax_compile_s": ours["compile_s"], "num_compiles": ours["num_compiles"], "same_tokens": same}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print()
+    print(f"machine: {os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()}), "
+          f"torch {torch.__version__}, threads {args.threads}, float32, greedy, {args.new_tokens} new tokens")
+    print("| batch | prompt tokens | TTFT HF s | TTFT ours s | TTFT ratio | decode HF tok/s | decode ours tok/s "
+          "| decode speedup | same tokens |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|:---:|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['prompt_tokens']} | {r['hf_ttft_s']:.3f} | {r['jax_ttft_s']:.3f} | "
+              f"{r['ttft_ratio']:.2f} | {r['hf_decode_tok_s']:.1f} | {r['jax_decode_tok_s']:.1f} | "
+              f"{r['decode_speedup']:.2f}x | {r['same_tokens']} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
