@@ -111,6 +111,66 @@ def bench_jax(hf_cfg: dict, hf_state: dict, inputs: dict, new_tokens: int, repea
             "tokens": np.asarray([r.token_ids for r in res])}
 
 
+def prefill_flops(cfg, inputs: dict) -> float:
+    """Useful model FLOPs of the prefill (real tokens and patches; logits for the last position of each row), from
+    the training FLOP model (glm41v_train.metrics.FlopCounter, forward only)."""
+    from glm41v_jax.generate import prepare_batch
+    from glm41v_jax.model import abstract_params
+    from glm41v_train.metrics import FlopCounter
+
+    counter = FlopCounter(cfg, abstract_params(cfg), freeze=("vision", "projector", "decoder"))  # forward only
+    prep = prepare_batch(cfg, inputs, 1, patch_bucket=None)
+    stats = FlopCounter.batch_stats(prep.model_kwargs)
+    rows = prep.model_kwargs["input_ids"].shape[0]
+    head = 2.0 * cfg.text.hidden_size * cfg.text.vocab_size * (stats["tokens"] - rows)  # no logits there
+    return counter.step_flops(stats) - (0.0 if cfg.tie_word_embeddings else head)
+
+
+def decode_bytes(cfg) -> float:
+    """Bytes of weights one decode step reads: every text-decoder and lm_head parameter (float32)."""
+    import jax
+
+    from glm41v_jax.model import abstract_params
+
+    leaves = jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]
+    n = sum(int(np.prod(x.value.shape if hasattr(x, "value") else x.shape)) for p, x in leaves
+            if str(getattr(p[0], "key", "")) in ("language_model", "lm_head"))
+    emb = cfg.text.vocab_size * cfg.text.hidden_size  # the input embedding is a lookup: one row read per token
+    return 4.0 * (n - emb)
+
+
+def machine_limits(threads: int) -> dict[str, float]:
+    """What this machine does at best, measured now: a large fp32 GEMM (GFLOP/s) in XLA and in torch, and the
+    memory read bandwidth (GB/s, a 512 MB reduction) in XLA and torch."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    def best(f, n=5):
+        f()
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    m, k, n = 1024, 1024, 4096
+    a, b = np.random.default_rng(0).standard_normal((2, m, k), dtype=np.float32)[0], \
+        np.random.default_rng(1).standard_normal((k, n), dtype=np.float32)
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    mm = jax.jit(jnp.matmul)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    big = np.ones(128 << 20, np.float32)
+    jbig, tbig = jnp.asarray(big), torch.from_numpy(big)
+    jsum = jax.jit(jnp.sum)
+    flop = 2.0 * m * k * n
+    return {"xla_gemm_gflops": flop / best(lambda: mm(ja, jb).block_until_ready()) / 1e9,
+            "torch_gemm_gflops": flop / best(lambda: torch.matmul(ta, tb)) / 1e9,
+            "xla_read_gbs": big.nbytes / best(lambda: jsum(jbig).block_until_ready()) / 1e9,
+            "torch_read_gbs": big.nbytes / best(lambda: tbig.sum()) / 1e9}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -132,10 +192,15 @@ def main() -> None:
     torch.manual_seed(0)
     state = {k: v.numpy() for k, v in
              Glm4vForConditionalGeneration(Glm4vConfig(**hf_cfg)).state_dict().items()}
+    from glm41v_jax.config import Glm4vConfig as Cfg
+
+    cfg = Cfg.from_hf(hf_cfg)
+    step_bytes = decode_bytes(cfg)
     rows = []
     for b in args.batch:
         inputs = build_inputs(b)
         n_prompt = inputs["input_ids"].shape[1]
+        flops = prefill_flops(cfg, inputs)
         hf = bench_hf(hf_cfg, inputs, args.new_tokens, args.repeats)
         ours = bench_jax(hf_cfg, state, inputs, args.new_tokens, args.repeats)
         same = bool((hf.pop("tokens") == ours.pop("tokens")).all())
@@ -144,12 +209,20 @@ def main() -> None:
                "ttft_ratio": ours["ttft_s"] / hf["ttft_s"],
                "hf_decode_tok_s": hf["decode_tokens_per_s"], "jax_decode_tok_s": ours["decode_tokens_per_s"],
                "decode_speedup": ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"],
+               "prefill_gflop": flops / 1e9, "hf_prefill_gflops": flops / hf["ttft_s"] / 1e9,
+               "jax_prefill_gflops": flops / ours["ttft_s"] / 1e9,
+               "decode_step_gb": step_bytes / 1e9,
+               "hf_decode_gbs": step_bytes * hf["decode_tokens_per_s"] / b / 1e9,
+               "jax_decode_gbs": step_bytes * ours["decode_tokens_per_s"] / b / 1e9,
                "jax_compile_s": ours["compile_s"], "num_compiles": ours["num_compiles"], "same_tokens": same}
         rows.append(row)
         print(json.dumps(row), flush=True)
+    limits = machine_limits(args.threads)
+    print(json.dumps({"machine_limits": limits}), flush=True)
     print()
     print(f"machine: {os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()}), "
-          f"torch {torch.__version__}, threads {args.threads}, float32, greedy, {args.new_tokens} new tokens")
+          f"torch {torch.__version__}, threads {args.threads}, float32, greedy, {args.new_tokens} new tokens, "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print("| batch | prompt tokens | TTFT HF s | TTFT ours s | TTFT ratio | decode HF tok/s | decode ours tok/s "
           "| decode speedup | same tokens |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|:---:|")
@@ -157,9 +230,21 @@ def main() -> None:
         print(f"| {r['batch']} | {r['prompt_tokens']} | {r['hf_ttft_s']:.3f} | {r['jax_ttft_s']:.3f} | "
               f"{r['ttft_ratio']:.2f} | {r['hf_decode_tok_s']:.1f} | {r['jax_decode_tok_s']:.1f} | "
               f"{r['decode_speedup']:.2f}x | {r['same_tokens']} |")
+    print()
+    print("| batch | prefill GFLOP | HF GFLOP/s | ours GFLOP/s | decode GB/step | HF GB/s | ours GB/s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['prefill_gflop']:.1f} | {r['hf_prefill_gflops']:.0f} | "
+              f"{r['jax_prefill_gflops']:.0f} | {r['decode_step_gb']:.2f} | {r['hf_decode_gbs']:.1f} | "
+              f"{r['jax_decode_gbs']:.1f} |")
+    print(f"machine limits, measured now: fp32 GEMM 1024x1024x4096 XLA {limits['xla_gemm_gflops']:.0f} / torch "
+          f"{limits['torch_gemm_gflops']:.0f} GFLOP/s; memory read XLA {limits['xla_read_gbs']:.1f} / torch "
+          f"{limits['torch_read_gbs']:.1f} GB/s")
+    print("(the prefill is compute-bound: TTFT >= prefill GFLOP / GEMM GFLOP/s; a batch-1 decode step is "
+          "bandwidth-bound: tokens/s <= read GB/s / decode GB/step)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump({"rows": rows, "machine_limits": limits}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -100,12 +100,12 @@ def hf_stepper(model, batches: list[dict]):
 def jax_stepper(hf_cfg: dict, state: dict, batches: list[dict], remat: str, chunk: int):
     """A closure running one step of ours on batch i; returns (seconds, loss)."""
     import jax
-    from glm41v_train.optim import OptimConfig
-    from glm41v_train.step import StepConfig, TrainStep
 
     from glm41v_jax import weights
     from glm41v_jax.config import Glm4vConfig
     from glm41v_jax.model import prepare_inputs
+    from glm41v_train.optim import OptimConfig
+    from glm41v_train.step import StepConfig, TrainStep
 
     cfg = Glm4vConfig.from_hf(hf_cfg)
     oc = OptimConfig(peak_lr=1e-5, warmup_steps=0, total_steps=10**6, end_lr=1e-5, b1=0.9, b2=0.999, eps=1e-8,
@@ -150,11 +150,11 @@ def loss_memory(hf_cfg: dict, state: dict, batch: dict, chunks: list[int], repea
     """XLA temp bytes and time of value_and_grad(loss) for each head chunk size and for plain full logits."""
     import jax
     import jax.numpy as jnp
-    from glm41v_train.loss import loss_and_count, shift_targets
 
     from glm41v_jax import weights
     from glm41v_jax.config import Glm4vConfig
     from glm41v_jax.model import Glm4v, prepare_inputs
+    from glm41v_train.loss import loss_and_count, shift_targets
 
     cfg = Glm4vConfig.from_hf(hf_cfg).with_runtime(scan_layers=True, remat_policy="none")
     params = weights.stack_layers(weights.hf_to_flax(state, cfg))

@@ -132,9 +132,27 @@ def segment_mask(q_segment_ids, kv_segment_ids, causal, q_positions, kv_position
     return mask
 
 
+# XLA:CPU: prefill-sized attention runs in blocks whose fp32 logits stay within this many bytes (blocked_attention).
+CPU_BLOCK_BYTES = 1 << 20
+
+
 def xla_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal, q_positions=None, kv_positions=None,
                   scale=None) -> jax.Array:
-    """The reference. Logits and softmax in fp32; probabilities cast to v's dtype (as HF)."""
+    """The reference. Logits and softmax in fp32; probabilities cast to v's dtype (as HF).
+
+    On the CPU backend, calls with many queries (prefill, vision) run `blocked_attention`, the same math over
+    cache-sized query chunks (3-4x faster there, BENCHMARKS.md "Attention on XLA:CPU").
+    """
+    kw = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal, q_positions=q_positions,
+              kv_positions=kv_positions, scale=scale)
+    if q.shape[1] >= 32 and jax.default_backend() == "cpu":
+        return blocked_attention(q, k, v, **kw)
+    return dense_attention(q, k, v, **kw)
+
+
+def dense_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal, q_positions=None, kv_positions=None,
+                    scale=None) -> jax.Array:
+    """`xla_attention` in one block: (B, K, G, T, S) fp32 logits, masked softmax, probabilities @ v."""
     b, t, n, h = q.shape
     kh = k.shape[2]
     g = n // kh
@@ -147,6 +165,51 @@ def xla_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal, q_positions
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def blocked_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal, q_positions=None, kv_positions=None,
+                      scale=None, block_bytes: int | None = None) -> jax.Array:
+    """`xla_attention`'s math as a loop (`lax.map`) over (batch row, KV head, query chunk) blocks, each a plain
+    (cq * G, H) x (H, S) matrix product whose fp32 logits stay within `block_bytes` (default CPU_BLOCK_BYTES),
+    in cache. The softmax is normalised after the PV product (the unnormalised probabilities, cast to v's dtype,
+    times v, over their fp32 row sums). Rows are independent, so blocking changes no result beyond rounding."""
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = n // kh
+    scale = h**-0.5 if scale is None else scale
+    budget = CPU_BLOCK_BYTES if block_bytes is None else block_bytes
+    cq = max(min(budget // (4 * g * s), t), min(16, t))
+    nc = -(-t // cq)
+    cq = -(-t // nc)  # balanced chunks: padding < nc rows
+    pad = nc * cq - t
+    q_segment_ids, kv_segment_ids = jnp.asarray(q_segment_ids), jnp.asarray(kv_segment_ids)
+    qpos = jnp.asarray(q_positions) if causal else jnp.zeros((b, t), jnp.int32)  # (not read by a non-causal mask)
+    kpos = jnp.asarray(kv_positions) if causal else jnp.zeros((b, s), jnp.int32)
+    with jax.named_scope("attention_blocked"):
+        qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
+        qs = jnp.pad(qs, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        qs = qs.reshape(b, nc, cq, kh, g, h).transpose(0, 3, 1, 2, 4, 5).reshape(b * kh, nc, cq * g, h)
+        qseg = jnp.pad(q_segment_ids, ((0, 0), (0, pad))).reshape(b, nc, cq)
+        qpos = jnp.pad(qpos, ((0, 0), (0, pad))).reshape(b, nc, cq)
+        kk = k.transpose(0, 2, 1, 3).reshape(b * kh, s, h)
+        vv = v.transpose(0, 2, 1, 3).reshape(b * kh, s, h)
+
+        def block(i):
+            bk, c = i // nc, i % nc
+            bi = bk // kh
+            mask = segment_mask(qseg[bi, c][None], kv_segment_ids[bi][None], causal, qpos[bi, c][None],
+                                kpos[bi][None])[0]  # (cq, S)
+            logits = jnp.dot(qs[bk, c], kk[bk].T, preferred_element_type=jnp.float32).reshape(cq, g, s)
+            logits = jnp.where(mask[:, None], logits, NEG_INF)
+            m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+            p = jnp.exp(logits - m)
+            denom = jnp.sum(p, axis=-1, keepdims=True)
+            o = jnp.dot(p.astype(v.dtype).reshape(cq * g, s), vv[bk], preferred_element_type=jnp.float32)
+            return o.reshape(cq, g, h) / denom
+
+        out = jax.lax.map(block, jnp.arange(b * kh * nc, dtype=jnp.int32))  # (B*K*nc, cq, G, H)
+        out = out.reshape(b, kh, nc, cq, g, h).transpose(0, 2, 3, 1, 4, 5).reshape(b, nc * cq, n, h)[:, :t]
+    return out.astype(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------- cuDNN (GPU)

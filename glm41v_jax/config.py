@@ -221,8 +221,13 @@ class RuntimeConfig:
     scan_layers: bool = False  # True: nn.scan over stacked weights (training); False: unrolled (decode)
     remat_policy: str = "none"  # none | full | dots | dots_no_batch (see layers.remat_policy)
     attention_impl: str = "xla"  # xla | pallas | cudnn | auto (see glm41v_jax.attention)
+    # How the text decoder's and lm_head's kernels are stored: "in_out" (checkpoints, training) or "out_in" (the
+    # Engine's decode layout; see layers.Dense and model.to_kernel_layout). The vision tower is always "in_out".
+    kernel_layout: str = "in_out"
 
     def __post_init__(self) -> None:
+        if self.kernel_layout not in ("in_out", "out_in"):
+            raise ConfigError(f"runtime: kernel_layout must be 'in_out' or 'out_in'; got {self.kernel_layout!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"runtime: attention_impl must be one of {', '.join(map(repr, ATTENTION_IMPLS))}; "
                               f"got {self.attention_impl!r}")

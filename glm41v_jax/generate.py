@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import Glm4vConfig
-from .model import Glm4v, init_cache, prepare_inputs
+from .model import Glm4v, abstract_params, init_cache, prepare_inputs, to_kernel_layout
 from .sampling import SamplingParams, sample_tokens
 
 log = logging.getLogger(__name__)
@@ -357,7 +357,7 @@ def _prefill_logits(params, kw, *, model: Glm4v, cfg: Glm4vConfig, max_len: int)
     seg = kw["segment_ids"].astype(jnp.int32)
     kv_seg = jnp.zeros((b, max_len), jnp.int32).at[:, :t].set(seg)
     logits, cache = model.apply({"params": params}, **kw, cache=cache, cache_index=jnp.int32(0),
-                                kv_segment_ids=kv_seg, logits_index=jnp.full((b,), t - 1, jnp.int32))
+                                logits_index=jnp.full((b,), t - 1, jnp.int32))  # fresh cache: no kv segment ids
     return logits[:, 0].astype(jnp.float32), cache, kv_seg
 
 
@@ -454,36 +454,40 @@ class Engine:
     `generate_batch` / `generate` serve requests; `warmup` compiles ahead of time; `num_compiles` counts the
     executables built so far. `max_context` caps prompt + new tokens (default and maximum: the model's
     max_position_embeddings, 65536 for GLM-4.1V); `memory_limit_bytes` caps the KV cache of one call (default: what
-    the device reports as free, when it reports it).
+    the device reports as free, when it reports it). `params` are in `cfg.runtime.kernel_layout` (checkpoints:
+    "in_out"); the engine keeps them in `kernel_layout`, by default "out_in", the faster decode layout, so
+    `engine.params` and `engine.cfg` describe that layout.
     """
 
     def __init__(self, params: Any, cfg: Glm4vConfig, *, mesh: jax.sharding.Mesh | None = None,
                  chunk_size: int = 16, prompt_bucket: Callable[[int], int] = bucket_length,
                  patch_bucket: Callable[[int], int] | None = vision_bucket, max_context: int | None = None,
-                 memory_limit_bytes: int | None = None) -> None:
+                 memory_limit_bytes: int | None = None, kernel_layout: str = "out_in") -> None:
         if chunk_size < 1:
             raise GenerationError(f"chunk_size must be >= 1, got {chunk_size}")
         limit = cfg.text.max_position_embeddings
         if max_context is not None and not 1 <= max_context <= limit:
             raise GenerationError(f"max_context must be in [1, {limit}] (the model's max_position_embeddings), "
                                   f"got {max_context}")
-        self.cfg = cfg
-        self.model = Glm4v(cfg)
+        if kernel_layout not in ("in_out", "out_in"):
+            raise GenerationError(f"kernel_layout must be 'in_out' or 'out_in', got {kernel_layout!r}")
         self.mesh = mesh
         self.max_context = int(max_context or limit)
         self.memory_limit_bytes = memory_limit_bytes
         self.chunk_size = int(chunk_size)
         self.prompt_bucket = prompt_bucket
         self.patch_bucket = patch_bucket
+        self.param_shardings = None
         if mesh is not None:
-            from .model import abstract_params
             from .sharding import param_shardings
 
-            self.param_shardings = param_shardings(abstract_params(cfg), mesh)
-            self.params = jax.device_put(params, self.param_shardings)
-        else:
-            self.param_shardings = None
-            self.params = jax.device_put(params)
+            layout_cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, kernel_layout=kernel_layout))
+            self.param_shardings = param_shardings(abstract_params(layout_cfg), mesh)
+        # The decode layout (see layers.Dense): each kernel transposed once, here, straight into its sharding.
+        self.params, self.cfg = to_kernel_layout(params, cfg, kernel_layout, self.param_shardings)
+        if mesh is None:
+            self.params = jax.device_put(self.params)
+        self.model = Glm4v(self.cfg)
         self._compiled: dict[tuple, Any] = {}
         self.compile_log: list[tuple[str, float]] = []  # (shape key, seconds) per compile
         self.compile_seconds = 0.0  # all compiles of this engine

@@ -26,32 +26,52 @@ def _init(scale_fan_in: int):
     return nn.initializers.normal(stddev=std)
 
 
+KERNEL_LAYOUTS = ("in_out", "out_in")
+SMALL_ROWS = 16  # Embed.attend: up to this many rows E . x^T (decode), above it x . E^T
+
+
 class Dense(nn.Module):
-    """x[..., *in] . kernel[*in, *out] (+ bias[*out]). The only matmul-with-weights in the model.
+    """x[..., *in] . kernel (+ bias[*out]). The only matmul-with-weights in the model.
 
     `features` is the output shape (e.g. (N, H) for a q projection); `n_in` is how many trailing input axes are
-    contracted (2 for an o projection over (N, H)).
+    contracted (2 for an o projection over (N, H)); `axes` names the kernel axes, in axes then out axes.
+
+    `layout` is how the kernel is stored: "in_out" = (*in, *out), the checkpoint and training layout; "out_in" =
+    (*out, *in), the Engine's layout, contracted as W . x^T (then the output transposed): XLA:CPU streams it at
+    ~25-30 GB/s at batch 1-8, where x . W drops to 6-12 GB/s at batch 4-8, and at prefill sizes it runs as fast as
+    x . W, where x . W^T would copy the kernel first (BENCHMARKS.md, "Decode weight layout").
+    `model.to_kernel_layout` converts a params tree between the two.
     """
 
     features: tuple[int, ...]
     axes: tuple[str | None, ...]  # logical names of kernel axes: in axes then out axes
     n_in: int = 1
     use_bias: bool = False
+    layout: str = "in_out"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         in_shape = x.shape[-self.n_in:]
-        kshape = (*in_shape, *self.features)
-        assert len(self.axes) == len(kshape), (self.name, self.axes, kshape)
-        kernel = self.param("kernel", nn.with_logical_partitioning(_init(int(np.prod(in_shape))), self.axes),
+        n_out = len(self.features)
+        assert len(self.axes) == self.n_in + n_out, (self.name, self.axes, in_shape, self.features)
+        assert self.layout in KERNEL_LAYOUTS, (self.name, self.layout)
+        out_in = self.layout == "out_in"
+        kshape = (*self.features, *in_shape) if out_in else (*in_shape, *self.features)
+        axes = (*self.axes[self.n_in:], *self.axes[:self.n_in]) if out_in else self.axes
+        kernel = self.param("kernel", nn.with_logical_partitioning(_init(int(np.prod(in_shape))), axes),
                             kshape, self.param_dtype)
         x = x.astype(self.dtype)
         kernel = kernel.astype(self.dtype)
         nd = x.ndim
-        contract = (tuple(range(nd - self.n_in, nd)), tuple(range(self.n_in)))
-        y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+        x_in = tuple(range(nd - self.n_in, nd))
+        if not out_in:
+            y = jax.lax.dot_general(x, kernel, ((x_in, tuple(range(self.n_in))), ((), ())))
+        else:
+            k_in = tuple(range(n_out, n_out + self.n_in))
+            y = jax.lax.dot_general(kernel, x, ((k_in, x_in), ((), ())))  # (*out, *rows)
+            y = jnp.moveaxis(y, tuple(range(n_out)), tuple(range(nd - self.n_in, nd - self.n_in + n_out)))
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.n_in:]),
                               self.features, self.param_dtype)
@@ -102,12 +122,13 @@ class GatedMLP(nn.Module):
     hidden: int
     out: int
     fused: bool = False
+    layout: str = "in_out"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, layout=self.layout)
         if self.fused:
             gu = Dense((2, self.hidden), ("embed", None, "mlp"), name="gate_up", **kw)(x)
             gate, up = gu[..., 0, :], gu[..., 1, :]
@@ -155,4 +176,8 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("btd,vd->btv", x.astype(self.dtype), self.embedding.astype(self.dtype))
+        """x (..., D) -> (..., V); the (V, D) table is already "out_in", contracted as Dense contracts that."""
+        x, w = x.astype(self.dtype), self.embedding.astype(self.dtype)
+        if int(np.prod(x.shape[:-1])) <= SMALL_ROWS:
+            return jnp.moveaxis(jax.lax.dot_general(w, x, (((1,), (x.ndim - 1,)), ((), ()))), 0, -1)
+        return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))

@@ -39,7 +39,8 @@ class Glm4v(nn.Module):
         self.language_model = TextModel(self.cfg)
         if not self.cfg.tie_word_embeddings:
             self.lm_head = Dense((self.cfg.text.vocab_size,), ("embed", "vocab"), name="lm_head",
-                                 dtype=jnp.dtype(rt.dtype), param_dtype=jnp.dtype(rt.param_dtype))
+                                 layout=rt.kernel_layout, dtype=jnp.dtype(rt.dtype),
+                                 param_dtype=jnp.dtype(rt.param_dtype))
 
     def encode_vision(self, pixel_values, hpos, wpos, segment_ids, seg_h, seg_w, attn_groups=None,
                       attn_inverse=None) -> jax.Array:
@@ -59,7 +60,8 @@ class Glm4v(nn.Module):
         vision_index: jax.Array | None = None,  # (B, T) index into the vision tokens, -1 = text
         cache: dict[str, Any] | None = None,
         cache_index: jax.Array | None = None,  # scalar slot where these T tokens are written
-        kv_segment_ids: jax.Array | None = None,  # (B, S) for the cache after this write
+        kv_segment_ids: jax.Array | None = None,  # (B, S) for the cache after this write; None with a cache: the
+        #                                        cache is empty before this write (prefill: attend to new tokens only)
         logits_index: jax.Array | None = None,  # (B,) compute logits only at these positions
         return_hidden: bool = False,
     ):
@@ -77,9 +79,10 @@ class Glm4v(nn.Module):
             slots = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
             h, new_cache = self.language_model(x, cos, sin, segment_ids, slots, segment_ids, slots)
         else:
-            s = kv_segment_ids.shape[1]
             q_slots = cache_index + jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-            kv_slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            kv_slots = None
+            if kv_segment_ids is not None:
+                kv_slots = jnp.broadcast_to(jnp.arange(kv_segment_ids.shape[1], dtype=jnp.int32), kv_segment_ids.shape)
             h, new_cache = self.language_model(x, cos, sin, segment_ids, q_slots, kv_segment_ids, kv_slots,
                                                cache, cache_index)
         if logits_index is not None:
@@ -241,3 +244,59 @@ def init_params(cfg: Glm4vConfig, rng: jax.Array | None = None, boxed: bool = Fa
 def abstract_params(cfg: Glm4vConfig) -> Any:
     """Shapes, dtypes and logical axes of every parameter, at no memory cost (jax.eval_shape)."""
     return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), boxed=True))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _transpose(x: jax.Array, perm: tuple[int, ...]) -> jax.Array:
+    return jnp.transpose(x, perm)
+
+
+def _layout_permutation(path: str, src: nn.LogicallyPartitioned, dst: nn.LogicallyPartitioned
+                        ) -> tuple[int, ...] | None:
+    """The axis permutation taking a kernel from `src` to `dst` storage (None: the same), found from the logical
+    names and shapes: a rotation of the in/out axes behind any shared leading axes (the scan's "layers")."""
+    s_names, s_shape, d_names, d_shape = src.names, src.value.shape, dst.names, dst.value.shape
+    if s_names == d_names and s_shape == d_shape:
+        return None
+    nd, found = len(s_shape), set()
+    for lead in range(nd):
+        if s_names[:lead] != d_names[:lead]:
+            break
+        for k in range(1, nd - lead):
+            perm = (*range(lead), *range(lead + k, nd), *range(lead, lead + k))
+            if tuple(s_names[i] for i in perm) == tuple(d_names) and tuple(s_shape[i] for i in perm) == d_shape:
+                found.add(perm)
+    if len(found) != 1:
+        raise ValueError(f"{path}: cannot map kernel {s_names} {s_shape} onto {d_names} {d_shape} "
+                         f"({len(found)} candidate permutations)")
+    return found.pop()
+
+
+def to_kernel_layout(params: Any, cfg: Glm4vConfig, layout: str, shardings: Any = None) -> tuple[Any, Glm4vConfig]:
+    """Re-store the text decoder's and lm_head's kernels in `layout` ("in_out" | "out_in", see layers.Dense).
+
+    Returns (params, cfg with runtime.kernel_layout = layout). Each kernel is transposed on its device(s) one at a
+    time, so the transient extra memory is one kernel (plus the caller's own reference to the old tree); with
+    `shardings` (a tree for the new layout, e.g. `sharding.param_shardings(abstract_params(new_cfg), mesh)`)
+    every leaf ends in its sharding. Converting back gives the original arrays bit for bit.
+    """
+    dst_cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, kernel_layout=layout))
+    if layout == cfg.runtime.kernel_layout:
+        return (params if shardings is None else jax.device_put(params, shardings)), dst_cfg
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
+    src_abs = jax.tree_util.tree_leaves_with_path(abstract_params(cfg), is_leaf=is_box)
+    dst_abs = jax.tree.leaves(abstract_params(dst_cfg), is_leaf=is_box)
+    leaves, treedef = jax.tree.flatten(params)
+    if len(leaves) != len(src_abs):
+        raise ValueError(f"params have {len(leaves)} arrays; the config describes {len(src_abs)}")
+    sh_leaves = [None] * len(leaves) if shardings is None else jax.tree.leaves(shardings)
+    out = []
+    for x, (path, s), d, sh in zip(leaves, src_abs, dst_abs, sh_leaves, strict=True):
+        name = jax.tree_util.keystr(path)
+        if np.shape(x) != s.value.shape:
+            raise ValueError(f"{name}: shape {np.shape(x)}, the config's {cfg.runtime.kernel_layout!r} layout "
+                             f"expects {s.value.shape}")
+        perm = _layout_permutation(name, s, d) if is_box(s) else None
+        y = x if perm is None else _transpose(jnp.asarray(x), perm)
+        out.append(y if sh is None else jax.device_put(y, sh))
+    return jax.tree.unflatten(treedef, out), dst_cfg

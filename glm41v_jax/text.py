@@ -6,7 +6,9 @@ interleaved-pair 3-D M-RoPE on the first half of each head. The same layer code 
 weights (training) or unrolled over per-layer weights (decoding), with or without a KV cache.
 
 KV cache: per layer k, v (B, S, K, H) written at slot `cache_index`; one shared `kv_segment_ids` (B, S) says which
-slots hold real tokens (0 = empty or padding). Slots double as causal positions.
+slots hold real tokens (0 = empty or padding). Slots double as causal positions. With a cache but no kv segment ids
+(a prefill into an empty cache) the new tokens are written and attend only to each other, not to the S - T empty
+slots.
 
 Axis legend: B batch, T new tokens, S cache slots, D width, N q heads, K kv heads, H head dim, F mlp width.
 """
@@ -29,25 +31,28 @@ class TextAttention(nn.Module):
     dtype: Any
     param_dtype: Any
     attention_impl: str = "xla"  # RuntimeConfig.attention_impl
+    layout: str = "in_out"  # RuntimeConfig.kernel_layout
 
     @nn.compact
     def __call__(self, x, cos, sin, q_seg, q_slots, kv_seg, kv_slots, kv_cache, cache_index):
         c = self.cfg
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, layout=self.layout)
         n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         q = Dense((n, h), ("embed", "heads", "head_dim"), use_bias=True, name="q_proj", **kw)(x)
         kk = Dense((k, h), ("embed", "kv_heads", "head_dim"), use_bias=True, name="k_proj", **kw)(x)
         v = Dense((k, h), ("embed", "kv_heads", "head_dim"), use_bias=True, name="v_proj", **kw)(x)
         q = apply_mrope(q, cos, sin)
         kk = apply_mrope(kk, cos, sin)
-        if kv_cache is None:
-            new_cache = None
-            k_all, v_all = kk, v
-        else:
+        new_cache = None
+        k_all, v_all = kk, v
+        if kv_cache is not None:
             ck, cv = kv_cache
-            k_all = jax.lax.dynamic_update_slice(ck, kk.astype(ck.dtype), (0, cache_index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
-            new_cache = (k_all, v_all)
+            new_cache = (jax.lax.dynamic_update_slice(ck, kk.astype(ck.dtype), (0, cache_index, 0, 0)),
+                         jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0)))
+            if kv_seg is not None:  # attend to the whole cache; None: a fresh cache, the new tokens are all of it
+                k_all, v_all = new_cache
+        if kv_seg is None:
+            kv_seg, kv_slots = q_seg, q_slots
         o = attention(q, k_all.astype(self.dtype), v_all.astype(self.dtype), q_segment_ids=q_seg,
                       kv_segment_ids=kv_seg, causal=True, q_positions=q_slots, kv_positions=kv_slots,
                       impl=self.attention_impl)
@@ -59,17 +64,19 @@ class DecoderLayer(nn.Module):
     dtype: Any
     param_dtype: Any
     attention_impl: str = "xla"
+    layout: str = "in_out"
 
     @nn.compact
     def __call__(self, x, cos, sin, q_seg, q_slots, kv_seg, kv_slots, cache_index, kv_cache):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
-        h, new_cache = TextAttention(c, name="self_attn", attention_impl=self.attention_impl, **kw)(
+        h, new_cache = TextAttention(c, name="self_attn", attention_impl=self.attention_impl, layout=self.layout,
+                                     **kw)(
             h, cos, sin, q_seg, q_slots, kv_seg, kv_slots, kv_cache, cache_index)
         x = x + RMSNorm(c.rms_norm_eps, name="post_self_attn_layernorm", **kw)(h)
         h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
-        h = GatedMLP(c.intermediate_size, c.hidden_size, fused=True, name="mlp", **kw)(h)
+        h = GatedMLP(c.intermediate_size, c.hidden_size, fused=True, layout=self.layout, name="mlp", **kw)(h)
         x = x + RMSNorm(c.rms_norm_eps, name="post_mlp_layernorm", **kw)(h)
         return x, new_cache
 
@@ -89,9 +96,9 @@ class TextModel(nn.Module):
             self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                                   in_axes=(nn.broadcast,) * 7 + (0,), length=c.num_hidden_layers,
                                   metadata_params={nn.PARTITION_NAME: "layers"})(c, attention_impl=rt.attention_impl,
-                                                                                 **kw)
+                                                                                 layout=rt.kernel_layout, **kw)
         else:
-            self.layers = [layer(c, name=f"layers_{i}", attention_impl=rt.attention_impl, **kw)
+            self.layers = [layer(c, name=f"layers_{i}", attention_impl=rt.attention_impl, layout=rt.kernel_layout, **kw)
                            for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, **kw)
 

@@ -7,6 +7,7 @@ with `implementation="xla"`, so the mask/GQA/scale construction is checked but t
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import jax
@@ -90,6 +91,44 @@ def _check(out, ref, kw, tol):
 
 
 CASES = ["prefill", "prefill_restart", "cache", "decode", "vision"]
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("block_bytes", [1, 64 << 10, None])
+def test_blocked_matches_dense(name, block_bytes):
+    """The CPU path (query chunks of 16 rows up to CPU_BLOCK_BYTES; T not a chunk multiple) = the one-block math,
+    fully masked padding rows included (both give the mean of v there), in float32 and bfloat16."""
+    for dtype, tol in ((jnp.float32, F32_TOL), (jnp.bfloat16, BF16_TOL)):
+        q, k, v, kw = _case(name, dtype)
+        ref = jax.jit(functools.partial(A.dense_attention, **kw))(q, k, v)
+        out = jax.jit(functools.partial(A.blocked_attention, **kw, block_bytes=block_bytes))(q, k, v)
+        assert out.dtype == ref.dtype == dtype
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=0)
+
+
+def test_blocked_gradients_match_dense():
+    q, k, v, kw = _case("prefill")
+    w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+
+    def grads(fn):
+        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, **kw) * w), argnums=(0, 1, 2)))(q, k, v)
+
+    blocked = grads(lambda *a, **kw: A.blocked_attention(*a, **kw, block_bytes=64 << 10))
+    for g, r in zip(blocked, grads(A.dense_attention), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-4, rtol=0)
+
+
+def test_xla_dispatch_on_cpu(monkeypatch):
+    """On the CPU backend prefill-sized calls run blocked, decode-sized calls the one block (same numbers)."""
+    assert jax.default_backend() == "cpu"
+    calls = []
+    blocked = A.blocked_attention
+    monkeypatch.setattr(A, "blocked_attention", lambda *a, **kw: calls.append(a[0].shape) or blocked(*a, **kw))
+    for name, n_blocked in (("prefill", 1), ("decode", 1)):
+        q, k, v, kw = _case(name)
+        out = A.xla_attention(q, k, v, **kw)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(A.dense_attention(q, k, v, **kw)), atol=F32_TOL)
+        assert len(calls) == n_blocked, (name, calls)
 
 
 @pytest.mark.parametrize("name", CASES)

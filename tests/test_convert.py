@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import reference as R
 import torch
-from glm41v_convert.hf_to_orbax import convert, save_converted
 from safetensors import safe_open
 from safetensors.numpy import save_file
 from safetensors.torch import save_file as save_torch
 
+from glm41v_convert.hf_to_orbax import convert, save_converted
 from glm41v_jax import loading, tiny
 from glm41v_jax import model as M
 from glm41v_jax.config import Glm4vConfig

@@ -186,11 +186,14 @@ def test_mesh_gives_the_same_tokens(gqa, spec):
     res = eng.generate_batch(batch, max_new_tokens=12, eos_ids=())
     assert [r.token_ids for r in res] == ref
     # Params are sharded by the rules table: query heads over `tensor`; 2 KV heads only while tensor <= 2.
+    # The engine keeps the "out_in" decode layout: q kernel (N, H, D), k kernel (K, H, D).
+    assert eng.cfg.runtime.kernel_layout == "out_in"
     q = eng.params["language_model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
     k = eng.params["language_model"]["layers_0"]["self_attn"]["k_proj"]["kernel"]
+    assert q.shape == (cfg.text.num_attention_heads, cfg.text.head_dim, cfg.text.hidden_size)
     t = mesh.shape["tensor"]
-    assert q.sharding.spec[1] == ("tensor" if t > 1 else None)
-    assert k.sharding.spec[1] == ("tensor" if 1 < t <= 2 else None)
+    assert q.sharding.spec[0] == ("tensor" if t > 1 else None)
+    assert k.sharding.spec[0] == ("tensor" if 1 < t <= 2 else None)
     # The KV cache follows the same table.
     cache = eng.cache_shardings({"k": [jax.ShapeDtypeStruct((2, 128, 2, 16), np.float32)]})["k"][0]
     assert cache.spec[2] == ("tensor" if 1 < t <= 2 else None)

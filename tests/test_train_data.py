@@ -17,11 +17,11 @@ import types
 import jax
 import numpy as np
 import pytest
-from glm41v_train.data import ConversationEncoder, DataConfig, DataError, make_iterator
-from glm41v_train.packing import FirstFitPacker, assemble_batch, empty_vision
 from PIL import Image
 
 from glm41v_jax import tiny
+from glm41v_train.data import ConversationEncoder, DataConfig, DataError, make_iterator
+from glm41v_train.packing import FirstFitPacker, assemble_batch, empty_vision
 
 ASSISTANT, NL, EOT, IMG, BOV, EOV = 151337, 198, 151329, 151343, 151341, 151342
 

@@ -26,11 +26,11 @@ import time
 import jax
 import numpy as np
 import pytest
-from glm41v_train.config import TrainConfigError, load_config
 from PIL import Image
 from test_train_data import _hand_labels, _mp4, _png, hf_proc  # noqa: F401  (hf_proc: a fixture)
 
 from glm41v_jax import tiny
+from glm41v_train.config import TrainConfigError, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(REPO, "train", "configs", "cpu_smoke.yaml")
@@ -462,13 +462,13 @@ def test_multihost_two_processes_match_one(tmp_path, mh_data, ckpt, tiny_cache_d
     with 8 devices: the same losses, eval losses, stop step (the epoch runs out on one host: both stop together),
     and each process reads a disjoint part of the data, exactly what its shard's iterator yields."""
     import orbax.checkpoint as ocp
-    from glm41v_train.data import ConversationEncoder, make_iterator
-    from glm41v_train.loop import LossEvaluator, abstract_state, place_unrolled
-    from glm41v_train.step import TrainStep, stack_batches
 
     from glm41v_jax import load
     from glm41v_jax.sharding import make_mesh
     from glm41v_jax.weights import unstack_layers
+    from glm41v_train.data import ConversationEncoder, make_iterator
+    from glm41v_train.loop import LossEvaluator, abstract_state, place_unrolled
+    from glm41v_train.step import TrainStep, stack_batches
 
     data_path, eval_path, lines = mh_data
     out = str(tmp_path / "mh")
@@ -557,12 +557,11 @@ def test_vision_offsets_keep_hosts_apart(ckpt, mh_data):
     """The multi-host assembly rule on one process: two hosts' batches, offset and concatenated as
     make_array_from_process_local_data would, give exactly the sum of their separate losses; without the offsets
     the vision tokens of host 1 would be host 0's."""
+    from glm41v_jax import load
     from glm41v_train.data import DataConfig, make_iterator
     from glm41v_train.loop import offset_vision
     from glm41v_train.loss import loss_and_count
     from glm41v_train.step import StepConfig, train_config
-
-    from glm41v_jax import load
 
     data_path, _, _ = mh_data
     params, mcfg = load(ckpt, as_numpy=True)
@@ -600,13 +599,13 @@ def test_vision_offsets_keep_hosts_apart(ckpt, mh_data):
 
 def test_flop_counter_and_peaks():
     import torch
-    from glm41v_train.metrics import FlopCounter, device_peak_tflops
-    from glm41v_train.optim import OptimConfig
-    from glm41v_train.step import StepConfig, TrainStep, train_config
     from transformers import Glm4vConfig as HFConfig
     from transformers import Glm4vForConditionalGeneration
 
     from glm41v_jax.config import Glm4vConfig
+    from glm41v_train.metrics import FlopCounter, device_peak_tflops
+    from glm41v_train.optim import OptimConfig
+    from glm41v_train.step import StepConfig, TrainStep, train_config
 
     d = tiny.tiny_hf_config()
     with torch.device("meta"):

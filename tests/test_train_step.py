@@ -10,14 +10,14 @@ import optax
 import pytest
 import reference as R
 import torch
-from glm41v_train import loss as L
-from glm41v_train import optim as O
-from glm41v_train import step as S
 
 from glm41v_jax import tiny, weights
 from glm41v_jax.config import Glm4vConfig
 from glm41v_jax.model import pack_vision, prepare_inputs
 from glm41v_jax.sharding import make_mesh
+from glm41v_train import loss as L
+from glm41v_train import optim as O
+from glm41v_train import step as S
 
 EOS = 151329
 FP32 = S.StepConfig(compute_dtype="float32", loss_chunk=16, remat_policy="full")

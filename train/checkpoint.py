@@ -178,8 +178,8 @@ def save_final(params: Any, cfg: Any, dst: str, *, source_dir: str | None, dtype
 
 def _save_final_multihost(params: Any, cfg: Any, dst: str, source_dir: str | None) -> str:
     import orbax.checkpoint.experimental.v1 as ocp
-    from glm41v_convert.hf_to_orbax import _copy_side_files, _finish
 
+    from glm41v_convert.hf_to_orbax import _copy_side_files, _finish
     from glm41v_jax.loading import FORMAT_NAME, FORMAT_VERSION, PARAMS_SUBDIR
     from glm41v_jax.weights import iter_leaves, unstack_layers
 
