@@ -116,9 +116,10 @@ def prefill_flops(cfg, inputs: dict) -> float:
     the training FLOP model (glm41v_train.metrics.FlopCounter, forward only)."""
     from glm41v_jax.generate import prepare_batch
     from glm41v_jax.model import abstract_params
+    from glm41v_jax.sharding import unbox
     from glm41v_train.metrics import FlopCounter
 
-    counter = FlopCounter(cfg, abstract_params(cfg), freeze=("vision", "projector", "decoder"))  # forward only
+    counter = FlopCounter(cfg, unbox(abstract_params(cfg)), freeze=("vision", "projector", "decoder"))  # forward
     prep = prepare_batch(cfg, inputs, 1, patch_bucket=None)
     stats = FlopCounter.batch_stats(prep.model_kwargs)
     rows = prep.model_kwargs["input_ids"].shape[0]
@@ -131,10 +132,10 @@ def decode_bytes(cfg) -> float:
     import jax
 
     from glm41v_jax.model import abstract_params
+    from glm41v_jax.sharding import unbox
 
-    leaves = jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]
-    n = sum(int(np.prod(x.value.shape if hasattr(x, "value") else x.shape)) for p, x in leaves
-            if str(getattr(p[0], "key", "")) in ("language_model", "lm_head"))
+    leaves = jax.tree_util.tree_flatten_with_path(unbox(abstract_params(cfg)))[0]
+    n = sum(int(np.prod(x.shape)) for p, x in leaves if str(getattr(p[0], "key", "")) in ("language_model", "lm_head"))
     emb = cfg.text.vocab_size * cfg.text.hidden_size  # the input embedding is a lookup: one row read per token
     return 4.0 * (n - emb)
 

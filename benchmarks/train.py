@@ -195,7 +195,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--remat", default="none", help="our remat policy: none | full | dots | dots_no_batch")
-    ap.add_argument("--loss-chunk", type=int, default=512)
+    ap.add_argument("--loss-chunk", type=int, default=None, help="label rows per head chunk (default: the product's)")
     ap.add_argument("--loss-memory", action="store_true", help="also measure the loss alone per chunk size")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -216,6 +216,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     batches = [make_batch(rng, args.batch, args.seq, patch_dim) for _ in range(2)]
 
+    if args.loss_chunk is None:
+        from glm41v_train.loss import DEFAULT_CHUNK
+
+        args.loss_chunk = DEFAULT_CHUNK
     res = interleaved({"jax": jax_stepper(hf_cfg, state, batches, args.remat, args.loss_chunk),
                        "hf": hf_stepper(model, batches)}, args.steps)
     ours, hf = res["jax"], res["hf"]

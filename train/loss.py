@@ -9,8 +9,11 @@ predicts the first token of the next). On an unpacked row this is exactly HF's `
 so that any mean is token-weighted: training divides the gradient of the sum by the count of the whole accumulated
 global batch; evaluation (`glm41v loss`) adds sums and counts over a file.
 
-Memory: the output head runs over T in chunks of `chunk_size` inside a `lax.scan` (fp32 log-softmax per chunk), so
-at most (B, chunk, V) fp32 logits exist at a time. With vocab 151552 the full (B, T, V) fp32 logits would be
+Memory and work: the output head runs over the label rows only. The B * T positions are flattened, the rows that
+carry a label are moved to the front (a stable argsort), and the head runs over chunks of `chunk_size` rows in a
+while loop that stops after the last chunk holding a label row. So at most (chunk, V) fp32 logits exist at a time,
+and an SFT batch whose labels are a fraction of its tokens (answers after long prompts and images) pays the head's
+three vocab-sized matmuls for that fraction only. With vocab 151552 the full (B, T, V) fp32 logits would be
 0.6 MB per token (2.4 GB for B*T = 4096). Under differentiation the head is a fused "linear cross-entropy"
 (`head_cross_entropy`, a custom VJP): the forward pass computes each chunk's logits once and, when the head is
 being differentiated, already forms d(loss)/dh and accumulates d(loss)/dW from that chunk's softmax; the backward
@@ -18,7 +21,7 @@ pass only scales them by the incoming cotangent. Cost: the same three head matmu
 dW) with no logits recompute, and residuals of one (B, T, D) hidden-size array plus one head-size fp32 array (the
 head's gradient, which autodiff produces anyway). When the head is frozen (not perturbed) dW is skipped.
 
-Axis legend: B batch rows, T tokens, C chunk of T, D model width, V vocabulary.
+Axis legend: B batch rows, T tokens, C chunk of label rows, D model width, V vocabulary.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from glm41v_jax.config import Glm4vConfig
 from glm41v_jax.model import Glm4v
 
 IGNORE = -100
-DEFAULT_CHUNK = 512
+DEFAULT_CHUNK = 64  # label rows per head chunk (TPU configs set 512-1024: bigger matmuls, a little more waste)
 
 
 def shift_targets(labels: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -67,22 +70,36 @@ def head_kernel(params: Mapping[str, Any], cfg: Glm4vConfig) -> tuple[jax.Array,
 # Chunked (fused) linear cross-entropy.
 
 
-def _chunks(x: jax.Array, c: int) -> jax.Array:
-    """(B, T, ...) -> (T/c, B, c, ...), T padded with zeros to a multiple of c."""
-    b, t = x.shape[:2]
-    n = -(-t // c)
-    if n * c != t:
-        x = jnp.pad(x, [(0, 0), (0, n * c - t)] + [(0, 0)] * (x.ndim - 2))
-    return jnp.swapaxes(x.reshape(b, n, c, *x.shape[2:]), 0, 1)
+def _compact(h: jax.Array, targets: jax.Array, weights: jax.Array, chunk: int):
+    """Flatten (B, T) to rows, put the label rows first (stable), pad to whole chunks: -> h (n, C, D), targets and
+    weights (n, C), `order` (B*T,) for putting per-row results back, and the number of chunks holding a label row
+    (the loops below run over those only)."""
+    b, t, d = h.shape
+    rows = b * t
+    c = min(chunk, rows)
+    n = -(-rows // c)
+    labelled = weights.reshape(rows) > 0
+    order = jnp.argsort(~labelled, stable=True)
+
+    def take(x: jax.Array) -> jax.Array:
+        x = jnp.take(x.reshape(rows, *x.shape[2:]), order, axis=0)
+        x = jnp.pad(x, [(0, n * c - rows)] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape(n, c, *x.shape[1:])
+
+    live = (jnp.sum(labelled, dtype=jnp.int32) + c - 1) // c
+    return take(h), take(targets), take(weights), order, live
 
 
-def _unchunk(x: jax.Array, t: int) -> jax.Array:
-    n, b, c = x.shape[:3]
-    return jnp.swapaxes(x, 0, 1).reshape(b, n * c, *x.shape[3:])[:, :t]
+def _restore(x: jax.Array, order: jax.Array, shape: tuple[int, int]) -> jax.Array:
+    """(n, C, ...) per compacted row -> (B, T, ...) in the original positions."""
+    rows = shape[0] * shape[1]
+    x = x.reshape(-1, *x.shape[2:])[:rows]
+    inverse = jnp.argsort(order)
+    return jnp.take(x, inverse, axis=0).reshape(*shape, *x.shape[1:])
 
 
 def _logits(h: jax.Array, w: jax.Array, vocab_major: bool, dtype: Any) -> jax.Array:
-    spec = "bcd,vd->bcv" if vocab_major else "bcd,dv->bcv"
+    spec = "cd,vd->cv" if vocab_major else "cd,dv->cv"
     return jnp.einsum(spec, h.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
 
 
@@ -95,49 +112,44 @@ def _chunk_loss(logits: jax.Array, tgt: jax.Array, wt: jax.Array) -> tuple[jax.A
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def head_cross_entropy(h: jax.Array, w: jax.Array, targets: jax.Array, weights: jax.Array, chunk: int,
                        vocab_major: bool, dtype: Any) -> jax.Array:
-    """sum_t weights[b,t] * CE(h[b,t] @ W, targets[b,t]), fp32, in chunks of T. h (B, T, D); W (D, V) or (V, D)."""
-    t = h.shape[1]
-    chunk = min(chunk, t)
+    """sum_t weights[b,t] * CE(h[b,t] @ W, targets[b,t]), fp32, over the chunks of label rows (a while loop: no
+    work for label-free chunks). h (B, T, D); W (D, V) or (V, D)."""
+    hs, ts, ws, _, live = _compact(h, targets, weights, chunk)
 
-    def body(total, xs):
-        hc, tc, wc = xs
-        s, _ = _chunk_loss(_logits(hc, w, vocab_major, dtype), tc, wc)
-        return total + s, None
+    def body(i, total):
+        return total + _chunk_loss(_logits(hs[i], w, vocab_major, dtype), ts[i], ws[i])[0]
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
-                            (_chunks(h, chunk), _chunks(targets, chunk), _chunks(weights, chunk)))
-    return total
+    return jax.lax.fori_loop(0, live, body, jnp.zeros((), jnp.float32))
 
 
 def _fwd(h, w, targets, weights, chunk, vocab_major, dtype):
     # symbolic_zeros=True: the differentiable arguments arrive as CustomVJPPrimal(value, perturbed).
     need_dw = w.perturbed
     h, w, targets, weights = h.value, w.value, targets.value, weights.value
-    t = h.shape[1]
-    chunk = min(chunk, t)
     cd = jnp.dtype(dtype)
+    hs, ts, ws, order, live = _compact(h, targets, weights, chunk)
 
-    def body(carry, xs):
-        total, dw = carry
-        hc, tc, wc = xs
-        logits = _logits(hc, w, vocab_major, cd)  # (B, C, V) fp32
+    def body(i, carry):
+        total, dh, dw = carry
+        hc, tc, wc = hs[i], ts[i], ws[i]
+        logits = _logits(hc, w, vocab_major, cd)  # (C, V) fp32
         s, lse = _chunk_loss(logits, tc, wc)
         # d(sum)/d(logits) = (softmax - onehot(target)) * weight, without materialising the one-hot.
         p = jnp.exp(logits - lse[..., None])
-        hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == tc[..., None]
+        hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == tc[..., None]
         g = (jnp.where(hit, p - 1.0, p) * wc[..., None]).astype(cd)
-        dh = jnp.einsum("bcv,vd->bcd" if vocab_major else "bcv,dv->bcd", g, w.astype(cd),
-                        preferred_element_type=jnp.float32).astype(h.dtype)
+        dhc = jnp.einsum("cv,vd->cd" if vocab_major else "cv,dv->cd", g, w.astype(cd),
+                         preferred_element_type=jnp.float32).astype(h.dtype)
+        dh = jax.lax.dynamic_update_index_in_dim(dh, dhc, i, 0)
         if need_dw:
-            spec = "bcv,bcd->vd" if vocab_major else "bcd,bcv->dv"
+            spec = "cv,cd->vd" if vocab_major else "cd,cv->dv"
             args = (g, hc.astype(cd)) if vocab_major else (hc.astype(cd), g)
             dw = dw + jnp.einsum(spec, *args, preferred_element_type=jnp.float32)
-        return (total + s, dw), dh
+        return total + s, dh, dw
 
     dw0 = jnp.zeros(w.shape, jnp.float32) if need_dw else None
-    (total, dw), dh = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dw0),
-                                   (_chunks(h, chunk), _chunks(targets, chunk), _chunks(weights, chunk)))
-    return total, (_unchunk(dh, t), None if dw is None else dw.astype(w.dtype))
+    total, dh, dw = jax.lax.fori_loop(0, live, body, (jnp.zeros((), jnp.float32), jnp.zeros_like(hs), dw0))
+    return total, (_restore(dh, order, h.shape[:2]), None if dw is None else dw.astype(w.dtype))
 
 
 def _bwd(chunk, vocab_major, dtype, res, g):

@@ -74,7 +74,7 @@ class StepConfig:
     remat_policy: str = "full"  # none | full | dots | dots_no_batch | everything (glm41v_jax.layers.remat_policy)
     compute_dtype: str = "bfloat16"  # activations / matmul inputs ("float32" on CPU)
     grad_dtype: str = "float32"  # dtype gradients are produced and accumulated in
-    loss_chunk: int = DEFAULT_CHUNK  # tokens per head chunk in the loss
+    loss_chunk: int = DEFAULT_CHUNK  # label rows per head chunk in the loss (train/loss.py)
     vision_sharding: str = "batch"  # "batch" | "replicated" (module docstring)
 
     def __post_init__(self) -> None:
