@@ -38,8 +38,8 @@ class Dense(nn.Module):
 
     `layout` is how the kernel is stored: "in_out" = (*in, *out), the checkpoint and training layout; "out_in" =
     (*out, *in), the Engine's layout, contracted as W . x^T (then the output transposed): XLA:CPU streams it at
-    ~25-30 GB/s at batch 1-8, where x . W drops to 6-12 GB/s at batch 4-8, and at prefill sizes it runs as fast as
-    x . W, where x . W^T would copy the kernel first (BENCHMARKS.md, "Decode weight layout").
+    ~13-30 GB/s at batch 1-8, where x . W drops to 5-9 GB/s at batch 4-8; at prefill sizes it costs the engine ~3%,
+    where x . W^T would copy the kernel before every matmul (BENCHMARKS.md, "Decode weight layout").
     `model.to_kernel_layout` converts a params tree between the two.
     """
 
