@@ -6,7 +6,8 @@ sides. Each row is one SFT sample of `--seq` tokens: a 448x448 image (1024 patch
 question and an answer filling the rest (labels on the answer and the final <|endoftext|>). Both sides run the same
 batches, AdamW (lr 1e-5, betas 0.9/0.999, eps 1e-8, wd 0.1) with global-norm clipping at 1.0:
 
-  ours          glm41v_train.step.TrainStep: scanned layers, the chunked fused cross-entropy, one device
+  ours          glm41v_train.step.TrainStep: scanned layers (--unrolled: per-layer), the fused head over label
+                rows, one device
   transformers  Glm4vForConditionalGeneration(..., labels=labels).loss.backward(), clip_grad_norm_, AdamW.step()
 
 The timed steps alternate between the two sides (one warm-up step each first), so a change in machine load hits
@@ -97,7 +98,7 @@ def hf_stepper(model, batches: list[dict]):
     return step
 
 
-def jax_stepper(hf_cfg: dict, state: dict, batches: list[dict], remat: str, chunk: int):
+def jax_stepper(hf_cfg: dict, state: dict, batches: list[dict], remat: str, chunk: int, scan: bool = True):
     """A closure running one step of ours on batch i; returns (seconds, loss)."""
     import jax
 
@@ -110,7 +111,8 @@ def jax_stepper(hf_cfg: dict, state: dict, batches: list[dict], remat: str, chun
     cfg = Glm4vConfig.from_hf(hf_cfg)
     oc = OptimConfig(peak_lr=1e-5, warmup_steps=0, total_steps=10**6, end_lr=1e-5, b1=0.9, b2=0.999, eps=1e-8,
                      weight_decay=0.1, clip_norm=1.0)
-    ts = TrainStep(cfg, oc, sc=StepConfig(compute_dtype="float32", remat_policy=remat, loss_chunk=chunk))
+    ts = TrainStep(cfg, oc, sc=StepConfig(compute_dtype="float32", remat_policy=remat, loss_chunk=chunk,
+                                          scan_layers=scan))
     ours = []
     for b in batches:
         kw = {k: v for k, v in b.items() if k != "labels"}
@@ -195,6 +197,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--remat", default="none", help="our remat policy: none | full | dots | dots_no_batch")
+    ap.add_argument("--unrolled", action="store_true", help="StepConfig(scan_layers=False): per-layer weights")
     ap.add_argument("--loss-chunk", type=int, default=None, help="label rows per head chunk (default: the product's)")
     ap.add_argument("--loss-memory", action="store_true", help="also measure the loss alone per chunk size")
     ap.add_argument("--json", default=None)
@@ -220,7 +223,7 @@ def main() -> None:
         from glm41v_train.loss import DEFAULT_CHUNK
 
         args.loss_chunk = DEFAULT_CHUNK
-    res = interleaved({"jax": jax_stepper(hf_cfg, state, batches, args.remat, args.loss_chunk),
+    res = interleaved({"jax": jax_stepper(hf_cfg, state, batches, args.remat, args.loss_chunk, not args.unrolled),
                        "hf": hf_stepper(model, batches)}, args.steps)
     ours, hf = res["jax"], res["hf"]
     tokens = args.batch * args.seq
@@ -229,6 +232,7 @@ def main() -> None:
            "hf_tokens_per_s": tokens / hf["step_s"], "jax_tokens_per_s": tokens / ours["step_s"],
            "speedup": hf["step_s"] / ours["step_s"], "jax_first_step_s": ours["first_step_s"],
            "hf_first_step_s": hf["first_step_s"], "remat": args.remat, "loss_chunk": args.loss_chunk,
+           "scan_layers": not args.unrolled,
            "first_loss_hf": hf["losses"][0], "first_loss_jax": ours["losses"][0],
            "hf_times": hf["times"], "jax_times": ours["times"]}
     print(json.dumps(row), flush=True)

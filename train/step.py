@@ -59,7 +59,7 @@ from glm41v_jax.config import Glm4vConfig
 from glm41v_jax.layers import remat_policy as _check_remat
 from glm41v_jax.model import abstract_params
 from glm41v_jax.sharding import logical_to_spec, make_mesh, param_shardings, unbox
-from glm41v_jax.weights import stack_layers
+from glm41v_jax.weights import stack_layers, unstack_layers
 
 from .loss import DEFAULT_CHUNK, label_count, loss_and_count
 from .optim import OptimConfig, lr_schedule, make_optimizer, opt_state_shardings, trainable_mask
@@ -76,6 +76,9 @@ class StepConfig:
     grad_dtype: str = "float32"  # dtype gradients are produced and accumulated in
     loss_chunk: int = DEFAULT_CHUNK  # label rows per head chunk in the loss (train/loss.py)
     vision_sharding: str = "batch"  # "batch" | "replicated" (module docstring)
+    # True: layers under nn.scan over stacked weights (compile time flat in depth: TPU pods). False: unrolled layers
+    # with per-layer weights (faster on XLA:CPU, where a scan copies each layer's weights and gradients).
+    scan_layers: bool = True
 
     def __post_init__(self) -> None:
         if self.accum_steps < 1:
@@ -91,8 +94,8 @@ class StepConfig:
 
 
 def train_config(cfg: Glm4vConfig, sc: StepConfig) -> Glm4vConfig:
-    """The model config the step runs: scanned layers, remat, compute dtype, fp32 master weights."""
-    return cfg.with_runtime(scan_layers=True, remat_policy=sc.remat_policy, dtype=sc.compute_dtype,
+    """The model config the step runs: scanned (or unrolled) layers, remat, compute dtype, fp32 master weights."""
+    return cfg.with_runtime(scan_layers=sc.scan_layers, remat_policy=sc.remat_policy, dtype=sc.compute_dtype,
                             param_dtype="float32")
 
 
@@ -213,9 +216,13 @@ class TrainStep:
     # -- placement ---------------------------------------------------------------------------------------------
 
     def place_params(self, params: Any) -> Any:
-        """Unrolled or stacked params (NumPy / jax, any float dtype) -> stacked fp32 arrays with their shardings."""
-        if "layers" not in params.get("language_model", {}):
+        """Unrolled or stacked params (NumPy / jax, any float dtype) -> fp32 arrays in the step's layout (stacked
+        when `scan_layers`) with their shardings."""
+        stacked = "layers" in params.get("language_model", {})
+        if self.sc.scan_layers and not stacked:
             params = stack_layers(params)
+        elif not self.sc.scan_layers and stacked:
+            params = unstack_layers(params)
         want = jax.tree.structure(self.abstract_params)
         if jax.tree.structure(params) != want:
             raise ValueError("params do not match the model config's parameter tree")
