@@ -24,6 +24,7 @@ import sys
 import time
 
 import numpy as np
+from common import setup
 
 
 def timed(fns: dict, repeats: int) -> dict[str, float]:
@@ -123,13 +124,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
+    setup(args.threads)
     import jax
-
-    jax.config.update("jax_default_matmul_precision", "highest")
-    import glm41v_jax  # noqa: F401  (its XLA:CPU flag, as in the product)
+    import torch
 
     lay = layouts(args.repeats)
     att = attention(args.repeats)

@@ -23,23 +23,7 @@ import tempfile
 import time
 
 import numpy as np
-
-SMALL = {
-    "text": dict(vocab_size=151552, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-                 num_attention_heads=16, num_key_value_heads=2,
-                 rope_scaling={"rope_type": "default", "mrope_section": [4, 6, 6]}),
-    "vision": dict(depth=4, hidden_size=512, num_heads=4, out_hidden_size=1024, intermediate_size=2816,
-                   image_size=336, patch_size=14),
-}
-
-
-def small_config() -> dict:
-    from glm41v_jax import tiny
-
-    d = tiny.tiny_hf_config()
-    d["text_config"].update(SMALL["text"])
-    d["vision_config"].update(SMALL["vision"])
-    return d
+from common import hf_small_model, setup
 
 
 def build_inputs(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -63,12 +47,9 @@ def build_inputs(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     return proc(texts, images=images)
 
 
-def bench_hf(hf_cfg: dict, inputs: dict, new_tokens: int, repeats: int) -> dict[str, float]:
+def bench_hf(model, inputs: dict, new_tokens: int, repeats: int) -> dict[str, float]:
     import torch
-    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
 
-    torch.manual_seed(0)
-    model = Glm4vForConditionalGeneration(Glm4vConfig(**hf_cfg)).eval()
     kw = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items() if v is not None}
     gen = dict(do_sample=False, eos_token_id=None, pad_token_id=151329)
 
@@ -136,11 +117,12 @@ def decode_bytes(cfg) -> float:
 
     leaves = jax.tree_util.tree_flatten_with_path(unbox(abstract_params(cfg)))[0]
     n = sum(int(np.prod(x.shape)) for p, x in leaves if str(getattr(p[0], "key", "")) in ("language_model", "lm_head"))
-    emb = cfg.text.vocab_size * cfg.text.hidden_size  # the input embedding is a lookup: one row read per token
+    # The input embedding is a lookup (one row per token), unless it is also the (tied) output head.
+    emb = 0 if cfg.tie_word_embeddings else cfg.text.vocab_size * cfg.text.hidden_size
     return 4.0 * (n - emb)
 
 
-def machine_limits(threads: int) -> dict[str, float]:
+def machine_limits() -> dict[str, float]:
     """What this machine does at best, measured now: a large fp32 GEMM (GFLOP/s) in XLA and in torch, and the
     memory read bandwidth (GB/s, a 512 MB reduction) in XLA and torch."""
     import jax
@@ -157,8 +139,8 @@ def machine_limits(threads: int) -> dict[str, float]:
         return min(ts)
 
     m, k, n = 1024, 1024, 4096
-    a, b = np.random.default_rng(0).standard_normal((2, m, k), dtype=np.float32)[0], \
-        np.random.default_rng(1).standard_normal((k, n), dtype=np.float32)
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)
     ja, jb = jnp.asarray(a), jnp.asarray(b)
     mm = jax.jit(jnp.matmul)
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
@@ -181,20 +163,14 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
+    setup(args.threads)
+    import jax
     import torch
 
-    torch.set_num_threads(args.threads)
-    import jax
-
-    jax.config.update("jax_default_matmul_precision", "highest")
-    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
-
-    hf_cfg = small_config()
-    torch.manual_seed(0)
-    state = {k: v.numpy() for k, v in
-             Glm4vForConditionalGeneration(Glm4vConfig(**hf_cfg)).state_dict().items()}
     from glm41v_jax.config import Glm4vConfig as Cfg
 
+    hf_cfg, hf_model, state = hf_small_model()
+    hf_model.eval()
     cfg = Cfg.from_hf(hf_cfg)
     step_bytes = decode_bytes(cfg)
     rows = []
@@ -202,7 +178,7 @@ def main() -> None:
         inputs = build_inputs(b)
         n_prompt = inputs["input_ids"].shape[1]
         flops = prefill_flops(cfg, inputs)
-        hf = bench_hf(hf_cfg, inputs, args.new_tokens, args.repeats)
+        hf = bench_hf(hf_model, inputs, args.new_tokens, args.repeats)
         ours = bench_jax(hf_cfg, state, inputs, args.new_tokens, args.repeats)
         same = bool((hf.pop("tokens") == ours.pop("tokens")).all())
         row = {"batch": b, "prompt_tokens": n_prompt, "new_tokens": args.new_tokens,
@@ -218,7 +194,7 @@ def main() -> None:
                "jax_compile_s": ours["compile_s"], "num_compiles": ours["num_compiles"], "same_tokens": same}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    limits = machine_limits(args.threads)
+    limits = machine_limits()
     print(json.dumps({"machine_limits": limits}), flush=True)
     print()
     print(f"machine: {os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()}), "

@@ -28,27 +28,11 @@ import sys
 import time
 
 import numpy as np
+from common import hf_small_model, setup
 
-# The "small" config of benchmarks/generate.py.
-SMALL = {
-    "text": dict(vocab_size=151552, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-                 num_attention_heads=16, num_key_value_heads=2,
-                 rope_scaling={"rope_type": "default", "mrope_section": [4, 6, 6]}),
-    "vision": dict(depth=4, hidden_size=512, num_heads=4, out_hidden_size=1024, intermediate_size=2816,
-                   image_size=336, patch_size=14),
-}
 GMASK, SOP, USER, ASSISTANT, NL, EOS = 151331, 151333, 151336, 151337, 198, 151329
 BOI, EOI, IMG = 151339, 151340, 151343
 GRID = (1, 32, 32)  # a 448x448 image in 14-px patches
-
-
-def small_config() -> dict:
-    from glm41v_jax import tiny
-
-    d = tiny.tiny_hf_config()
-    d["text_config"].update(SMALL["text"])
-    d["vision_config"].update(SMALL["vision"])
-    return d
 
 
 def make_batch(rng: np.random.Generator, batch: int, seq: int, patch_dim: int) -> dict[str, np.ndarray]:
@@ -203,18 +187,11 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
+    setup(args.threads)
+    import jax
     import torch
 
-    torch.set_num_threads(args.threads)
-    import jax
-
-    jax.config.update("jax_default_matmul_precision", "highest")
-    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
-
-    hf_cfg = small_config()
-    torch.manual_seed(0)
-    model = Glm4vForConditionalGeneration(Glm4vConfig(**hf_cfg))
-    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    hf_cfg, model, state = hf_small_model()
     patch_dim = 3 * 2 * 14 * 14
     rng = np.random.default_rng(0)
     batches = [make_batch(rng, args.batch, args.seq, patch_dim) for _ in range(2)]

@@ -2,9 +2,10 @@
 
 jaxlib 0.10 fuses chains of matmuls and the elementwise ops between them into one YNNPACK subgraph. On the
 vision tower with several images (4096 patches) one such chain (last block's MLP, post-norm, downsample, merger
-projection) ran 1.0 s where its matmuls alone take ~0.1 s; with `--xla_cpu_experimental_ynn_fusion_type=
-individual_dot` (each matmul its own YNNPACK call) the batch-4 prefill of the generation benchmark drops from
-~3.7 s to ~2.8 s and nothing gets slower (BENCHMARKS.md, "XLA:CPU flags"). The flag only concerns the CPU backend.
+projection: ~21 GFLOP of matmuls, ~0.13 s at this machine's 170-178 GFLOP/s) ran 1.03 s. With
+`--xla_cpu_experimental_ynn_fusion_type=individual_dot` (each matmul its own YNNPACK call) the batch-4 prefill of
+the generation benchmark drops from ~3.7 s to ~2.8 s and nothing gets slower (BENCHMARKS.md, "XLA:CPU flags").
+The flag only concerns the CPU backend.
 
 It is added to XLA_FLAGS only when: XLA_FLAGS does not already choose a YNN fusion type, the installed jaxlib is a
 0.10.x release (an unknown flag aborts XLA, so it is not guessed for other versions), and GLM41V_XLA_CPU_TUNING is

@@ -9,7 +9,8 @@ image/frame, causal=False. Returns (B, T, N, H) in q's dtype.
 Backends (`impl`, also `RuntimeConfig.attention_impl`):
 
 * "xla"    the reference: materialised fp32 logits and softmax, probabilities cast to v's dtype (as HF). Runs
-           everywhere; every other path is tested against it.
+           everywhere; every other path is tested against it. On the CPU backend, calls with 32+ queries run the
+           same math blocked over cache-sized pieces (`blocked_attention`; `dense_attention` is the one block).
 * "pallas" TPU: JAX's splash-attention Pallas kernel (`jax.experimental.pallas.ops.tpu.splash_attention`) for
            prefill (T > 1), text and vision alike. The exact reference mask (segments, padding, causal by
            *positions*, so prefill into a longer KV cache at any offset is exact) is handed to the kernel as a

@@ -481,8 +481,7 @@ class Engine:
         if mesh is not None:
             from .sharding import param_shardings
 
-            layout_cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, kernel_layout=kernel_layout))
-            self.param_shardings = param_shardings(abstract_params(layout_cfg), mesh)
+            self.param_shardings = param_shardings(abstract_params(cfg.with_runtime(kernel_layout=kernel_layout)), mesh)
         # The decode layout (see layers.Dense): each kernel transposed once, here, straight into its sharding.
         self.params, self.cfg = to_kernel_layout(params, cfg, kernel_layout, self.param_shardings)
         if mesh is None:

@@ -241,8 +241,10 @@ def init_params(cfg: Glm4vConfig, rng: jax.Array | None = None, boxed: bool = Fa
     return variables["params"] if boxed else nn.meta.unbox(variables["params"])
 
 
+@functools.lru_cache(maxsize=8)
 def abstract_params(cfg: Glm4vConfig) -> Any:
-    """Shapes, dtypes and logical axes of every parameter, at no memory cost (jax.eval_shape)."""
+    """Shapes, dtypes and logical axes of every parameter, at no memory cost (jax.eval_shape; cached per config,
+    the tree of ShapeDtypeStructs is immutable)."""
     return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), boxed=True))
 
 
@@ -275,12 +277,13 @@ def _layout_permutation(path: str, src: nn.LogicallyPartitioned, dst: nn.Logical
 def to_kernel_layout(params: Any, cfg: Glm4vConfig, layout: str, shardings: Any = None) -> tuple[Any, Glm4vConfig]:
     """Re-store the text decoder's and lm_head's kernels in `layout` ("in_out" | "out_in", see layers.Dense).
 
-    Returns (params, cfg with runtime.kernel_layout = layout). Each kernel is transposed on its device(s) one at a
-    time, so the transient extra memory is one kernel (plus the caller's own reference to the old tree); with
+    Returns (params, cfg with runtime.kernel_layout = layout). Host (NumPy) kernels are transposed as views and
+    copied once by `device_put`; device kernels are transposed on their device(s) one at a time, so the transient
+    extra memory is one kernel (plus the caller's own reference to the old tree); with
     `shardings` (a tree for the new layout, e.g. `sharding.param_shardings(abstract_params(new_cfg), mesh)`)
     every leaf ends in its sharding. Converting back gives the original arrays bit for bit.
     """
-    dst_cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, kernel_layout=layout))
+    dst_cfg = cfg.with_runtime(kernel_layout=layout)
     if layout == cfg.runtime.kernel_layout:
         return (params if shardings is None else jax.device_put(params, shardings)), dst_cfg
     is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
@@ -297,6 +300,11 @@ def to_kernel_layout(params: Any, cfg: Glm4vConfig, layout: str, shardings: Any 
             raise ValueError(f"{name}: shape {np.shape(x)}, the config's {cfg.runtime.kernel_layout!r} layout "
                              f"expects {s.value.shape}")
         perm = _layout_permutation(name, s, d) if is_box(s) else None
-        y = x if perm is None else _transpose(jnp.asarray(x), perm)
+        if perm is None:
+            y = x
+        elif isinstance(x, np.ndarray):  # host params: a transposed view, copied once into place by device_put
+            y = np.transpose(x, perm)
+        else:
+            y = _transpose(x, perm)
         out.append(y if sh is None else jax.device_put(y, sh))
     return jax.tree.unflatten(treedef, out), dst_cfg

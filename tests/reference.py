@@ -66,6 +66,17 @@ def build_hf_model(cfg_dict: dict[str, Any], seed: int = 0) -> Glm4vForCondition
     return model
 
 
+def hf_and_params(name: str, seed: int = 0) -> tuple[Glm4vForConditionalGeneration, Any, dict]:
+    """(transformers model, our config, our params converted from its state dict) for the named tiny config."""
+    from glm41v_jax.config import Glm4vConfig
+    from glm41v_jax.weights import hf_to_flax
+
+    d = hf_config_dict(name)
+    hf = build_hf_model(d, seed=seed)
+    cfg = Glm4vConfig.from_hf(d)
+    return hf, cfg, hf_to_flax({k: v.numpy() for k, v in hf.state_dict().items()}, cfg)
+
+
 def write_checkpoint(directory: str, cfg_dict: dict[str, Any], seed: int = 0) -> Glm4vForConditionalGeneration:
     """save_pretrained + tokenizer + chat template + processor configs: a complete tiny HF checkpoint dir."""
     model = build_hf_model(cfg_dict, seed)

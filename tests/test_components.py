@@ -16,11 +16,7 @@ from glm41v_jax.config import GLM41V_9B, ConfigError, Glm4vConfig
 
 @pytest.fixture(scope="module")
 def pair():
-    d = R.hf_config_dict("a")
-    hf = R.build_hf_model(d, seed=3)
-    cfg = Glm4vConfig.from_hf(d)
-    params = weights.hf_to_flax({k: v.numpy() for k, v in hf.state_dict().items()}, cfg)
-    return hf, cfg, params
+    return R.hf_and_params("a", seed=3)
 
 
 @pytest.mark.parametrize("grid", [(2, 2), (4, 6), (6, 4), (2, 40), (40, 2), (24, 18), (12, 12), (30, 8)])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +11,8 @@ import reference as R
 from glm41v_jax import layers
 from glm41v_jax import model as M
 from glm41v_jax.config import ConfigError, Glm4vConfig, RuntimeConfig
-from glm41v_jax.generate import Engine, synthetic_inputs
+from glm41v_jax.generate import Engine, GenerationError, synthetic_inputs
+from glm41v_jax.sharding import unbox
 
 
 @pytest.mark.parametrize("rows", [1, 4, 17, 40])
@@ -27,21 +26,15 @@ def test_dense_layouts_agree(rows, n_in, features):
     io = layers.Dense(features, axes, n_in=n_in, use_bias=True)
     oi = layers.Dense(features, axes, n_in=n_in, use_bias=True, layout="out_in")
     p_io = jax.tree.map(np.asarray, io.init(jax.random.PRNGKey(0), x)["params"])
-    p_io = jax.tree.map(lambda a: a + 0.5, nn_unbox(p_io))  # non-zero bias
+    p_io = jax.tree.map(lambda a: a + 0.5, unbox(p_io))  # non-zero bias
     k = p_io["kernel"]
     perm = (*range(n_in, k.ndim), *range(n_in))
     p_oi = {"kernel": np.transpose(k, perm), "bias": p_io["bias"]}
-    assert nn_unbox(oi.init(jax.random.PRNGKey(0), x)["params"])["kernel"].shape == p_oi["kernel"].shape
+    assert unbox(oi.init(jax.random.PRNGKey(0), x)["params"])["kernel"].shape == p_oi["kernel"].shape
     y_io = io.apply({"params": p_io}, x)
     y_oi = oi.apply({"params": p_oi}, x)
     assert y_oi.shape == (rows, 1, *features)
     np.testing.assert_allclose(np.asarray(y_oi), np.asarray(y_io), rtol=1e-5, atol=1e-5)
-
-
-def nn_unbox(tree):
-    import flax.linen as nn
-
-    return nn.meta.unbox(tree)
 
 
 @pytest.mark.parametrize("name,scan", [("a", True), ("c", False)])
@@ -92,7 +85,9 @@ def test_bad_layout_is_a_clear_error():
     cfg = Glm4vConfig.from_hf(R.hf_config_dict("a"))
     params = M.init_params(cfg)
     with pytest.raises(ValueError, match=r"\['kernel'\]: shape .* expects"):
-        M.to_kernel_layout(params, dataclasses.replace(cfg, runtime=RuntimeConfig(kernel_layout="out_in")), "in_out")
+        M.to_kernel_layout(params, cfg.with_runtime(kernel_layout="out_in"), "in_out")
+    with pytest.raises(GenerationError, match="kernel_layout must be 'in_out' or 'out_in', got 'oi'"):
+        Engine(params, cfg, kernel_layout="oi")
 
 
 def test_xla_cpu_flag_rules():

@@ -9,18 +9,13 @@ import torch
 
 from glm41v_jax import model as M
 from glm41v_jax import rope, weights
-from glm41v_jax.config import Glm4vConfig
 
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module", params=["a", "b", "c", "d"])
 def pair(request):
-    d = R.hf_config_dict(request.param)
-    hf = R.build_hf_model(d, seed=7)
-    cfg = Glm4vConfig.from_hf(d)
-    params = weights.hf_to_flax({k: v.numpy() for k, v in hf.state_dict().items()}, cfg)
-    return request.param, hf, cfg, params
+    return (request.param, *R.hf_and_params(request.param, seed=7))
 
 
 def _cases(rng: np.random.Generator, pd: int = 1176):

@@ -117,6 +117,13 @@ def _last_step(out):
 FAULT_SET = ["--set", "eval=null", "--set", "save_every=2", "--set", "keep_last=3", "--set", "progress=false"]
 
 
+def _fault_run(smoke, tmp_path, tiny_cache_dir, jit_cache):
+    """(the uninterrupted smoke run's losses, output dir, argv, env) of a smoke run to interrupt."""
+    out = str(tmp_path / "run")
+    argv = ["train", "--config", SMOKE, "--set", f"output_dir={out}", *FAULT_SET]
+    return _losses(smoke[0]), out, argv, _env(tiny_cache_dir, jit_cache)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Config.
 
@@ -335,10 +342,7 @@ def test_cpu_smoke_end_to_end(smoke, run_cli):
 
 @pytest.mark.slow
 def test_kill9_after_checkpoint_then_resume_is_identical(smoke, tmp_path, tiny_cache_dir, jit_cache):
-    ref = _losses(smoke[0])
-    out = str(tmp_path / "run")
-    argv = ["train", "--config", SMOKE, "--set", f"output_dir={out}", *FAULT_SET]
-    env = _env(tiny_cache_dir, jit_cache)
+    ref, out, argv, env = _fault_run(smoke, tmp_path, tiny_cache_dir, jit_cache)
     p = _start(argv, out + ".1.log", env)
     _wait_for(lambda: 2 in _committed(out) and _last_step(out) >= 3, p, "checkpoint 2 and step 3")
     p.send_signal(signal.SIGKILL)
@@ -355,10 +359,7 @@ def test_kill9_after_checkpoint_then_resume_is_identical(smoke, tmp_path, tiny_c
 
 @pytest.mark.slow
 def test_kill_during_save_then_sigterm(smoke, tmp_path, tiny_cache_dir, jit_cache):
-    ref = _losses(smoke[0])
-    out = str(tmp_path / "run")
-    argv = ["train", "--config", SMOKE, "--set", f"output_dir={out}", *FAULT_SET]
-    env = _env(tiny_cache_dir, jit_cache)
+    ref, out, argv, env = _fault_run(smoke, tmp_path, tiny_cache_dir, jit_cache)
     tmp4 = os.path.join(out, "checkpoints", "4.orbax-checkpoint-tmp")
     p = _start(argv, out + ".1.log", env)
     _wait_for(lambda: os.path.exists(tmp4), p, "the save of step 4 to start", poll=0.002)

@@ -79,11 +79,7 @@ def hf_loss(hf, groups: list[list[dict]]) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def ref():
-    d = R.hf_config_dict("a")
-    hf = R.build_hf_model(d, seed=3)
-    cfg = Glm4vConfig.from_hf(d)
-    params = weights.hf_to_flax({k: v.numpy() for k, v in hf.state_dict().items()}, cfg)
-    return hf, cfg, params
+    return R.hf_and_params("a", seed=3)
 
 
 # The step tests run a small-vocabulary twin of config "a" (random O(1) weights, no HF model needed): the special
@@ -137,10 +133,8 @@ def test_loss_matches_transformers(ref):
 
 
 def test_tied_head_loss_matches_transformers():
-    d = R.hf_config_dict("d")  # tied embeddings (the head is the (V, D) table), vision qkv bias, 7-px patches
-    hf = R.build_hf_model(d, seed=4)
-    cfg = Glm4vConfig.from_hf(d)
-    params = weights.hf_to_flax({k: v.numpy() for k, v in hf.state_dict().items()}, cfg)
+    # tied embeddings (the head is the (V, D) table), vision qkv bias, 7-px patches
+    hf, cfg, params = R.hf_and_params("d", seed=4)
     rng = np.random.default_rng(9)
     rows = [sample(rng, cfg, images=[(1, 4, 4)]), sample(rng, cfg, n_text=7, n_answer=4)]
     with torch.no_grad():

@@ -207,10 +207,7 @@ def test_layout_menu_is_small():
 
 def test_forward_grouped_matches_transformers():
     """Whole-model logits with the grouped layout forced, against transformers (two images, 20:1, video, batch)."""
-    d = R.hf_config_dict("d")  # qkv bias, 7-px patches
-    hf = R.build_hf_model(d, seed=7)
-    cfg = Glm4vConfig.from_hf(d)
-    params = weights.hf_to_flax({k: v.numpy() for k, v in hf.state_dict().items()}, cfg)
+    hf, cfg, params = R.hf_and_params("d", seed=7)  # qkv bias, 7-px patches
     rng = np.random.default_rng(0)
     pd = cfg.vision.patch_dim
     cases = [R.build_prompt(rng, images=[(1, 6, 4), (1, 2, 2), (1, 4, 4)], patch_dim=pd),
