@@ -106,8 +106,10 @@ def test_blocked_matches_dense(name, block_bytes):
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=0)
 
 
-def test_blocked_gradients_match_dense():
-    q, k, v, kw = _case("prefill")
+@pytest.mark.parametrize("name", ["prefill", "vision", "cache"])
+def test_blocked_gradients_match_dense(name):
+    """Gradients through the rematerialised blocks (padding rows, segments, a KV cache) = the one block's."""
+    q, k, v, kw = _case(name)
     w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
 
     def grads(fn):

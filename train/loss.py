@@ -37,7 +37,10 @@ from glm41v_jax.config import Glm4vConfig
 from glm41v_jax.model import Glm4v
 
 IGNORE = -100
-DEFAULT_CHUNK = 64  # label rows per head chunk (TPU configs set 512-1024: bigger matmuls, a little more waste)
+# Label rows per head chunk. TPU configs set 512-1024 (bigger matmuls, a little more waste). Not 64 or less on
+# XLA:CPU: there the (C, V) x (V, D) product of d(hidden) takes ~370 ms per call for any C <= 64 (5.7 ms per row at
+# C = 64) against 2.2 ms per row at C = 128 (BENCHMARKS.md, "Training").
+DEFAULT_CHUNK = 128
 
 
 def shift_targets(labels: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -144,11 +147,14 @@ def _fwd(h, w, targets, weights, chunk, vocab_major, dtype):
         if need_dw:
             spec = "cv,cd->vd" if vocab_major else "cd,cv->dv"
             args = (g, hc.astype(cd)) if vocab_major else (hc.astype(cd), g)
-            dw = dw + jnp.einsum(spec, *args, preferred_element_type=jnp.float32)
+            dwc = jnp.einsum(spec, *args, preferred_element_type=jnp.float32)
+            dw = dwc if dw is None else dw + dwc
         return total + s, dh, dw
 
-    dw0 = jnp.zeros(w.shape, jnp.float32) if need_dw else None
-    total, dh, dw = jax.lax.fori_loop(0, live, body, (jnp.zeros((), jnp.float32), jnp.zeros_like(hs), dw0))
+    # Chunk 0 runs unconditionally (all-zero weights when no row has a label, so it adds nothing) and its dW is the
+    # accumulator's first value: no zero-filled head-size buffer and one head-size add fewer than starting at 0.
+    total, dh, dw = body(0, (jnp.zeros((), jnp.float32), jnp.zeros_like(hs), None))
+    total, dh, dw = jax.lax.fori_loop(1, live, body, (total, dh, dw))
     return total, (_restore(dh, order, h.shape[:2]), None if dw is None else dw.astype(w.dtype))
 
 
