@@ -302,6 +302,32 @@ def test_bf16_moments_stochastic_rounding():
     np.testing.assert_allclose(u16["w"], u32["w"], atol=0.05)
 
 
+@pytest.mark.parametrize("shape,dtype", [((300, 1024), jnp.float32), ((7, 1000, 3), jnp.float32),
+                                         ((129, 2048), jnp.bfloat16), ((5,), jnp.float32)])
+def test_sum_of_squares_and_clipping(monkeypatch, shape, dtype):
+    """The blocked CPU sum of squares (forced here on small arrays: remainder rows, widths that are not 1024, bf16)
+    equals NumPy's; the clip equals optax.clip_by_global_norm (and leaves gradients under the limit untouched)."""
+    monkeypatch.setattr(O, "_BLOCKED_SUMSQ_MIN", 1)
+    monkeypatch.setattr(O, "_SUMSQ_BLOCK", 4096)
+    x = jax.random.normal(jax.random.PRNGKey(0), shape, jnp.float32).astype(dtype)
+    want = np.sum(np.square(np.asarray(x, np.float64)))
+    np.testing.assert_allclose(float(jax.jit(O.sum_of_squares)(x)), want, rtol=1e-5)
+    tree = {"a": x, "b": 3.0 * jnp.ones((17,), dtype)}
+    norm = np.sqrt(want + 9 * 17)
+    np.testing.assert_allclose(float(jax.jit(O.global_norm)(tree)), norm, rtol=1e-5)
+    for max_norm in (norm / 4, norm * 2):
+        ours = jax.jit(lambda t, m=max_norm: O.clip_by_global_norm(m).update(t, optax.EmptyState())[0])(tree)
+        if dtype == jnp.float32:  # (optax's own clip rejects bf16 leaves)
+            ref = optax.clip_by_global_norm(max_norm).update(tree, optax.EmptyState())[0]
+        else:
+            ref = {k: np.asarray(t, np.float64) * min(1.0, max_norm / norm) for k, t in tree.items()}
+        for k in tree:
+            np.testing.assert_allclose(np.asarray(ours[k], np.float32), np.asarray(ref[k], np.float32),
+                                       rtol=1e-5 if dtype == jnp.float32 else 1e-2)
+        if max_norm > norm:
+            np.testing.assert_array_equal(np.asarray(ours["a"], np.float32), np.asarray(x, np.float32))
+
+
 def test_opt_state_mirrors_param_shardings(ref):
     _, cfg, _ = ref
     mesh = make_mesh({"fsdp": 4, "tensor": 2})

@@ -62,7 +62,7 @@ from glm41v_jax.sharding import logical_to_spec, make_mesh, param_shardings, unb
 from glm41v_jax.weights import stack_layers, unstack_layers
 
 from .loss import DEFAULT_CHUNK, label_count, loss_and_count
-from .optim import OptimConfig, lr_schedule, make_optimizer, opt_state_shardings, trainable_mask
+from .optim import OptimConfig, global_norm, lr_schedule, make_optimizer, opt_state_shardings, trainable_mask
 
 TEXT_KEYS = ("input_ids", "labels", "segment_ids", "vision_index")
 VISION_SHARDING = ("batch", "replicated")
@@ -162,10 +162,6 @@ def _schedule_count(opt_state: Any) -> jax.Array:
     return found[0].count
 
 
-def global_norm_f32(tree: Any) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
 def train_step(params: Any, opt_state: Any, batch: Mapping[str, Any], *, cfg: Glm4vConfig, sc: StepConfig,
                oc: OptimConfig, tx: optax.GradientTransformation) -> tuple[Any, Any, dict[str, jax.Array]]:
     """One optimizer step (unjitted; `TrainStep` jits it with shardings and donation)."""
@@ -173,7 +169,7 @@ def train_step(params: Any, opt_state: Any, batch: Mapping[str, Any], *, cfg: Gl
     step = _schedule_count(opt_state)
     with jax.named_scope("grads"):
         loss, count, grads = compute_grads(params, batch, cfg, sc, trainable)
-    grad_norm = global_norm_f32(grads)
+    grad_norm = global_norm(grads)
     full = jax.tree.map(lambda g, p: jnp.zeros(p.shape, p.dtype) if g is None else g, grads, params,
                         is_leaf=lambda x: x is None)
     with jax.named_scope("optimizer"):
