@@ -21,6 +21,7 @@ from typing import Any
 
 # Attention backends (glm41v_jax.attention): the XLA reference, TPU splash (Pallas), GPU cuDNN, or per-call choice.
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
+KERNEL_LAYOUTS = ("in_out", "out_in")  # RuntimeConfig.kernel_layout (see layers.Dense)
 
 
 class ConfigError(ValueError):
@@ -226,7 +227,7 @@ class RuntimeConfig:
     kernel_layout: str = "in_out"
 
     def __post_init__(self) -> None:
-        if self.kernel_layout not in ("in_out", "out_in"):
+        if self.kernel_layout not in KERNEL_LAYOUTS:
             raise ConfigError(f"runtime: kernel_layout must be 'in_out' or 'out_in'; got {self.kernel_layout!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"runtime: attention_impl must be one of {', '.join(map(repr, ATTENTION_IMPLS))}; "

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import Glm4vConfig
+from .config import KERNEL_LAYOUTS, Glm4vConfig
 from .model import Glm4v, abstract_params, init_cache, prepare_inputs, to_kernel_layout
 from .sampling import SamplingParams, sample_tokens
 
@@ -469,7 +469,7 @@ class Engine:
         if max_context is not None and not 1 <= max_context <= limit:
             raise GenerationError(f"max_context must be in [1, {limit}] (the model's max_position_embeddings), "
                                   f"got {max_context}")
-        if kernel_layout not in ("in_out", "out_in"):
+        if kernel_layout not in KERNEL_LAYOUTS:
             raise GenerationError(f"kernel_layout must be 'in_out' or 'out_in', got {kernel_layout!r}")
         self.mesh = mesh
         self.max_context = int(max_context or limit)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .attention import NEG_INF, attention  # noqa: F401  (re-exported: the one attention lives in attention.py)
+from .config import KERNEL_LAYOUTS
 
 Dtype = Any
 
@@ -26,7 +27,6 @@ def _init(scale_fan_in: int):
     return nn.initializers.normal(stddev=std)
 
 
-KERNEL_LAYOUTS = ("in_out", "out_in")
 SMALL_ROWS = 16  # Embed.attend: up to this many rows E . x^T (decode), above it x . E^T
 
 

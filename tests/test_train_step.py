@@ -260,6 +260,28 @@ def test_no_weight_decay_on_norms_and_biases(small):
     np.testing.assert_allclose(upd["visual"]["patch_embed"]["kernel"], -0.005, rtol=1e-6)
 
 
+def test_clip_takes_the_step_norm(small):
+    """Through make_optimizer's chain, `grad_norm=` (the train step's one norm) replaces the clip's own: the true
+    norm gives the same update as none, and a norm 4x the true one clips 4x harder, so the argument reaches the clip.
+    b1 = b2 = 0, eps = 1: Adam's step is g / (|g| + 1), which sees the gradient's scale."""
+    cfg, _ = small
+    params = _toy_params(cfg)
+    lr = 0.01
+    tx = O.make_optimizer(O.OptimConfig(peak_lr=lr, warmup_steps=0, total_steps=10, b1=0.0, b2=0.0, eps=1.0,
+                                        weight_decay=0.0, clip_norm=1.0))
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.5, jnp.float32), params)
+    norm = float(O.global_norm(grads))
+    update = jax.jit(lambda g, s, p, n: tx.update(g, s, p, grad_norm=n)[0])
+    own = jax.jit(tx.update)(grads, tx.init(params), params)[0]
+    given = update(grads, tx.init(params), params, jnp.float32(norm))
+    harder = update(grads, tx.init(params), params, jnp.float32(4 * norm))
+    for name, a, b, c in zip(["/".join(map(str, k)) for k, _ in jax.tree_util.tree_leaves_with_path(own)],
+                             jax.tree.leaves(own), jax.tree.leaves(given), jax.tree.leaves(harder), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, err_msg=name)
+        for clipped, got in ((0.5 / norm, a), (0.5 / (4 * norm), c)):
+            np.testing.assert_allclose(got, -lr * clipped / (clipped + 1.0), rtol=1e-5, err_msg=name)
+
+
 def test_frozen_groups_get_no_update_and_no_moments(small):
     cfg, _ = small
     params = _toy_params(cfg)

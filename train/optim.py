@@ -218,18 +218,21 @@ def global_norm(tree: Any) -> jax.Array:
     return jnp.sqrt(sum(sum_of_squares(x) for x in jax.tree.leaves(tree)))
 
 
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
     """optax.clip_by_global_norm with `global_norm` and a multiplicative scale (torch's clip_grad_norm_ form):
     updates * min(1, max_norm / norm). A scalar multiply (unlike optax's per-element divide) is fused by XLA into
-    each consumer of the clipped gradient instead of being written out as one more gradient-sized array."""
+    each consumer of the clipped gradient instead of being written out as one more gradient-sized array.
 
-    def update(updates, state, params=None):
-        del params
-        norm = global_norm(updates)
+    `update(..., grad_norm=n)` (an optax extra argument, passed through `optax.chain`) uses a norm the caller has
+    already computed (the train step's `grad_norm` metric) instead of reading every gradient a second time."""
+
+    def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+        del params, extra_args
+        norm = global_norm(updates) if grad_norm is None else grad_norm
         scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
         return jax.tree.map(lambda t: t * scale.astype(t.dtype), updates), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
 
 def make_optimizer(oc: OptimConfig) -> optax.GradientTransformation:

@@ -173,7 +173,7 @@ def train_step(params: Any, opt_state: Any, batch: Mapping[str, Any], *, cfg: Gl
     full = jax.tree.map(lambda g, p: jnp.zeros(p.shape, p.dtype) if g is None else g, grads, params,
                         is_leaf=lambda x: x is None)
     with jax.named_scope("optimizer"):
-        updates, opt_state = tx.update(full, opt_state, params)
+        updates, opt_state = tx.update(full, opt_state, params, grad_norm=grad_norm)  # one norm per step
         params = optax.apply_updates(params, updates)
     metrics = {"loss": loss, "tokens": count, "grad_norm": grad_norm, "lr": lr_schedule(oc)(step),
                "step": step + 1}
