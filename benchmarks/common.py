@@ -4,6 +4,7 @@ random transformers model, and the same-run setup of torch and JAX."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 SMALL = {
@@ -47,3 +48,12 @@ def hf_small_model(seed: int = 0) -> tuple[dict, Any, dict]:
     model = Glm4vForConditionalGeneration(Glm4vConfig(**hf_cfg))
     state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     return hf_cfg, model, state
+
+
+def print_table(columns: list[tuple[str, str]], rows: Iterable[Mapping[str, Any]], left: int = 0) -> None:
+    """Print a Markdown table. `columns`: (header, format string over a row's keys, e.g. "{speedup:.2f}x"); the
+    first `left` columns are left-aligned, the rest right-aligned."""
+    print("| " + " | ".join(h for h, _ in columns) + " |")
+    print("|" + "|".join("---" if i < left else "---:" for i in range(len(columns))) + "|")
+    for r in rows:
+        print("| " + " | ".join(f.format(**r) for _, f in columns) + " |")

@@ -26,6 +26,7 @@ import sys
 import time
 
 import numpy as np
+from common import print_table
 
 from glm41v_jax.config import GLM41V_9B
 from glm41v_jax.weights import build_rules
@@ -142,11 +143,9 @@ def main() -> None:
             shutil.rmtree(src, ignore_errors=True)
             shutil.rmtree(dst, ignore_errors=True)
     print()
-    print("| text layers | vision blocks | shards | source GB | output GB | convert s | GB/s | peak RSS GiB |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['text_layers']} | {r['vision_blocks']} | {r['shards']} | {r['source_gb']:.2f} | "
-              f"{r['output_gb']:.2f} | {r['convert_s']:.1f} | {r['gb_per_s']:.2f} | {r['peak_rss_gib']:.2f} |")
+    print_table([("text layers", "{text_layers}"), ("vision blocks", "{vision_blocks}"), ("shards", "{shards}"),
+                 ("source GB", "{source_gb:.2f}"), ("output GB", "{output_gb:.2f}"), ("convert s", "{convert_s:.1f}"),
+                 ("GB/s", "{gb_per_s:.2f}"), ("peak RSS GiB", "{peak_rss_gib:.2f}")], rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -24,7 +24,7 @@ import sys
 import time
 
 import numpy as np
-from common import setup
+from common import print_table, setup
 
 
 def timed(fns: dict, repeats: int) -> dict[str, float]:
@@ -132,16 +132,14 @@ def main() -> None:
     att = attention(args.repeats)
     print(f"\nmachine: {os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()}), "
           f"torch {torch.__version__} ({args.threads} threads), float32, XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}")
-    print("| weight | rows | in_out ms | out_in ms | in_out GB/s | out_in GB/s | out_in GFLOP/s | speedup |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in lay:
-        print(f"| {r['weight']} | {r['rows']} | {r['in_out_ms']:.2f} | {r['out_in_ms']:.2f} | {r['in_out_GBs']:.1f} "
-              f"| {r['out_in_GBs']:.1f} | {r['out_in_GFLOPs']:.0f} | {r['speedup']:.2f}x |")
-    print("\n| attention | dense ms | blocked ms | torch SDPA ms | blocked speedup | max abs diff |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in att:
-        print(f"| {r['case']} | {r['dense_ms']:.1f} | {r['blocked_ms']:.1f} | {r['torch_sdpa_ms']:.1f} | "
-              f"{r['blocked_speedup']:.2f}x | {r['max_abs_diff']:.1e} |")
+    print_table([("weight", "{weight}"), ("rows", "{rows}"), ("in_out ms", "{in_out_ms:.2f}"),
+                 ("out_in ms", "{out_in_ms:.2f}"), ("in_out GB/s", "{in_out_GBs:.1f}"),
+                 ("out_in GB/s", "{out_in_GBs:.1f}"), ("out_in GFLOP/s", "{out_in_GFLOPs:.0f}"),
+                 ("speedup", "{speedup:.2f}x")], lay, left=1)
+    print()
+    print_table([("attention", "{case}"), ("dense ms", "{dense_ms:.1f}"), ("blocked ms", "{blocked_ms:.1f}"),
+                 ("torch SDPA ms", "{torch_sdpa_ms:.1f}"), ("blocked speedup", "{blocked_speedup:.2f}x"),
+                 ("max abs diff", "{max_abs_diff:.1e}")], att, left=1)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"layouts": lay, "attention": att}, f, indent=2)

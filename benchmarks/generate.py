@@ -23,7 +23,7 @@ import tempfile
 import time
 
 import numpy as np
-from common import hf_small_model, setup
+from common import hf_small_model, print_table, setup
 
 
 def build_inputs(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -200,20 +200,15 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()}), "
           f"torch {torch.__version__}, threads {args.threads}, float32, greedy, {args.new_tokens} new tokens, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-    print("| batch | prompt tokens | TTFT HF s | TTFT ours s | TTFT ratio | decode HF tok/s | decode ours tok/s "
-          "| decode speedup | same tokens |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|:---:|")
-    for r in rows:
-        print(f"| {r['batch']} | {r['prompt_tokens']} | {r['hf_ttft_s']:.3f} | {r['jax_ttft_s']:.3f} | "
-              f"{r['ttft_ratio']:.2f} | {r['hf_decode_tok_s']:.1f} | {r['jax_decode_tok_s']:.1f} | "
-              f"{r['decode_speedup']:.2f}x | {r['same_tokens']} |")
+    print_table([("batch", "{batch}"), ("prompt tokens", "{prompt_tokens}"), ("TTFT HF s", "{hf_ttft_s:.3f}"),
+                 ("TTFT ours s", "{jax_ttft_s:.3f}"), ("TTFT ratio", "{ttft_ratio:.2f}"),
+                 ("decode HF tok/s", "{hf_decode_tok_s:.1f}"), ("decode ours tok/s", "{jax_decode_tok_s:.1f}"),
+                 ("decode speedup", "{decode_speedup:.2f}x"), ("same tokens", "{same_tokens}")], rows)
     print()
-    print("| batch | prefill GFLOP | HF GFLOP/s | ours GFLOP/s | decode GB/step | HF GB/s | ours GB/s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['batch']} | {r['prefill_gflop']:.1f} | {r['hf_prefill_gflops']:.0f} | "
-              f"{r['jax_prefill_gflops']:.0f} | {r['decode_step_gb']:.2f} | {r['hf_decode_gbs']:.1f} | "
-              f"{r['jax_decode_gbs']:.1f} |")
+    print_table([("batch", "{batch}"), ("prefill GFLOP", "{prefill_gflop:.1f}"),
+                 ("HF GFLOP/s", "{hf_prefill_gflops:.0f}"), ("ours GFLOP/s", "{jax_prefill_gflops:.0f}"),
+                 ("decode GB/step", "{decode_step_gb:.2f}"), ("HF GB/s", "{hf_decode_gbs:.1f}"),
+                 ("ours GB/s", "{jax_decode_gbs:.1f}")], rows)
     print(f"machine limits, measured now: fp32 GEMM 1024x1024x4096 XLA {limits['xla_gemm_gflops']:.0f} / torch "
           f"{limits['torch_gemm_gflops']:.0f} GFLOP/s; memory read XLA {limits['xla_read_gbs']:.1f} / torch "
           f"{limits['torch_read_gbs']:.1f} GB/s")

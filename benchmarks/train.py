@@ -28,7 +28,7 @@ import sys
 import time
 
 import numpy as np
-from common import hf_small_model, setup
+from common import hf_small_model, print_table, setup
 
 GMASK, SOP, USER, ASSISTANT, NL, EOS = 151331, 151333, 151336, 151337, 198, 151329
 BOI, EOI, IMG = 151339, 151340, 151343
@@ -217,11 +217,10 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()}), torch "
           f"{torch.__version__}, threads {args.threads}, float32; small config, {args.batch} x {args.seq} tokens "
           f"per step (one 448x448 image per row), AdamW + clipping")
-    print("| B x T | HF s/step | ours s/step | HF tok/s | ours tok/s | speedup | first loss HF / ours |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    print(f"| {args.batch} x {args.seq} | {row['hf_step_s']:.2f} | {row['jax_step_s']:.2f} | "
-          f"{row['hf_tokens_per_s']:.0f} | {row['jax_tokens_per_s']:.0f} | {row['speedup']:.2f}x | "
-          f"{row['first_loss_hf']:.5f} / {row['first_loss_jax']:.5f} |")
+    print_table([("B x T", "{batch} x {seq}"), ("HF s/step", "{hf_step_s:.2f}"), ("ours s/step", "{jax_step_s:.2f}"),
+                 ("HF tok/s", "{hf_tokens_per_s:.0f}"), ("ours tok/s", "{jax_tokens_per_s:.0f}"),
+                 ("speedup", "{speedup:.2f}x"), ("first loss HF / ours", "{first_loss_hf:.5f} / {first_loss_jax:.5f}")],
+                [row], left=1)
     out = {"train": row}
     if args.loss_memory:
         print()

@@ -115,7 +115,7 @@ def main() -> None:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump} --xla_dump_hlo_as_text"
                                " --xla_dump_hlo_module_re=.*train_step.*").strip()
     import numpy as np
-    from common import hf_small_model, setup
+    from common import hf_small_model, print_table, setup
 
     setup(args.threads)
     import jax
@@ -158,16 +158,14 @@ def main() -> None:
     print(f"one step: {step_s:.2f} s wall; {total:.2f} s in XLA ops; {args.batch} x {args.seq} tokens, "
           f"{'unrolled' if args.unrolled else 'scanned'} layers, head chunk {chunk}, jax {jax.__version__}, "
           f"{os.cpu_count()} CPU cores")
-    print("| region | s | GFLOP | GFLOP/s |")
-    print("|---|---:|---:|---:|")
-    for k, (sec, fl) in sorted(regions.items(), key=lambda kv: -kv[1][0]):
-        if sec < 5e-3:
-            continue
-        print(f"| {k} | {sec:.2f} | {fl:.0f} | {fl / sec if fl else 0:.0f} |")
     dots = sum(fl for _, fl, _ in ops)
     dot_s = sum(sec for sec, fl, _ in ops if fl)
-    print(f"| all dots | {dot_s:.2f} | {dots:.0f} | {dots / dot_s if dot_s else 0:.0f} |")
-    print(f"| everything else | {total - dot_s:.2f} | | |")
+    table = [{"region": k, "s": sec, "gflop": f"{fl:.0f}", "rate": f"{fl / sec:.0f}" if fl else ""}
+             for k, (sec, fl) in sorted(regions.items(), key=lambda kv: -kv[1][0]) if sec >= 5e-3]
+    table += [{"region": "all dots", "s": dot_s, "gflop": f"{dots:.0f}",
+               "rate": f"{dots / dot_s:.0f}" if dot_s else ""},
+              {"region": "everything else", "s": total - dot_s, "gflop": "", "rate": ""}]
+    print_table([("region", "{region}"), ("s", "{s:.2f}"), ("GFLOP", "{gflop}"), ("GFLOP/s", "{rate}")], table, left=1)
     if args.top:
         print(f"\nslowest {args.top} ops (summed over their calls):")
         for sec, fl, name in sorted(ops, reverse=True)[: args.top]:
