@@ -10,11 +10,10 @@ import argparse
 import sys
 from typing import Any
 
-from glm41v_jax.config import ConfigError
+from glm41v_jax.errors import Glm41vError, one_line
 from glm41v_jax.loading import CheckpointError
-from glm41v_jax.weights import WeightsError
 
-EXPECTED_ERRORS = (CheckpointError, WeightsError, ConfigError, OSError)
+EXPECTED_ERRORS = (Glm41vError, OSError)
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -38,13 +37,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _one_line(e: BaseException) -> str:
-    msg = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
-        msg = f"{e.filename}: {msg}"
-    return msg
-
-
 def run(args: argparse.Namespace) -> int:
     from .hf_to_orbax import convert
 
@@ -54,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         convert(args.src, args.dst, dtype=args.dtype, progress=args.progress,
                 flush_bytes=int(args.flush_gb * 2**30), compress=args.compress)
     except EXPECTED_ERRORS as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; partial output removed", file=sys.stderr)

@@ -43,12 +43,12 @@ import os
 import sys
 from typing import Any, TextIO
 
+from .errors import one_line
 from .generate_cli import (
     CliError,
     StreamPrinter,
     _check_media,
     _configure_jax,
-    _one_line,
     _sampling_from,
     add_model_args,
     build_messages,
@@ -187,7 +187,7 @@ class ChatSession:
                 else:
                     raise CliError(f"unknown command {cmd} ({HELP})")
             except (CliError, OSError) as e:
-                self.error(_one_line(e))
+                self.error(one_line(e))
             return True
         if stripped.startswith("//"):
             line = line.lstrip()[1:]
@@ -233,7 +233,7 @@ class ChatSession:
             if printer.wrote_any:
                 printer.finish()
             dropped = len(images) + len(videos)
-            self.error(_one_line(e) + (f" (message not sent; {dropped} attachment(s) dropped)" if dropped else ""))
+            self.error(one_line(e) + (f" (message not sent; {dropped} attachment(s) dropped)" if dropped else ""))
             return
         except KeyboardInterrupt:
             printer.finish()

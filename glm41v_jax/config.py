@@ -19,12 +19,14 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .errors import Glm41vError
+
 # Attention backends (glm41v_jax.attention): the XLA reference, TPU splash (Pallas), GPU cuDNN, or per-call choice.
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 KERNEL_LAYOUTS = ("in_out", "out_in")  # RuntimeConfig.kernel_layout (see layers.Dense)
 
 
-class ConfigError(ValueError):
+class ConfigError(Glm41vError, ValueError):
     """A config.json field is missing or has a bad value. The message names the field."""
 
 

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import KERNEL_LAYOUTS, Glm4vConfig
+from .errors import Glm41vError
 from .model import Glm4v, abstract_params, init_cache, prepare_inputs, to_kernel_layout
 from .sampling import SamplingParams, sample_tokens
 
@@ -54,7 +55,7 @@ MAX_EOS = 8  # eos ids are passed as a fixed-size array (padded with -1) so that
 MAX_FORCED = 8  # at most this many forced ids close a thinking block
 
 
-class GenerationError(ValueError):
+class GenerationError(Glm41vError, ValueError):
     """A request that cannot be served (too long for the context, bad arguments, ...). The message says why."""
 
 

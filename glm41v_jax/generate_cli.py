@@ -33,6 +33,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from .errors import Glm41vError, one_line
+
 DEFAULT_MAX_NEW_TOKENS = 1024
 TAG_LABELS = {"<think>": "thinking:\n", "</think>": "\n\n", "<answer>": "answer:\n", "</answer>": ""}
 
@@ -84,15 +86,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-class CliError(Exception):
+class CliError(Glm41vError):
     """A user-facing problem: printed as one `error:` line, exit code 2."""
-
-
-def _one_line(e: BaseException) -> str:
-    msg = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
-        msg = f"{e.filename}: {msg}"
-    return msg
 
 
 class StreamPrinter:
@@ -346,19 +341,10 @@ def _generate_batch_file(args: argparse.Namespace, pipe: Any, sampling: Any, lin
 
 def guarded(fn: Any, args: argparse.Namespace) -> int:
     """Run a subcommand; an expected failure becomes one `error:` line on stderr and exit code 2."""
-    from .config import ConfigError
-    from .generate import GenerationError
-    from .loading import CheckpointError
-    from .pipeline import RequestError
-    from .processing import ProcessingError
-    from .sharding import MeshError
-    from .weights import WeightsError
-
     try:
         return fn(args)
-    except (CliError, ProcessingError, CheckpointError, ConfigError, WeightsError, GenerationError, MeshError,
-            RequestError, OSError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+    except (Glm41vError, OSError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

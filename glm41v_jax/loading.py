@@ -34,6 +34,7 @@ import ml_dtypes  # (also registers 'bfloat16' with NumPy: safe_open(framework="
 import numpy as np
 
 from .config import ConfigError, Glm4vConfig
+from .errors import Glm41vError
 from .weights import Rule, WeightsError, build_rules, check_complete, is_ignored_key, set_path
 
 # Converted-directory format (written by glm41v_convert.hf_to_orbax).
@@ -66,7 +67,7 @@ _ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "fl
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(Glm41vError, ValueError):
     """A checkpoint file or directory is missing, corrupt, pickled, or otherwise unusable. The message names it."""
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import Glm41vError
 from .generate import Engine, GenerationError, collate, read_eos_ids
 from .sampling import SamplingParams
 from .thinking import FORCED_ANSWER, NO_THINKING_PREFIX, parse_response
@@ -29,7 +30,7 @@ from .thinking import FORCED_ANSWER, NO_THINKING_PREFIX, parse_response
 REQUEST_FIELDS = ("prompt", "system", "images", "videos", "max_new_tokens")
 
 
-class RequestError(ValueError):
+class RequestError(Glm41vError, ValueError):
     """A malformed request (bad field, missing file); the message names the field."""
 
 

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from .errors import Glm41vError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
@@ -37,7 +39,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-class MeshError(ValueError):
+class MeshError(Glm41vError, ValueError):
     """A bad --mesh specification; the message says what was expected."""
 
 

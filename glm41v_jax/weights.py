@@ -34,11 +34,12 @@ from typing import Any
 import numpy as np
 
 from .config import Glm4vConfig
+from .errors import Glm41vError
 
 Path = tuple[str, ...]
 
 
-class WeightsError(ValueError):
+class WeightsError(Glm41vError, ValueError):
     """A checkpoint tensor is missing, unexpected, or has the wrong shape/dtype. The message names it."""
 
 

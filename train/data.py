@@ -59,6 +59,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from glm41v_jax.errors import Glm41vError
 from glm41v_jax.processing import ProcessingError, Processor
 from glm41v_jax.processing.processor import IMAGE_TOKEN, VIDEO_TOKEN
 from glm41v_jax.rope import get_rope_index
@@ -76,7 +77,7 @@ SKIP_REASONS = ("malformed_json", "bad_record", "no_assistant", "path_escape", "
 _THINK_RE = re.compile(re.escape(THINK_OPEN) + r".*?(?:" + re.escape(THINK_CLOSE) + r"|\Z)", re.S)
 
 
-class DataError(ValueError):
+class DataError(Glm41vError, ValueError):
     """A bad record: `reason` is one of SKIP_REASONS, `where` names the record (file:line)."""
 
     def __init__(self, reason: str, where: str, message: str) -> None:

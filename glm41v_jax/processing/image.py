@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..errors import Glm41vError
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -39,7 +41,7 @@ MAX_IMAGE_PIXELS = 16384 * 16384
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 
-class ProcessingError(ValueError):
+class ProcessingError(Glm41vError, ValueError):
     """Invalid multimodal input: unreadable/corrupt file, bad shape or aspect ratio, placeholder/media mismatch."""
 
 
