@@ -15,7 +15,7 @@ Thinking budget (`max_thinking_tokens`): inside the compiled loop each row count
 `</think><answer>`), after which the model writes its answer. Rows whose prompt already closed the block (the
 `--no-thinking` prefill `<think></think>`) are never forced.
 
-Positions (GLM41V_SPEC §4.5): generated token number i (0-based) of row b sits in cache slot T + i - 1 ... and
+Positions (docs/MODEL.md §4.5): generated token number i (0-based) of row b sits in cache slot T + i - 1 ... and
 has M-RoPE position n_b + i + rope_delta_b on all three rows, where n_b counts the row's *real* prompt tokens
 (left padding makes slots and real-token counts differ). Padding slots have kv segment 0 and are never attended.
 

@@ -1,6 +1,6 @@
 """Rotary embeddings and position bookkeeping.
 
-Two RoPEs, deliberately different (GLM41V_SPEC §3.5, §4.3):
+Two RoPEs, deliberately different (docs/MODEL.md §3.5, §4.3):
   * vision: 2-D axial, rotate-half (NeoX) over the whole head dim, angles [row*f, col*f] repeated twice, in fp32;
   * text: 3-D M-RoPE, *interleaved pairs* (2j, 2j+1) over the first `rotary_dim` dims only; frequency j reads
     position row t, h or w according to `mrope_section`; cos/sin cast to the activation dtype.

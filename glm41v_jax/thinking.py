@@ -1,6 +1,6 @@
 """Splitting GLM-4.1V-Thinking output into its reasoning, its answer, and the boxes / points the answer gives.
 
-The model writes `<think>{reasoning}</think><answer>{answer}</answer>` (GLM41V_SPEC §6.3). The official demo parses
+The model writes `<think>{reasoning}</think><answer>{answer}</answer>` (docs/MODEL.md §6.3). The official demo parses
 it with the DOTALL regexes `<think>(.*?)</think>` and `<answer>(.*?)</answer>`; `parse_response` does the same and
 also copes with truncated or loosely formatted output:
   * no `</answer>` (stopped by max_new_tokens, or `</answer>` dropped by skip_special_tokens): the answer runs to
@@ -49,7 +49,7 @@ BOX_OPEN, BOX_CLOSE = "<|begin_of_box|>", "<|end_of_box|>"
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 ANSWER_TAGS = ("<answer>", "</answer>", BOX_OPEN, BOX_CLOSE)
 
-# Prompt / stream pieces for controlling the thinking phase (the community trick of GLM41V_SPEC §6.3).
+# Prompt / stream pieces for controlling the thinking phase (docs/MODEL.md §6.3).
 NO_THINKING_PREFIX = "<think></think>"  # appended after the generation prompt: the model answers at once
 FORCED_ANSWER = "</think><answer>"  # forced into the stream when a thinking budget runs out
 
@@ -169,7 +169,7 @@ def strip_thinking(text: str) -> str:
 def history_text(text: str) -> str:
     """The assistant content to keep in a multi-turn history: `strip_thinking(text)`, with an `<answer>` that
     was left open closed again (`</answer>` is an eos token, so `skip_special_tokens` decoding drops it; the
-    template's rendered history shows `<answer>...</answer>`, GLM41V_SPEC §6.1)."""
+    template's rendered history shows `<answer>...</answer>`, docs/MODEL.md §6.1)."""
     out = strip_thinking(text)
     if "<answer>" in out and "</answer>" not in out.rpartition("<answer>")[2]:
         out += "</answer>"

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-# Real GLM-4 family special tokens (GLM41V_SPEC §6.2).
+# Real GLM-4 family special tokens (docs/MODEL.md §6.2).
 SPECIAL_TOKENS: dict[str, int] = {
     "<|endoftext|>": 151329,
     "[MASK]": 151330,

@@ -84,7 +84,7 @@ def test_real_9b_shapes_eval_shape():
                                                                            is_leaf=lambda x: hasattr(x, "names")))}
     shapes = {k: tuple(v.value.shape) for k, v in flat.items()}
     rules = weights.build_rules(GLM41V_9B)
-    assert len(rules) == 4 + 24 * 7 + 9 + 1 + 40 * 13 + 1 + 1  # SPEC §2 key count
+    assert len(rules) == 4 + 24 * 7 + 9 + 1 + 40 * 13 + 1 + 1  # docs/MODEL.md §2 key count
     for name, r in rules.items():
         assert shapes["/".join(r.path)] == r.flax_shape, name
     assert set(shapes) == {"/".join(r.path) for r in rules.values()}

@@ -97,7 +97,7 @@ def test_get_rope_index_matches(pair):
 
 
 def test_spec_worked_example_rope_index():
-    """GLM41V_SPEC §4.4 worked example (system prompt, 3x5 and 2x2 merged images), independent of HF."""
+    """docs/MODEL.md §4.4 worked example (system prompt, 3x5 and 2x2 merged images), independent of HF."""
     # 8 text tokens: [gMASK] <sop> <|system|> \n 'sys' <|user|> \n <boi>
     ids = [R.GMASK, R.SOP, 151335, R.NL, 120, R.USER, R.NL, R.BOI] + [R.IMG] * 15 + [R.EOI, R.BOI] + [R.IMG] * 4 \
         + [R.EOI] + [130] * 5 + [R.ASSISTANT, R.NL]

@@ -191,7 +191,7 @@ def test_image_processor_from_dict_and_dir(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text('{"min_pixels": 3136, "max_pixels": 25088}')
     q = ImageProcessor.from_dir(tmp_path)
     assert (q.min_pixels, q.max_pixels) == (3136, 25088)
-    assert q.num_image_tokens(90, 130) == 15 and q.num_image_tokens(60, 60) == 4  # GLM41V_SPEC §5.1 examples
+    assert q.num_image_tokens(90, 130) == 15 and q.num_image_tokens(60, 60) == 4  # docs/MODEL.md §5.1 examples
     with pytest.raises(ProcessingError, match="patch_size.*positive integer"):
         ImageProcessor.from_dict({"patch_size": "14"})
     (tmp_path / "preprocessor_config.json").write_text("{not json")
@@ -272,7 +272,7 @@ def test_sample_frames_matches_hf(hf_video):
         got = sample_frames(VideoMetadata(n, fps, dur), fps=2, max_duration=300)
         np.testing.assert_array_equal(got, want, err_msg=f"{n=} {fps=} {dur=}")
         assert len(got) % 2 == 0
-    # GLM41V_SPEC §5.2 example: 300 frames @ 30 fps -> 0, 15, ..., 285
+    # docs/MODEL.md §5.2 example: 300 frames @ 30 fps -> 0, 15, ..., 285
     assert sample_frames(VideoMetadata(300, 30.0, 10.0)).tolist() == list(range(0, 300, 15))
     with pytest.raises(ProcessingError, match="needs VideoMetadata with fps"):
         sample_frames(VideoMetadata(10, None))

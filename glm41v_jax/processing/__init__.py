@@ -1,6 +1,6 @@
 """GLM-4.1V multimodal pre-processing (NumPy/PIL/PyAV only, no torch): images, videos, chat template, tokens.
 
-Matches transformers' `Glm4vImageProcessorPil`, `Glm4vVideoProcessor` and `Glm4vProcessor` (GLM41V_SPEC §5-6).
+Matches transformers' `Glm4vImageProcessorPil`, `Glm4vVideoProcessor` and `Glm4vProcessor` (docs/MODEL.md §5-6).
 """
 
 from .image import (

@@ -1,4 +1,4 @@
-"""GLM-4.1V image pre-processing in NumPy/PIL, matching transformers' `Glm4vImageProcessorPil` (GLM41V_SPEC §5.1).
+"""GLM-4.1V image pre-processing in NumPy/PIL, matching transformers' `Glm4vImageProcessorPil` (docs/MODEL.md §5.1).
 
 What is special here (all checked against transformers 5.23):
 
@@ -29,7 +29,7 @@ from ..errors import Glm41vError
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# Hub preprocessor_config.json of GLM-4.1V-9B-Thinking (GLM41V_SPEC §5.1).
+# Hub preprocessor_config.json of GLM-4.1V-9B-Thinking (docs/MODEL.md §5.1).
 HUB_MIN_PIXELS = 12544
 HUB_MAX_PIXELS = 9633792
 MAX_ASPECT_RATIO = 200

@@ -1,6 +1,6 @@
 """GLM-4.1V processor: chat template rendering, placeholder expansion, tokenisation (like `Glm4vProcessor`).
 
-What is special here (GLM41V_SPEC §5.3, §6; checked against transformers 5.23):
+What is special here (docs/MODEL.md §5.3, §6; checked against transformers 5.23):
 
 * The chat template is rendered with a jinja2 `ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)`
   plus the same globals/filters transformers installs (`raise_exception`, `strftime_now`, `tojson` without HTML

@@ -1,4 +1,4 @@
-"""GLM-4.1V video pre-processing (PyAV decode, fps frame sampling, resize, patchify); GLM41V_SPEC §5.2.
+"""GLM-4.1V video pre-processing (PyAV decode, fps frame sampling, resize, patchify); docs/MODEL.md §5.2.
 
 What is special here (checked against transformers 5.23 `Glm4vVideoProcessor`):
 
