@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -483,10 +484,17 @@ class Engine:
             from .sharding import param_shardings
 
             self.param_shardings = param_shardings(abstract_params(cfg.with_runtime(kernel_layout=kernel_layout)), mesh)
-        # The decode layout (see layers.Dense): each kernel transposed once, here, straight into its sharding.
-        self.params, self.cfg = to_kernel_layout(params, cfg, kernel_layout, self.param_shardings)
-        if mesh is None:
-            self.params = jax.device_put(self.params)
+        if params is None:  # abstract (no weights): programs can only be compiled, e.g. for a TPU topology (plan)
+            if mesh is None:
+                raise GenerationError("an Engine without params needs a mesh (the devices to compile for)")
+            self.cfg = cfg.with_runtime(kernel_layout=kernel_layout)
+            self.params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                       nn.meta.unbox(abstract_params(self.cfg)), self.param_shardings)
+        else:
+            # The decode layout (see layers.Dense): each kernel transposed once, here, straight into its sharding.
+            self.params, self.cfg = to_kernel_layout(params, cfg, kernel_layout, self.param_shardings)
+            if mesh is None:
+                self.params = jax.device_put(self.params)
         self.model = Glm4v(self.cfg)
         self._compiled: dict[tuple, Any] = {}
         self.compile_log: list[tuple[str, float]] = []  # (shape key, seconds) per compile
@@ -496,6 +504,11 @@ class Engine:
     @property
     def num_compiles(self) -> int:
         return len(self._compiled)
+
+    def programs(self) -> list[tuple[str, Any, float]]:
+        """(kind "prefill" | "decode", compiled executable, compile seconds) of every program built, in order."""
+        return [(key[0], exe, log_entry[1]) for (key, exe), log_entry in zip(self._compiled.items(),
+                                                                           self.compile_log, strict=True)]
 
     # -------------------------------------------------------------------------------------------- shardings
     def _replicated(self) -> Any:

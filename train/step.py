@@ -281,6 +281,12 @@ class TrainStep:
 
     def __call__(self, params: Any, opt_state: Any, batch: Mapping[str, Any]):
         batch = dict(batch)
+        return self.jitted(batch)(params, opt_state, batch)
+
+    def jitted(self, batch: Mapping[str, Any]) -> Any:
+        """The jitted, sharded, donated step for this batch's shapes (cached): what `__call__` runs, and what
+        `glm41v plan` lowers with abstract params, optimizer state and batch (`.lower(...).compile()`)."""
+        batch = dict(batch)
         key = self._key(batch)
         fn = self._steps.get(key)
         if fn is None:
@@ -289,7 +295,7 @@ class TrainStep:
             fn = jax.jit(step, in_shardings=(self.param_shardings, self.opt_shardings, self.batch_shardings(batch)),
                          out_shardings=(self.param_shardings, self.opt_shardings, metric_sh), donate_argnums=(0, 1))
             self._steps[key] = fn
-        return fn(params, opt_state, batch)
+        return fn
 
     def grads(self, params: Any, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array, Any]:
         """(mean loss, label tokens, gradient tree with None at frozen leaves): the step's own gradient path."""
