@@ -398,3 +398,89 @@ def test_video_needs_metadata_for_sampling():
     red = out["pixel_values_videos"][:, : 2 * 14 * 14]  # channel 0 of every patch row: black after CLIP norm
     assert np.allclose(red, -0.48145466 / 0.26862954, atol=1e-5)
     assert math.isclose(float(red[0, 0]), -1.79226, abs_tol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------- high bit depth
+def _png16(arr: np.ndarray, color_type: int, trns: bytes | None = None) -> bytes:
+    """A 16-bit PNG written by hand (PIL cannot write 16-bit RGB / grey+alpha): arr uint16 (H, W, C)."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    h, w = arr.shape[:2]
+    raw = b"".join(b"\0" + arr[y].astype(">u2").tobytes() for y in range(h))
+    extra = chunk(b"tRNS", trns) if trns is not None else b""
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)) + extra
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+GREY16 = np.array([[0, 255, 256, 1000, 32768], [40000, 65280, 65535, 12345, 770]], np.uint16)
+
+
+def test_16bit_grey_png_is_scaled_not_clipped(tmp_path, ours_image, hf_image):
+    p = tmp_path / "grey 16.png"
+    Image.fromarray(GREY16).save(p)
+    assert Image.open(p).mode == "I;16"
+    msb = np.array([[0, 0, 1, 3, 128], [156, 255, 255, 48, 3]], np.uint8)  # value >> 8
+    got = np.asarray(load_image(p))
+    np.testing.assert_array_equal(got, np.repeat(msb[..., None], 3, axis=-1))
+    # the same picture as a 16-bit RGB PNG: Pillow itself keeps the top byte, so both give the same input
+    rgb = tmp_path / "rgb16.png"
+    rgb.write_bytes(_png16(np.repeat(GREY16[..., None], 3, axis=-1), color_type=2))
+    assert Image.open(rgb).mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(load_image(rgb)), got)
+    np.testing.assert_array_equal(ours_image([str(p)])["pixel_values"], ours_image([str(rgb)])["pixel_values"])
+    # PIL image and uint16 array inputs, big-endian too
+    for img in (Image.open(p), Image.fromarray(GREY16.astype(">u2")), GREY16):
+        np.testing.assert_array_equal(image_mod.to_rgb_array(img), np.repeat(msb[..., None], 3, axis=-1))
+    # transformers clips instead (every value above 255 is white): the documented deviation
+    ref = hf_image(images=[Image.open(p)], return_tensors="np")["pixel_values"]
+    assert not np.allclose(ref, ours_image([str(p)])["pixel_values"])
+
+
+def test_16bit_with_alpha(tmp_path):
+    """A file path drops alpha like transformers' load_image; a PIL image is composited onto white."""
+    ga = np.stack([GREY16, np.full_like(GREY16, 0)], -1)  # grey + alpha, 16 bits each
+    ga[0, 0, 1] = ga[1, 1, 1] = 65535  # two opaque pixels
+    p = tmp_path / "ga16.png"
+    p.write_bytes(_png16(ga, color_type=4))
+    assert np.asarray(load_image(p))[0, :, 0].tolist() == [0, 0, 1, 3, 128]  # top bytes, alpha dropped
+    got = image_mod.to_rgb_array(Image.open(p))
+    assert got[0, 0].tolist() == [0, 0, 0] and got[1, 1].tolist() == [255, 255, 255]
+    assert (got[0, 1:] == 255).all()  # transparent -> white
+    # 16-bit grey with a transparent grey value (tRNS): that value becomes white, the others keep their top byte
+    q = tmp_path / "trns16.png"
+    q.write_bytes(_png16(GREY16[..., None], color_type=0, trns=struct.pack(">H", 32768)))
+    got = image_mod.to_rgb_array(Image.open(q))[..., 0]
+    assert got[0, 4] == 255 and got[1, 0] == 156 and got[0, 3] == 3
+    assert np.asarray(load_image(q))[0, 4, 0] == 128
+
+
+def test_32bit_int_and_float_images():
+    i32 = Image.fromarray(np.array([[-5, 70000, 25600, 255, 65535]], np.int32))
+    assert i32.mode == "I"
+    # "I" is read as 16-bit data: clipped to 0..65535, top byte
+    assert image_mod.to_rgb_array(i32)[0, :, 0].tolist() == [0, 255, 100, 0, 255]
+    f = Image.fromarray(np.array([[-3, 0.4, 1.5, 127.6, 254.9, 300, np.nan]], np.float32))
+    assert f.mode == "F"
+    # "F" keeps PIL's 0..255 convention (truncated, clipped; NaN -> 0), as transformers does
+    assert image_mod.to_rgb_array(f)[0, :, 0].tolist() == [0, 0, 1, 127, 254, 255, 0]
+    with pytest.raises(ProcessingError, match="expected a uint8 \\(or uint16\\) image array, got dtype float32"):
+        image_mod.to_rgb_array(np.zeros((4, 4, 3), np.float32))
+
+
+def test_palette_and_cmyk_match_hf(tmp_path, ours_image, hf_image):
+    rng = np.random.default_rng(7)
+    pal = Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)).quantize(16)
+    pal.info["transparency"] = 3
+    pp = tmp_path / "pal.png"
+    pal.save(pp, transparency=3)
+    cmyk = Image.fromarray(rng.integers(0, 256, (64, 80, 4), dtype=np.uint8), "CMYK")
+    cp = tmp_path / "cmyk.jpg"
+    cmyk.save(cp)
+    for path in (pp, cp):
+        img = Image.open(path)
+        assert img.mode in ("P", "CMYK")
+        ref = hf_image(images=[img], return_tensors="np")
+        ours = ours_image([img])
+        np.testing.assert_array_equal(ours["image_grid_thw"], ref["image_grid_thw"])
+        assert np.abs(ours["pixel_values"] - ref["pixel_values"]).max() <= 1e-5, path

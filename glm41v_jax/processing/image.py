@@ -123,7 +123,32 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ProcessingError(f"{path!r}: corrupt or truncated image file: {e}") from e
     img = ImageOps.exif_transpose(img)
-    return img.convert("RGB")
+    return to_8bit(img).convert("RGB")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A high-bit-depth grey PIL image -> 8-bit "L" (or "LA" when it has a transparent grey value); others as given.
+
+    * 16-bit ("I;16", "I;16B", "I;16L", "I;16N") and 32-bit integer ("I", read as 16-bit data: clipped to
+      0..65535) keep their top 8 bits (`value >> 8`). That is what Pillow itself does when it reads a 16-bit RGB,
+      RGBA or grey+alpha PNG, so a 16-bit grey PNG gives the same 8-bit values as the same picture saved as 16-bit
+      RGB. (PIL's and transformers' `convert("RGB")` would clip every value above 255 to white.)
+    * Float ("F") follows PIL's own convention, 0..255, values outside clipped (as transformers does); there is no
+      standard range to scale from.
+    """
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        raw = np.asarray(image)
+        grey = (np.clip(raw, 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
+    elif mode == "F":
+        return image.convert("L")
+    else:
+        return image
+    out = Image.fromarray(grey, "L")
+    t = image.info.get("transparency")
+    if isinstance(t, int) and not isinstance(t, bool):
+        out = Image.merge("LA", (out, Image.fromarray(np.where(raw == t, 0, 255).astype(np.uint8), "L")))
+    return out
 
 
 def _check_pixel_count(path: str, width: int, height: int) -> None:
@@ -138,12 +163,14 @@ def to_rgb_array(image: ImageLike, do_convert_rgb: bool = True, source: str | No
     """Image (path, PIL or HWC/HW uint8 array) -> uint8 (H, W, 3), with HF `convert_to_rgb` semantics.
 
     Transparency is composited onto white (PIL images and 4-channel arrays), grayscale is repeated to 3 channels.
+    16-bit images and uint16 arrays keep their top 8 bits (`to_8bit`).
     """
     if isinstance(image, (str, os.PathLike)):
         source = os.fspath(image)
         image = load_image(image)
     what = source or "image"
     if isinstance(image, Image.Image):
+        image = to_8bit(image)
         if do_convert_rgb:
             has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
             if has_alpha:
@@ -159,8 +186,10 @@ def to_rgb_array(image: ImageLike, do_convert_rgb: bool = True, source: str | No
         raise ProcessingError(
             f"{what}: expected a file path, PIL image or uint8 numpy array, got {type(image).__name__}"
         )
+    if arr.dtype == np.uint16:  # 16-bit data: the top 8 bits, like `to_8bit`
+        arr = (arr >> 8).astype(np.uint8)
     if arr.dtype != np.uint8:
-        raise ProcessingError(f"{what}: expected a uint8 image array, got dtype {arr.dtype}")
+        raise ProcessingError(f"{what}: expected a uint8 (or uint16) image array, got dtype {arr.dtype}")
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
@@ -313,8 +342,8 @@ def read_json_object(path: str) -> dict[str, Any] | None:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ProcessingError(f"{path!r}: cannot parse JSON: {e}") from e
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, not UTF-8, too many digits
+        raise ProcessingError(f"{path!r}: cannot parse JSON: {type(e).__name__}: {e}") from None
     if not isinstance(data, dict):
         raise ProcessingError(f"{path!r}: expected a JSON object, got {type(data).__name__}")
     return data

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,40 +63,169 @@ class VideoMetadata:
 VideoInput = str | os.PathLike | np.ndarray | Sequence[Any] | tuple[Any, VideoMetadata]
 
 
-def load_video(path: str | os.PathLike) -> tuple[np.ndarray, VideoMetadata]:
-    """Decode every frame of a video file with PyAV -> (uint8 (T, H, W, 3) RGB, VideoMetadata).
+# Video budget (per video; `VideoProcessor.max_frames` / `max_frame_pixels`, or the same keys in
+# video_preprocessor_config.json). Past it a video fails with one ProcessingError before any large allocation.
+# 600 frames is the most that HF's default sampling keeps (2 fps x 300 s); 8K UHD is the largest common frame.
+VIDEO_MAX_FRAMES = 1024
+VIDEO_MAX_FRAME_PIXELS = 7680 * 4320
 
-    fps is the stream's average rate (guessed rate as fallback); total_num_frames is the number of frames actually
-    decoded (HF's PyAV reader uses the container's frame count, equal for well-formed files); duration = T / fps.
-    Missing, non-video, corrupt or empty files raise `ProcessingError` naming the file.
+# ffmpeg demuxers of single still images: such a file is refused as a video (give it as an image instead).
+_IMAGE_DEMUXERS = ("image2", "_pipe")
+
+SampleFn = Callable[[VideoMetadata], Sequence[int]]
+SizeFn = Callable[[int, int, int], tuple[int, int]]
+
+
+def load_video(
+    path: str | os.PathLike,
+    sample: SampleFn | None = None,
+    size: SizeFn | None = None,
+    *,
+    resample: int = 3,
+    max_frames: int = VIDEO_MAX_FRAMES,
+    max_frame_pixels: int = VIDEO_MAX_FRAME_PIXELS,
+) -> tuple[np.ndarray, VideoMetadata]:
+    """Decode a video file with PyAV -> (uint8 (T, H, W, 3) RGB, VideoMetadata), in memory bounded by the kept frames.
+
+    * The frame count, fps and size come from the stream first (the container's frame count, else the number of
+      demuxed packets: no decoding). `sample(metadata)` then gives the frame indices to keep (`None`: every frame,
+      `frames_indices` left None). The file is decoded once, front to back; a frame that is not kept is dropped as
+      soon as it is decoded, a kept one is converted to RGB and resized at once to `size(num_kept, height, width)`
+      (PIL, `resample`; `None`: no resize). Peak memory is the kept frames plus the decoder's few working frames.
+    * `total_num_frames` is the number of frames actually decoded. When the stream's own count was wrong, the
+      indices are sampled again from the true count and the file is decoded a second time, so the result is always
+      that of decoding every frame and sampling afterwards. fps is the stream's average rate (guessed rate as
+      fallback); duration = total_num_frames / fps.
+    * A display-matrix rotation (phone videos) is applied to every kept frame (by multiples of 90 degrees).
+    * Budget: more than `max_frames` kept frames, or a frame over `max_frame_pixels` pixels (checked in the header
+      before decoding and on every decoded frame), raise ProcessingError. So do a missing, corrupt, audio-only or
+      empty file, a still image, and frames that change size mid-stream; every message names the file.
     """
     import av  # local import: only needed for file decoding
 
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ProcessingError(f"video file not found: {path!r}")
-    frames: list[np.ndarray] = []
+    if os.path.isdir(path):
+        raise ProcessingError(f"video path is a directory, expected a file: {path!r}")
+    for name, v in (("max_frames", max_frames), ("max_frame_pixels", max_frame_pixels)):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ProcessingError(f"video budget {name} must be a positive integer, got {v!r}")
     try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise ProcessingError(f"{path!r}: file has no video stream")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-            for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
+        meta = _probe_video(av, path, max_frame_pixels)
+        for _ in range(2):
+            idx = None if sample is None else [int(i) for i in sample(meta)]
+            want = meta.total_num_frames if idx is None else len(idx)
+            if want > max_frames:
+                raise ProcessingError(_too_many_frames(path, want, max_frames, sampled=idx is not None))
+            if idx is not None and idx and min(idx) < 0:
+                raise ProcessingError(f"{path!r}: negative frame index {min(idx)} to keep")
+            if size is not None and meta.height and meta.width:  # early size/aspect check, from the header
+                size(want, meta.height, meta.width)
+            frames, n, hw = _decode(av, path, idx, want, size, resample, max_frames, max_frame_pixels)
+            if n == 0:
+                raise ProcessingError(f"{path!r}: video contains no decodable frames")
+            exact = n == meta.total_num_frames
+            if exact and frames is None:
+                raise ProcessingError(f"{path!r}: frame index {max(idx or [0])} to keep, but the video has {n} frames")
+            meta = VideoMetadata(total_num_frames=n, fps=meta.fps, duration=n / meta.fps if meta.fps else None,
+                                 frames_indices=idx, width=hw[1], height=hw[0])
+            if exact or (idx is None and size is None):
+                return frames, meta
     except ProcessingError:
         raise
     except (av.FFmpegError, OSError, ValueError, EOFError, IndexError) as e:
-        raise ProcessingError(f"{path!r}: not a readable video file: {e}") from e
-    if not frames:
-        raise ProcessingError(f"{path!r}: video contains no decodable frames")
+        raise ProcessingError(f"{path!r}: not a readable video file: {' '.join(str(e).split())}") from e
+    raise ProcessingError(f"{path!r}: the number of decodable frames changed between two decoding passes")
+
+
+def _too_many_frames(path: str, n: int, limit: int, sampled: bool) -> str:
+    what = "sampling keeps" if sampled else "decoding every frame (frame sampling off) keeps"
+    return (f"{path!r}: {what} {n} frames, more than the video budget of max_frames={limit} "
+            "(raise VideoProcessor.max_frames, or lower fps / max_duration)")
+
+
+def _probe_video(av: Any, path: str, max_frame_pixels: int) -> VideoMetadata:
+    """Stream facts without decoding: fps, size, and the frame count (header, else counted demuxed packets)."""
+    with av.open(path) as container:
+        fmt = container.format.name or ""
+        if not container.streams.video:
+            raise ProcessingError(f"{path!r}: file has no video stream (format {fmt!r})")
+        if fmt == _IMAGE_DEMUXERS[0] or fmt.endswith(_IMAGE_DEMUXERS[1]):
+            raise ProcessingError(f"{path!r}: this is a still image (format {fmt!r}), not a video; give it as an image")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        w, h = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+        _check_frame_pixels(path, w, h, max_frame_pixels)
+        n = int(stream.frames or 0)
+        if n <= 0:
+            n = sum(1 for pkt in container.demux(stream) if pkt.size)
     fps = float(rate) if rate else None
-    n = len(frames)
-    h, w = frames[0].shape[:2]
-    if any(f.shape != frames[0].shape for f in frames):
-        raise ProcessingError(f"{path!r}: frames change size mid-stream, which is not supported")
-    meta = VideoMetadata(total_num_frames=n, fps=fps, duration=(n / fps) if fps else None, width=w, height=h)
-    return np.stack(frames), meta
+    return VideoMetadata(total_num_frames=n, fps=fps, duration=(n / fps) if fps else None,
+                         width=w or None, height=h or None)
+
+
+def _check_frame_pixels(path: str, w: int, h: int, limit: int) -> None:
+    if w * h > limit:
+        raise ProcessingError(
+            f"{path!r}: video frames of {w}x{h} = {w * h} pixels are over the video budget of "
+            f"max_frame_pixels={limit} pixels"
+        )
+
+
+def _decode(
+    av: Any, path: str, idx: list[int] | None, num_kept: int, size: SizeFn | None, resample: int, max_frames: int,
+    max_frame_pixels: int,
+) -> tuple[np.ndarray | None, int, tuple[int, int]]:
+    """One front-to-back decode keeping the frames in `idx` (None: all) -> (kept frames, frames decoded, (H, W)).
+
+    The frames are resized to `size(num_kept, H, W)`; kept frames are None when an index is past the last frame.
+    """
+    slots: dict[int, list[int]] = {}
+    for pos, i in enumerate(idx or ()):
+        slots.setdefault(i, []).append(pos)
+    out: np.ndarray | None = None
+    kept: list[np.ndarray] = []
+    hw: tuple[int, int] | None = None
+    target: tuple[int, int] | None = None
+    n = 0
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        for frame in container.decode(stream):
+            i = n
+            n += 1
+            _check_frame_pixels(path, frame.width, frame.height, max_frame_pixels)
+            if idx is None:
+                if n > max_frames:
+                    raise ProcessingError(_too_many_frames(path, n, max_frames, sampled=False))
+            elif i not in slots:
+                continue
+            arr = frame.to_ndarray(format="rgb24")
+            k = round((frame.rotation or 0) / 90) % 4
+            if k:
+                arr = np.ascontiguousarray(np.rot90(arr, k))
+            if hw is None:
+                hw = arr.shape[:2]
+                target = size(num_kept, *hw) if size is not None else hw
+            elif arr.shape[:2] != hw:
+                raise ProcessingError(
+                    f"{path!r}: frames change size mid-stream ({hw[0]}x{hw[1]} then {arr.shape[0]}x{arr.shape[1]}), "
+                    "which is not supported"
+                )
+            arr = pil_resize(arr, *target, resample)
+            if idx is None:
+                kept.append(arr)
+                continue
+            if out is None:
+                out = np.empty((len(idx), *arr.shape), np.uint8)
+            out[slots[i]] = arr
+    if hw is None:
+        return None, n, (0, 0)
+    if idx is None:
+        return np.stack(kept), n, hw
+    if n <= max(idx):  # the stream was shorter than its header said (the caller samples again), or a bad index
+        return None, n, hw
+    return out, n, hw
 
 
 def sample_frames(metadata: VideoMetadata, fps: float = 2, max_duration: float = 300) -> np.ndarray:
@@ -147,6 +276,8 @@ class VideoProcessor:
     fps: float = 2.0
     max_duration: float = 300
     resample: int = 3
+    max_frames: int = VIDEO_MAX_FRAMES
+    max_frame_pixels: int = VIDEO_MAX_FRAME_PIXELS
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -155,7 +286,8 @@ class VideoProcessor:
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], source: str = "video preprocessor config") -> VideoProcessor:
-        """HF video_preprocessor_config.json fields (plus fps, max_duration, do_sample_frames)."""
+        """HF video_preprocessor_config.json fields (plus fps, max_duration, do_sample_frames and the budget
+        max_frames / max_frame_pixels)."""
         out = _fields_from_dict(cfg, source, VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS)
         extra = out["extra"]
         for k in ("fps", "max_duration"):
@@ -164,6 +296,12 @@ class VideoProcessor:
                 if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
                     raise ProcessingError(f"{source}: field {k!r} must be a positive number, got {v!r}")
                 out[k] = float(v) if k == "fps" else v
+        for k in ("max_frames", "max_frame_pixels"):
+            v = extra.pop(k, None)
+            if v is not None:
+                if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                    raise ProcessingError(f"{source}: field {k!r} must be a positive integer, got {v!r}")
+                out[k] = v
         if extra.get("do_sample_frames") is not None:
             out["do_sample_frames"] = bool(extra.pop("do_sample_frames"))
         return cls(**out)
@@ -185,28 +323,61 @@ class VideoProcessor:
 
     def normalize(self, frames: np.ndarray) -> np.ndarray:
         """uint8 (..., C) -> float32, torchvision-fused: (x - mean/rescale) / (std/rescale) in float32."""
-        x = frames.astype(np.float32)
+        x = frames.astype(np.float32)  # a new array: the operations below work in place on it
         inv = np.float32(1.0 / self.rescale_factor)
         if self.do_rescale and self.do_normalize:
-            mean = np.asarray(self.image_mean, dtype=np.float32) * inv
-            std = np.asarray(self.image_std, dtype=np.float32) * inv
-            return (x - mean) / std
-        if self.do_normalize:
-            return (x - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
-        if self.do_rescale:
-            return x * np.float32(self.rescale_factor)
+            x -= np.asarray(self.image_mean, dtype=np.float32) * inv
+            x /= np.asarray(self.image_std, dtype=np.float32) * inv
+        elif self.do_normalize:
+            x -= np.asarray(self.image_mean, np.float32)
+            x /= np.asarray(self.image_std, np.float32)
+        elif self.do_rescale:
+            x *= np.float32(self.rescale_factor)
         return x
 
+    def load(
+        self, path: str | os.PathLike, metadata: VideoMetadata | None = None, do_sample_frames: bool | None = None
+    ) -> tuple[np.ndarray, VideoMetadata]:
+        """Decode a video file keeping only the sampled frames, each resized as it comes (see `load_video`).
+
+        -> (uint8 (T, h, w, 3) frames at the processor's size, metadata with frames_indices). `metadata`, when
+        given, is used for sampling instead of the file's own and must agree with its frame count.
+        """
+        source = os.fspath(path)
+        sample = self.do_sample_frames if do_sample_frames is None else do_sample_frames
+
+        def sample_fn(file_meta: VideoMetadata) -> np.ndarray:
+            return sample_frames(metadata or file_meta, fps=self.fps, max_duration=self.max_duration)
+
+        def size_fn(t: int, h: int, w: int) -> tuple[int, int]:
+            return self.target_size(t, h, w, source)
+
+        frames, file_meta = load_video(
+            path, sample_fn if sample else None, size_fn if self.do_resize else None, resample=self.resample,
+            max_frames=self.max_frames, max_frame_pixels=self.max_frame_pixels,
+        )
+        if metadata is None:
+            metadata = file_meta
+        elif metadata.total_num_frames != file_meta.total_num_frames:
+            raise ProcessingError(
+                f"{source}: VideoMetadata.total_num_frames={metadata.total_num_frames} but the file has "
+                f"{file_meta.total_num_frames} frames"
+            )
+        idx = file_meta.frames_indices if sample else list(range(len(frames)))
+        return frames, VideoMetadata(**{**metadata.__dict__, "frames_indices": idx})
+
     def _frames_and_metadata(
-        self, video: Any, metadata: VideoMetadata | dict | None, source: str | None
-    ) -> tuple[np.ndarray, VideoMetadata | None, str | None]:
+        self, video: Any, metadata: VideoMetadata | dict | None, source: str | None, do_sample_frames: bool | None
+    ) -> tuple[np.ndarray, VideoMetadata | None, str | None, bool]:
+        """-> (frames, metadata, source, prepared): `prepared` frames (from a file) are already sampled and resized."""
         if isinstance(video, tuple) and len(video) == 2 and isinstance(video[1], (VideoMetadata, dict)):
             video, metadata = video
+        if isinstance(metadata, dict):
+            metadata = VideoMetadata(**metadata)
         if isinstance(video, (str, os.PathLike)):
-            source = os.fspath(video)
-            frames, file_meta = load_video(video)
-            metadata = metadata or file_meta
-        elif isinstance(video, np.ndarray):
+            frames, metadata = self.load(video, metadata, do_sample_frames)
+            return frames, metadata, os.fspath(video), True
+        if isinstance(video, np.ndarray):
             frames = video
         elif isinstance(video, (list, tuple)) and video:
             frames = np.stack([to_rgb_array(f, self.do_convert_rgb, source) for f in video])
@@ -215,15 +386,13 @@ class VideoProcessor:
                 f"{source or 'video'}: expected a file path, a (T, H, W, 3) uint8 array, a list of frames or "
                 f"(frames, VideoMetadata), got {type(video).__name__}"
             )
-        if isinstance(metadata, dict):
-            metadata = VideoMetadata(**metadata)
-        return frames, metadata, source
+        return frames, metadata, source, False
 
     def preprocess_one(
         self, video: Any, metadata: VideoMetadata | dict | None = None, do_sample_frames: bool | None = None
     ) -> tuple[np.ndarray, tuple[int, int, int], VideoMetadata]:
         """One video -> (patches (gt*gh*gw, 1176) float32, (gt, gh, gw), metadata with frames_indices set)."""
-        frames, metadata, source = self._frames_and_metadata(video, metadata, None)
+        frames, metadata, source, prepared = self._frames_and_metadata(video, metadata, None, do_sample_frames)
         what = source or "video"
         if frames.dtype != np.uint8:
             raise ProcessingError(f"{what}: expected uint8 frames, got dtype {frames.dtype}")
@@ -232,7 +401,7 @@ class VideoProcessor:
         if frames.ndim != 4 or frames.shape[-1] not in (1, 3, 4) or frames.shape[0] == 0:
             raise ProcessingError(f"{what}: expected frames of shape (T, H, W, 3) with T >= 1, got {frames.shape}")
         sample = self.do_sample_frames if do_sample_frames is None else do_sample_frames
-        if sample:
+        if sample and not prepared:
             if metadata is None:
                 raise ProcessingError(
                     f"{what}: frame sampling needs VideoMetadata (fps, total_num_frames); pass (frames, metadata) "
@@ -245,25 +414,46 @@ class VideoProcessor:
             idx = sample_frames(metadata, fps=self.fps, max_duration=self.max_duration)
             frames = frames[idx]
             metadata = VideoMetadata(**{**metadata.__dict__, "frames_indices": [int(i) for i in idx]})
-        else:
+        elif not prepared:
             if metadata is None:
                 metadata = VideoMetadata(len(frames), fps=None, frames_indices=list(range(len(frames))))
             elif metadata.frames_indices is None:
                 metadata = VideoMetadata(**{**metadata.__dict__, "frames_indices": list(range(len(frames)))})
+        if len(frames) > self.max_frames:
+            raise ProcessingError(
+                f"{what}: {len(frames)} frames kept, more than the video budget of max_frames={self.max_frames}"
+            )
         if frames.shape[-1] != 3:
             frames = np.stack([to_rgb_array(f, self.do_convert_rgb, source) for f in frames])
         t, height, width = frames.shape[:3]
         if self.do_resize:
-            h, w = self.target_size(t, height, width, source)
-            if (h, w) != (height, width):
-                frames = np.stack([pil_resize(f, h, w, self.resample) for f in frames])
+            if not prepared:  # a decoded file is resized frame by frame in `load`
+                h, w = self.target_size(t, height, width, source)
+                if (h, w) != (height, width):
+                    frames = np.stack([pil_resize(f, h, w, self.resample) for f in frames])
         elif height % self.factor or width % self.factor:
             raise ProcessingError(
                 f"{what}: with do_resize=False the frame size must be a multiple of {self.factor}, got {height}x{width}"
             )
-        x = self.normalize(frames).transpose(0, 3, 1, 2)  # (T, C, h, w)
-        patches, grid = patchify_frames(x, self.patch_size, self.merge_size, self.temporal_patch_size)
-        return patches, grid, metadata
+        return (*self._patchify(frames), metadata)
+
+    def _patchify(self, frames: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """uint8 (T, h, w, C) -> normalised patches, one temporal group at a time (float32 peak: the output plus one
+        group). Rows are temporal-group-major, so each group fills its own block of rows; T is padded to a multiple
+        of temporal_patch_size by repeating the last frame (as `patchify_frames` does)."""
+        tp = self.temporal_patch_size
+        if len(frames) % tp:
+            frames = np.concatenate([frames, np.repeat(frames[-1:], tp - len(frames) % tp, axis=0)])
+        out: np.ndarray | None = None
+        gt = len(frames) // tp
+        for g in range(gt):
+            x = self.normalize(frames[g * tp:(g + 1) * tp]).transpose(0, 3, 1, 2)  # (tp, C, h, w)
+            rows, (_, gh, gw) = patchify_frames(x, self.patch_size, self.merge_size, tp)
+            if out is None:
+                out = np.empty((gt * len(rows), rows.shape[1]), np.float32)
+            out[g * len(rows):(g + 1) * len(rows)] = rows
+        assert out is not None
+        return out, (gt, gh, gw)
 
     def __call__(
         self,
@@ -298,7 +488,7 @@ class VideoProcessor:
             grids.append(g)
             out_meta.append(md)
         return {
-            "pixel_values_videos": np.concatenate(rows, axis=0),
+            "pixel_values_videos": rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0),
             "video_grid_thw": np.asarray(grids, dtype=np.int64),
             "timestamps": [m.timestamps if m.fps is not None else None for m in out_meta],
             "video_metadata": out_meta,
