@@ -41,15 +41,15 @@ import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any, TextIO
 
-from .errors import one_line
+from .errors import Glm41vError, one_line
 from .generate_cli import (
     CliError,
     StreamPrinter,
     _check_media,
     _configure_jax,
-    _sampling_from,
     add_model_args,
     build_messages,
     guarded,
@@ -91,7 +91,8 @@ class ChatSession:
 
     def __init__(self, engine: Any, processor: Any, *, sampling: Any, eos_ids: Any, max_new_tokens: int, seed: int,
                  system: str | None, out: TextIO, err: TextIO, no_thinking: bool = False,
-                 max_thinking_tokens: int | None = None, log: TextIO | None = None) -> None:
+                 max_thinking_tokens: int | None = None, log: TextIO | None = None,
+                 text_special_tokens: bool = False) -> None:
         from .thinking import FORCED_ANSWER
 
         self.engine = engine
@@ -106,6 +107,7 @@ class ChatSession:
         self.log = log
         self.no_thinking = no_thinking
         self.max_thinking_tokens = max_thinking_tokens
+        self.text_special_tokens = text_special_tokens
         self.gen_kwargs: dict[str, Any] = {}
         if max_thinking_tokens is not None:
             self.gen_kwargs = {"max_thinking_tokens": int(max_thinking_tokens),
@@ -186,7 +188,9 @@ class ChatSession:
                     self.notice(HELP)
                 else:
                     raise CliError(f"unknown command {cmd} ({HELP})")
-            except (CliError, OSError) as e:
+            except BrokenPipeError:
+                raise
+            except (Glm41vError, OSError) as e:
                 self.error(one_line(e))
             return True
         if stripped.startswith("//"):
@@ -195,6 +199,11 @@ class ChatSession:
         return True
 
     # ------------------------------------------------------------------ one turn
+    def _history_paths(self) -> list[str]:
+        return [item[item["type"]] for m in self.history if m["role"] == "user" and isinstance(m["content"], list)
+                for item in m["content"] if item.get("type") in ("image", "video")
+                and isinstance(item.get(item["type"]), str)]
+
     def _latest_image_sizes(self, messages: list[dict[str, Any]]) -> list[tuple[int, int]] | None:
         for m in reversed(messages):
             if m["role"] != "user" or not isinstance(m["content"], list):
@@ -205,11 +214,23 @@ class ChatSession:
                 return None if any(s is None for s in sizes) else sizes  # type: ignore[return-value]
         return None
 
+    def _check_history_media(self) -> None:
+        """The images and videos of earlier turns are read again on every turn: say which one is gone."""
+        turn = 0
+        for m in self.history:
+            if m["role"] != "user":
+                continue
+            turn += 1
+            for item in m["content"] if isinstance(m["content"], list) else []:
+                kind = item.get("type")
+                path = item.get(kind) if kind in ("image", "video") else None
+                if isinstance(path, str) and not os.path.isfile(path):
+                    raise CliError(f"the {kind} of earlier turn {turn} is gone: {path} (no such file); restore it, "
+                                   "or /reset to start a new conversation without it")
+
     def turn(self, text: str) -> None:
         """Send one user message (with the pending attachments) and stream the reply. Errors are reported, and
         leave the history as it was."""
-        from .config import ConfigError
-        from .generate import GenerationError
         from .processing import ProcessingError
         from .thinking import NO_THINKING_PREFIX, history_text, parse_response
 
@@ -221,19 +242,26 @@ class ChatSession:
         try:
             _check_media(images, "image")
             _check_media(videos, "video")
+            self._check_history_media()
             enc_kw = {"assistant_prefix": NO_THINKING_PREFIX} if self.no_thinking else {}
             import numpy as np
 
-            inputs = self.processor.encode_messages(messages, **enc_kw)
+            inputs = self.processor.encode_messages(messages, text_special_tokens=self.text_special_tokens, **enc_kw)
             inputs = {k: v for k, v in inputs.items() if isinstance(v, np.ndarray)}
             result = self.engine.generate(inputs, max_new_tokens=self.max_new_tokens, sampling=self.sampling,
                                           seed=self.seed + self.turns_done, eos_ids=self.eos_ids,
                                           stream_callback=printer.feed, **self.gen_kwargs)
-        except (CliError, ProcessingError, GenerationError, ConfigError, OSError, ValueError, RuntimeError) as e:
+        except BrokenPipeError:
+            raise  # stdout is gone: the session ends (guarded exits quietly)
+        except (Glm41vError, OSError) as e:
             if printer.wrote_any:
                 printer.finish()
             dropped = len(images) + len(videos)
-            self.error(one_line(e) + (f" (message not sent; {dropped} attachment(s) dropped)" if dropped else ""))
+            hint = ""
+            if isinstance(e, ProcessingError) and any(p in str(e) for p in self._history_paths()):
+                hint = " (a file of an earlier turn; restore it, or /reset to start a new conversation)"
+            self.error(one_line(e) + hint
+                       + (f" (message not sent; {dropped} attachment(s) dropped)" if dropped else ""))
             return
         except KeyboardInterrupt:
             printer.finish()
@@ -274,19 +302,37 @@ class ChatSession:
             self.log.flush()
 
 
-def _read_lines(stdin: TextIO, stdout: TextIO):
-    """Lines from stdin until EOF; with a terminal, a `you> ` prompt and line editing (readline)."""
+def _read_lines(stdin: TextIO, stdout: TextIO, err: TextIO) -> Iterator[str]:
+    """Lines from stdin until EOF; with a terminal, a `you> ` prompt and line editing (readline).
+
+    A pipe is read as bytes and each line decoded on its own: a line that is not UTF-8 is reported and skipped, and
+    the session (and its history) goes on."""
     interactive = bool(getattr(stdin, "isatty", lambda: False)()) and stdin is sys.__stdin__
     if interactive:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())
+    raw_in = getattr(stdin, "buffer", None)
+    n = 0
     while True:
+        n += 1
         if interactive:
             try:
                 line = input("you> ")
             except EOFError:
                 stdout.write("\n")
                 return
+            except UnicodeDecodeError as e:
+                _undecodable(err, n, e)
+                continue
+        elif raw_in is not None:
+            raw = raw_in.readline()
+            if not raw:
+                return
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                _undecodable(err, n, e)
+                continue
         else:
             line = stdin.readline()
             if not line:
@@ -294,20 +340,17 @@ def _read_lines(stdin: TextIO, stdout: TextIO):
         yield line
 
 
+def _undecodable(err: TextIO, n: int, e: UnicodeDecodeError) -> None:
+    err.write(f"error: input line {n} is not UTF-8 (byte 0x{e.object[e.start]:02x} at column {e.start + 1}); it "
+              "was ignored, the conversation goes on\n")
+    err.flush()
+
+
 def _chat(args: argparse.Namespace) -> int:
     _configure_jax()
-    if args.max_new_tokens < 1:
-        raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.chunk_size < 1:
-        raise CliError(f"--chunk-size must be >= 1, got {args.chunk_size}")
-    if args.max_thinking_tokens is not None and args.max_thinking_tokens < 0:
-        raise CliError(f"--max-thinking-tokens must be >= 0, got {args.max_thinking_tokens}")
-
     from .generate_cli import load_pipeline
-    from .sampling import SamplingParams
 
-    pipe, load_s = load_pipeline(args)
-    sampling = SamplingParams(**_sampling_from(args, pipe.directory))
+    pipe, load_s, sampling = load_pipeline(args)
     engine, processor = pipe.engine, pipe.processor
     print(f"[model loaded in {load_s:.2f}s; {HELP}]", file=sys.stderr)
 
@@ -316,8 +359,9 @@ def _chat(args: argparse.Namespace) -> int:
         session = ChatSession(engine, processor, sampling=sampling, eos_ids=pipe.eos_ids,
                               max_new_tokens=args.max_new_tokens, seed=args.seed, system=args.system,
                               out=sys.stdout, err=sys.stderr, no_thinking=args.no_thinking,
-                              max_thinking_tokens=args.max_thinking_tokens, log=log)
-        for line in _read_lines(sys.stdin, sys.stdout):
+                              max_thinking_tokens=args.max_thinking_tokens, log=log,
+                              text_special_tokens=args.text_special_tokens)
+        for line in _read_lines(sys.stdin, sys.stdout, sys.stderr):
             if not session.handle(line):
                 break
     finally:

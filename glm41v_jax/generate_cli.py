@@ -27,44 +27,62 @@ line on stderr and exit with code 2. Every compile logs its shape key on stderr.
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import errno
+import itertools
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any, TextIO
 
+from . import argtypes
 from .errors import Glm41vError, one_line
 
 DEFAULT_MAX_NEW_TOKENS = 1024
+MAX_BATCH_SIZE = 65536
+MAX_LINE_BYTES = 16 << 20  # a batch-file line longer than this is reported, not read (no prompt fits in it anyway)
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell shows for a writer whose reader went away (`... | head`)
 TAG_LABELS = {"<think>": "thinking:\n", "</think>": "\n\n", "<answer>": "answer:\n", "</answer>": ""}
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The options `generate` and `chat` share: model, system turn, limits, sampling, thinking, dtype, mesh."""
+    """The options `generate` and `chat` share: model, system turn, limits, sampling, thinking, dtype, mesh. Every
+    number is range-checked by its argparse type (argtypes), so a bad value is a one-line usage error."""
     p.add_argument("--model", default=None,
                    help="HF checkpoint directory, converted directory or hub id (default: the embedded tiny "
                         "checkpoint with RANDOM weights)")
     p.add_argument("--system", default=None, help="an optional system message")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+    p.add_argument("--max-new-tokens", type=argtypes.positive_int, default=DEFAULT_MAX_NEW_TOKENS,
                    help=f"at most this many generated tokens per reply (default {DEFAULT_MAX_NEW_TOKENS})")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (overrides the sampling options)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (turns sampling on)")
-    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (turns sampling on)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (turns sampling on)")
-    p.add_argument("--repetition-penalty", type=float, default=None,
-                   help="HF repetition penalty (default: generation_config.json's, else 1.0 = off)")
-    p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling (default 0)")
+    p.add_argument("--temperature", type=argtypes.float_in(0, lo_open=True, hint=" (--greedy for argmax decoding)"),
+                   default=None, help="sampling temperature, > 0 (turns sampling on)")
+    p.add_argument("--top-k", type=argtypes.count, default=None,
+                   help="keep the k most likely tokens; 0: off (turns sampling on)")
+    p.add_argument("--top-p", type=argtypes.float_in(0, 1), default=None,
+                   help="nucleus sampling threshold in [0, 1] (turns sampling on)")
+    p.add_argument("--repetition-penalty", type=argtypes.float_in(0, lo_open=True), default=None,
+                   help="HF repetition penalty, > 0 (default: generation_config.json's, else 1.0 = off)")
+    p.add_argument("--seed", type=argtypes.seed, default=0,
+                   help=f"PRNG seed for sampling, in [0, {argtypes.SEED_MAX}] (default 0)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="weights and activations (default: float32 on CPU, bfloat16 on accelerators)")
-    p.add_argument("--chunk-size", type=int, default=16, help="tokens per device round trip (default 16)")
+    p.add_argument("--chunk-size", type=argtypes.int_in(1, 4096), default=16,
+                   help="tokens per device round trip (default 16)")
     p.add_argument("--mesh", default="auto",
                    help="device mesh 'data=D,fsdp=F,tensor=T' (one axis may be -1); 'auto' (default): tensor over "
                         "as many devices as divide the heads (<= 8), fsdp over the rest; 'none': one device")
-    p.add_argument("--max-context", type=int, default=None,
+    p.add_argument("--max-context", type=argtypes.positive_int, default=None,
                    help="cap on prompt + new tokens (default and maximum: the model's max_position_embeddings)")
-    p.add_argument("--max-thinking-tokens", type=int, default=None, metavar="N",
+    p.add_argument("--max-thinking-tokens", type=argtypes.count, default=None, metavar="N",
                    help="force '</think><answer>' once N thinking tokens are spent")
     p.add_argument("--no-thinking", action="store_true", help="pre-fill an empty '<think></think>' block")
+    p.add_argument("--text-special-tokens", action="store_true",
+                   help="read special tokens typed in the user's text (<|assistant|>, <|endoftext|>, <think>, ...) "
+                        "as control tokens, as transformers does (default: they are plain text)")
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -79,7 +97,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="the user's text (required unless --batch-file)")
     p.add_argument("--batch-file", default=None, metavar="JSONL",
                    help="requests, one JSON object per line (prompt, system, images, videos, max_new_tokens)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows generated together in batch mode (default 8)")
+    p.add_argument("--batch-size", type=argtypes.int_in(1, MAX_BATCH_SIZE), default=8,
+                   help="rows generated together in batch mode (default 8)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     add_model_args(p)
     p.set_defaults(func=run)
@@ -149,38 +168,14 @@ def _configure_jax() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _sampling_from(args: argparse.Namespace, directory: str) -> dict[str, Any]:
-    gen: dict[str, Any] = {}
-    path = os.path.join(directory, "generation_config.json")
-    if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                gen = json.load(f) or {}
-        except (OSError, json.JSONDecodeError):
-            gen = {}
-    explicit = any(v is not None for v in (args.temperature, args.top_k, args.top_p))
-    greedy = args.greedy or not (explicit or bool(gen.get("do_sample", False)))
+def _sampling_from(args: argparse.Namespace, directory: str | None) -> Any:
+    """SamplingParams from the flags over the checkpoint's generation_config.json (checked: a bad field is an error
+    naming the file and the field)."""
+    from .sampling import read_generation_config, resolve_sampling
 
-    def pick(name: str, flag: Any, default: Any) -> Any:
-        if flag is not None:
-            return flag
-        v = gen.get(name)
-        return default if v is None else v
-
-    temperature = float(pick("temperature", args.temperature, 1.0))
-    top_k = pick("top_k", args.top_k, None)
-    top_p = pick("top_p", args.top_p, None)
-    rep = float(pick("repetition_penalty", args.repetition_penalty, 1.0))
-    if not rep > 0:
-        raise CliError(f"--repetition-penalty must be > 0, got {rep}")
-    if not greedy and not temperature > 0:
-        raise CliError(f"--temperature must be > 0, got {temperature}")
-    if top_k is not None and int(top_k) < 0:
-        raise CliError(f"--top-k must be >= 0, got {top_k}")
-    if top_p is not None and not 0.0 <= float(top_p) <= 1.0:
-        raise CliError(f"--top-p must be in [0, 1], got {top_p}")
-    return {"greedy": greedy, "temperature": temperature, "top_k": None if top_k is None else int(top_k),
-            "top_p": None if top_p is None else float(top_p), "repetition_penalty": rep}
+    gen, source = read_generation_config(directory)
+    return resolve_sampling(gen, source, greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty)
 
 
 def _check_media(paths: list[str], kind: str) -> None:
@@ -209,20 +204,14 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CliError("empty prompt: --prompt needs some text")
     if args.batch_file is not None and (args.prompt or args.image or args.video):
         raise CliError("--batch-file takes the prompts, images and videos from the file; drop --prompt/--image/--video")
-    for flag, v in (("--max-new-tokens", args.max_new_tokens), ("--chunk-size", args.chunk_size),
-                    ("--batch-size", args.batch_size)):
-        if v < 1:
-            raise CliError(f"{flag} must be >= 1, got {v}")
-    if args.max_thinking_tokens is not None and args.max_thinking_tokens < 0:
-        raise CliError(f"--max-thinking-tokens must be >= 0, got {args.max_thinking_tokens}")
-    if args.max_context is not None and args.max_context < 1:
-        raise CliError(f"--max-context must be >= 1, got {args.max_context}")
     _check_media(args.image, "image")
     _check_media(args.video, "video")
 
 
-def load_pipeline(args: argparse.Namespace) -> tuple[Any, float]:
-    """Pipeline.load from the common flags (--model, --dtype, --mesh, --chunk-size, --max-context); logs compiles."""
+def load_pipeline(args: argparse.Namespace) -> tuple[Any, float, Any]:
+    """Pipeline.load from the common flags (--model, --dtype, --mesh, --chunk-size, --max-context); logs compiles.
+    Returns (pipeline, load seconds, SamplingParams from the sampling flags over generation_config.json, resolved
+    before the weights are read)."""
     import logging
 
     from .pipeline import Pipeline
@@ -238,46 +227,75 @@ def load_pipeline(args: argparse.Namespace) -> tuple[Any, float]:
               "its output is meaningless", file=sys.stderr)
     mesh = getattr(args, "mesh", None)
     t0 = time.perf_counter()
+    sampling: dict[str, Any] = {}
     pipe = Pipeline.load(args.model, dtype=args.dtype, mesh=None if mesh in (None, "none") else mesh,
-                         chunk_size=args.chunk_size, max_context=getattr(args, "max_context", None))
-    return pipe, time.perf_counter() - t0
+                         chunk_size=args.chunk_size, max_context=getattr(args, "max_context", None),
+                         check_directory=lambda d: sampling.update(params=_sampling_from(args, d)))
+    return pipe, time.perf_counter() - t0, sampling["params"]
 
 
-def _read_batch_file(path: str) -> list[Any]:
-    """Requests of a JSONL file; a line that does not parse becomes its error (reported with its line number)."""
+def iter_batch_file(path: str) -> Iterator[tuple[int, Any]]:
+    """(line number, Request or RequestError) for each non-blank line of a JSONL file, read one line at a time.
+
+    The file is read as bytes and each line decoded on its own, so a bad line (not UTF-8, not JSON, nested too
+    deeply, a field of the wrong type or out of range, longer than MAX_LINE_BYTES) is that line's RequestError and
+    the others still run. Relative media paths resolve against the file's folder."""
     from .pipeline import Request, RequestError
 
-    if not os.path.isfile(path):
-        raise CliError(f"batch file not found: {path}")
     base = os.path.dirname(os.path.abspath(path))
-    out: list[Any] = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+
+    def reject(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    with open(path, "rb") as f:
+        n = 0
+        while True:
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            n += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass
+                yield n, RequestError(f"line longer than {MAX_LINE_BYTES} bytes")
+                continue
+            if not raw.strip():
                 continue
             try:
                 try:
-                    d = json.loads(line)
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise RequestError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+                if n == 1:
+                    text = text.removeprefix("\ufeff")
+                try:
+                    d = json.loads(text, parse_constant=reject)
                 except json.JSONDecodeError as e:
                     raise RequestError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+                except RecursionError:
+                    raise RequestError("not valid JSON (nested too deeply)") from None
+                except ValueError as e:  # NaN/Infinity, an integer of too many digits
+                    raise RequestError(f"not valid JSON ({e})") from None
                 req: Any = Request.from_dict(d, base)
             except RequestError as e:
-                req = RequestError(f"{path}:{n}: {e}")
-            out.append((n, req))
-    if not out:
-        raise CliError(f"batch file {path} has no requests")
-    return out
+                req = e
+            yield n, req
 
 
 def _generate(args: argparse.Namespace) -> int:
     _configure_jax()
     _check_args(args)
-    lines = _read_batch_file(args.batch_file) if args.batch_file else None
+    lines = None
+    if args.batch_file:
+        if not os.path.isfile(args.batch_file):
+            raise CliError(f"batch file not found: {args.batch_file}")
+        lines = iter_batch_file(args.batch_file)
+        first = next(lines, None)  # read before the model loads: an empty file is refused at once
+        if first is None:
+            raise CliError(f"batch file {args.batch_file} has no requests")
+        lines = itertools.chain([first], lines)
 
-    from .sampling import SamplingParams
-
-    pipe, load_s = load_pipeline(args)
-    sampling = SamplingParams(**_sampling_from(args, pipe.directory))
+    pipe, load_s, sampling = load_pipeline(args)
     engine = pipe.engine
     ctx = engine.max_context
     from .generate import format_bytes, kv_cache_bytes
@@ -291,7 +309,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .pipeline import Request
 
     req = Request(args.prompt, images=args.image, videos=args.video, system=args.system)
-    inputs = pipe.encode(req, no_thinking=args.no_thinking)
+    inputs = pipe.encode(req, no_thinking=args.no_thinking, text_special_tokens=args.text_special_tokens)
     printer = StreamPrinter(lambda ids: pipe.processor.decode(ids, skip_special_tokens=True), sys.stdout)
     think = {}
     if args.max_thinking_tokens is not None:
@@ -314,36 +332,81 @@ def _generate(args: argparse.Namespace) -> int:
             "dtype": engine.cfg.runtime.dtype,
         })
         record["timings"]["load_s"] = load_s
-        sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
-        sys.stdout.flush()
+        write_json_line(sys.stdout, record)
     return 0
 
 
-def _generate_batch_file(args: argparse.Namespace, pipe: Any, sampling: Any, lines: list[Any]) -> int:
-    def emit(i: int, rec: dict[str, Any]) -> None:
-        rec = {"line": lines[i][0], **rec}
-        if "error" in rec:
-            print(f"error: line {lines[i][0]}: {rec['error']}", file=sys.stderr)
-        sys.stdout.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        sys.stdout.flush()
+def write_json_line(out: TextIO, record: dict[str, Any]) -> None:
+    """One JSON object per line, flushed; non-ASCII as is when the stream can encode it."""
+    line = json.dumps(record, ensure_ascii=False)
+    try:
+        line.encode(getattr(out, "encoding", None) or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        line = json.dumps(record)
+    out.write(line + "\n")
+    out.flush()
 
-    pipe.generate([r for _, r in lines], batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                  sampling=sampling, seed=args.seed, max_thinking_tokens=args.max_thinking_tokens,
-                  no_thinking=args.no_thinking, errors="return", on_result=emit)
+
+def _generate_batch_file(args: argparse.Namespace, pipe: Any, sampling: Any, lines: Iterator[tuple[int, Any]]
+                         ) -> int:
+    """Stream the batch file: read and encode one batch, run it, print its records, read on."""
+    numbers: collections.deque[int] = collections.deque()
+
+    def requests() -> Iterator[Any]:
+        for n, req in lines:
+            numbers.append(n)
+            yield req
+
+    for _, rec in pipe.stream(requests(), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                              sampling=sampling, seed=args.seed, max_thinking_tokens=args.max_thinking_tokens,
+                              no_thinking=args.no_thinking, text_special_tokens=args.text_special_tokens,
+                              errors="return"):
+        n = numbers.popleft()
+        if "error" in rec:
+            print(f"error: {args.batch_file}:{n}: {rec['error']}", file=sys.stderr)
+        write_json_line(sys.stdout, {"line": n, **rec})
     summary = pipe.last_summary
-    sys.stdout.write(json.dumps({"summary": summary}) + "\n")
-    sys.stdout.flush()
+    write_json_line(sys.stdout, {"summary": summary})
     print(f"[{summary['requests']} requests ({summary['failed']} failed) in {summary['batches']} batches of "
           f"{args.batch_size}; prefill {summary['prefill_s']:.3f}s, decode {summary['decode_tokens_per_s']:.1f} "
           f"tok/s over all rows, {summary['num_compiles']} programs]", file=sys.stderr)
     return 2 if summary["failed"] else 0
 
 
+def _stdout_gone(e: BaseException) -> bool:
+    """Whether `e` says that stdout can no longer be written: its reader went away (EPIPE), or it is closed."""
+    if isinstance(e, BrokenPipeError):
+        return True
+    out = sys.stdout
+    if isinstance(e, OSError) and e.errno == errno.EBADF:
+        try:
+            os.fstat(out.fileno())
+        except (OSError, ValueError, AttributeError):
+            return True
+        return False
+    return isinstance(e, ValueError) and "closed file" in str(e) and (out is None or getattr(out, "closed", False))
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not fail again ("Exception ignored ...")."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def guarded(fn: Any, args: argparse.Namespace) -> int:
     """Run a subcommand; an expected failure becomes one `error:` line on stderr and exit code 2."""
+    if sys.stdout is None or getattr(sys.stdout, "closed", False):
+        return SIGPIPE_EXIT  # started with stdout closed: nothing can be written, stop before any work
     try:
         return fn(args)
-    except (Glm41vError, OSError) as e:
+    except (Glm41vError, OSError, ValueError) as e:
+        if _stdout_gone(e):  # `... | head`: stop quietly, as command-line tools do
+            _quiet_stdout()
+            return SIGPIPE_EXIT
+        if not isinstance(e, (Glm41vError, OSError)):
+            raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -9,29 +9,77 @@ Requests run in batches of `batch_size` rows, in input order; every batch is pad
 rows stop after one token), so one compiled program per prompt/vision bucket serves every batch. Each row stops on
 its own eos or its own `max_new_tokens`. A request that cannot be encoded (missing image, ...) either raises or,
 with `errors="return"`, yields `{"error": ...}` while the other requests still run.
+
+`Pipeline.stream` takes any iterable of requests (a generator reading a file, say) and works one batch at a time:
+it encodes `batch_size` requests, runs them, yields their records, and only then reads on, so host memory holds one
+batch whatever the number of requests.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from .errors import Glm41vError
 from .generate import Engine, GenerationError, collate, read_eos_ids
-from .sampling import SamplingParams
+from .sampling import SamplingParams, read_generation_config
 from .thinking import FORCED_ANSWER, NO_THINKING_PREFIX, parse_response
 
 REQUEST_FIELDS = ("prompt", "system", "images", "videos", "max_new_tokens")
+INT32_MAX = 2**31 - 1
+SEED_MAX = 2**32 - 1  # jax.random.PRNGKey keeps a seed's low 32 bits
+# Error records waiting behind a batch that is still filling up: past this many the batch runs early, so a file
+# of mostly bad lines does not pile up records in memory.
+MAX_WAITING_RECORDS = 1024
 
 
 class RequestError(Glm41vError, ValueError):
     """A malformed request (bad field, missing file); the message names the field."""
+
+
+def _show(v: Any) -> str:
+    """A value for an error message: short scalars as they are, anything else by its type (never a huge repr)."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        r = repr(v)
+        return r if len(r) <= 40 else r[:37] + "..."
+    return f"a JSON {'object' if isinstance(v, Mapping) else 'array' if isinstance(v, list) else type(v).__name__}"
+
+
+def _check_text(field: str, v: Any, *, required: bool) -> None:
+    if v is None and not required:
+        return
+    if not isinstance(v, str):
+        raise RequestError(f"field {field!r}: expected a string, got {_show(v)}")
+    if required and not v.strip():
+        raise RequestError(f"field {field!r}: expected a non-empty string")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"field {field!r}: not valid Unicode (lone surrogate {v[e.start]!r} at character "
+                           f"{e.start})") from None
+
+
+def _check_path(field: str, p: Any) -> None:
+    if isinstance(p, os.PathLike):
+        p = os.fspath(p)
+    if isinstance(p, str):
+        _check_text(field, p, required=True)
+        if "\0" in p:
+            raise RequestError(f"field {field!r}: a file path holds a NUL character")
+
+
+def check_max_new_tokens(v: Any, field: str = "max_new_tokens", error: type[Glm41vError] = RequestError) -> int:
+    """An integer in [1, 2**31 - 1] (the context check comes later, against the engine's max_context)."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= INT32_MAX:
+        raise error(f"field {field!r}: expected an integer in [1, {INT32_MAX}], got {_show(v)}")
+    return int(v)
 
 
 @dataclasses.dataclass
@@ -45,35 +93,53 @@ class Request:
     max_new_tokens: int | None = None
     messages: Sequence[Mapping[str, Any]] | None = None
 
+    def __post_init__(self) -> None:
+        """One validation for every way a request is made (batch-file line, dict, constructor): types and ranges;
+        any problem is a RequestError naming the field."""
+        if self.messages is not None:
+            if not isinstance(self.messages, (list, tuple)) or not self.messages or \
+                    not all(isinstance(m, Mapping) for m in self.messages):
+                raise RequestError("field 'messages': expected a non-empty list of {'role', 'content'} objects")
+        else:
+            _check_text("prompt", self.prompt, required=True)
+        _check_text("system", self.system, required=False)
+        for key in ("images", "videos"):
+            v = getattr(self, key)
+            if isinstance(v, (str, os.PathLike)):
+                v = [v]
+            if v is None:
+                v = []
+            if not isinstance(v, (list, tuple)):
+                raise RequestError(f"field {key!r}: expected a list of file paths, got {_show(v)}")
+            for p in v:
+                _check_path(key, p)
+            setattr(self, key, list(v))
+        if self.max_new_tokens is not None:
+            self.max_new_tokens = check_max_new_tokens(self.max_new_tokens)
+
     @classmethod
     def from_dict(cls, d: Any, base_dir: str | os.PathLike | None = None) -> Request:
         """A batch-file record {"prompt", "system", "images", "videos", "max_new_tokens"} (only prompt required);
         relative media paths resolve against `base_dir`."""
         if not isinstance(d, Mapping):
-            raise RequestError(f"expected a JSON object, got {type(d).__name__}")
-        unknown = sorted(set(d) - set(REQUEST_FIELDS))
+            raise RequestError(f"expected a JSON object, got {_show(d)}")
+        unknown = sorted(set(d) - set(REQUEST_FIELDS), key=str)
         if unknown:
-            raise RequestError(f"unknown field(s) {', '.join(map(repr, unknown))}; "
-                               f"expected {', '.join(REQUEST_FIELDS)}")
-        prompt = d.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise RequestError("field 'prompt': expected a non-empty string")
-        system = d.get("system")
-        if system is not None and not isinstance(system, str):
-            raise RequestError(f"field 'system': expected a string, got {type(system).__name__}")
+            shown = ", ".join(_show(k) for k in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+            raise RequestError(f"unknown field(s) {shown}; expected {', '.join(REQUEST_FIELDS)}")
         media = {}
         for key in ("images", "videos"):
             v = d.get(key, [])
             if isinstance(v, str):
                 v = [v]
             if not isinstance(v, list) or not all(isinstance(p, str) for p in v):
-                raise RequestError(f"field {key!r}: expected a list of file paths")
+                raise RequestError(f"field {key!r}: expected a list of file paths (strings), got {_show(v)}")
+            for p in v:
+                _check_path(key, p)
             media[key] = [p if base_dir is None or os.path.isabs(p) else os.path.join(os.fspath(base_dir), p)
                           for p in v]
-        n = d.get("max_new_tokens")
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise RequestError(f"field 'max_new_tokens': expected an integer >= 1, got {n!r}")
-        return cls(prompt=prompt, images=media["images"], videos=media["videos"], system=system, max_new_tokens=n)
+        return cls(prompt=d.get("prompt"), images=media["images"], videos=media["videos"], system=d.get("system"),
+                   max_new_tokens=d.get("max_new_tokens"))
 
     def to_messages(self) -> list[dict[str, Any]]:
         if self.messages is not None:
@@ -118,11 +184,14 @@ class Pipeline:
 
     @classmethod
     def load(cls, model: str | os.PathLike | None = None, *, dtype: str | None = None, mesh: Any = "auto",
-             chunk_size: int = 16, max_context: int | None = None, **runtime: Any) -> Pipeline:
+             chunk_size: int = 16, max_context: int | None = None,
+             check_directory: Callable[[str], Any] | None = None, **runtime: Any) -> Pipeline:
         """Load a checkpoint (HF dir, converted dir or hub id; None: the embedded tiny random checkpoint).
 
         dtype: weights and activations (default float32 on CPU, bfloat16 on accelerators). mesh: a `Mesh`, a spec
         string "data=D,fsdp=F,tensor=T", "auto" (`auto_mesh_spec` over all devices) or None (one device).
+        The config's limits and the side files (generation config, tokenizer, chat template, processor configs) are
+        checked before the weights are read; `check_directory(directory)` runs then too, for the caller's checks.
         """
         import jax
 
@@ -135,23 +204,38 @@ class Pipeline:
         random_weights = model is None
         directory = tiny.materialize_tiny_checkpoint() if random_weights else resolve_model_dir(model)
         dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+        # Everything that can be checked before the weights are read: the config's limits, the side files.
+        config_path = os.path.join(directory, "config.json")
+        text_cfg = Glm4vConfig.from_file(config_path).text if os.path.isfile(config_path) else None
+        if max_context is not None and text_cfg is not None and (
+                isinstance(max_context, bool) or not isinstance(max_context, (int, np.integer))
+                or not 1 <= max_context <= text_cfg.max_position_embeddings):
+            raise GenerationError(f"max_context must be an integer in [1, {text_cfg.max_position_embeddings}] (the "
+                                  f"model's max_position_embeddings), got {_show(max_context)}")
+        read_generation_config(directory)
+        processor = Processor.from_dir(directory)
+        if check_directory is not None:
+            check_directory(directory)
         if isinstance(mesh, str):
             if mesh == "auto":
-                heads = Glm4vConfig.from_file(os.path.join(directory, "config.json")).text.num_attention_heads
+                heads = Glm4vConfig.from_file(config_path).text.num_attention_heads
                 mesh = auto_mesh_spec(heads, jax.device_count())
             mesh = None if mesh is None else make_mesh(mesh)
         params, cfg = load(directory, dtype=dtype, mesh=mesh, **runtime)
         cfg = cfg.with_runtime(dtype=dtype, param_dtype=dtype)
         engine = Engine(params, cfg, mesh=mesh, chunk_size=chunk_size, max_context=max_context)
-        return cls(engine, Processor.from_dir(directory), eos_ids=read_eos_ids(directory, cfg), directory=directory,
+        return cls(engine, processor, eos_ids=read_eos_ids(directory, cfg), directory=directory,
                    random_weights=random_weights)
 
     # ------------------------------------------------------------------------------------------------ encoding
-    def encode(self, request: Request | Mapping[str, Any], no_thinking: bool = False) -> dict[str, np.ndarray]:
-        """One request -> the processor's arrays (one row)."""
+    def encode(self, request: Request | Mapping[str, Any], no_thinking: bool = False,
+               text_special_tokens: bool = False) -> dict[str, np.ndarray]:
+        """One request -> the processor's arrays (one row). The user's text is plain text unless
+        `text_special_tokens` (see `Processor.encode_messages`)."""
         req = request if isinstance(request, Request) else Request.from_dict(request)
         enc = self.processor.encode_messages(req.to_messages(),
-                                             assistant_prefix=NO_THINKING_PREFIX if no_thinking else "")
+                                             assistant_prefix=NO_THINKING_PREFIX if no_thinking else "",
+                                             text_special_tokens=text_special_tokens)
         return {k: v for k, v in enc.items() if isinstance(v, np.ndarray)}
 
     def record(self, result: Any) -> dict[str, Any]:
@@ -165,7 +249,26 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------------ serving
     def generate(
         self,
-        requests: Sequence[Request | Mapping[str, Any] | BaseException],
+        requests: Iterable[Request | Mapping[str, Any] | BaseException],
+        *,
+        on_result: Callable[[int, dict[str, Any]], None] | None = None,
+        **kw: Any,
+    ) -> list[dict[str, Any]]:
+        """Generate for every request; returns one record per request, in input order (arguments: `stream`).
+
+        A request given as an exception (e.g. a batch-file line that did not parse) is reported as its error.
+        `on_result(index, record)` is called as soon as a record is final (in input order).
+        """
+        out = []
+        for i, rec in self.stream(requests, **kw):
+            if on_result is not None:
+                on_result(i, rec)
+            out.append(rec)
+        return out
+
+    def stream(
+        self,
+        requests: Iterable[Request | Mapping[str, Any] | BaseException],
         *,
         batch_size: int = 8,
         max_new_tokens: int = 256,
@@ -173,81 +276,102 @@ class Pipeline:
         seed: int = 0,
         max_thinking_tokens: int | None = None,
         no_thinking: bool = False,
+        text_special_tokens: bool = False,
         errors: str = "raise",
-        on_result: Callable[[int, dict[str, Any]], None] | None = None,
-    ) -> list[dict[str, Any]]:
-        """Generate for every request; returns one record per request, in input order.
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Yield (index, record) for every request, in input order, one batch at a time.
 
-        A request given as an exception (e.g. a batch-file line that did not parse) is reported as its error.
-        `on_result(index, record)` is called as soon as a record is final (in input order).
+        Requests are read from `requests` only as needed: `batch_size` of them are encoded, generated and yielded
+        before the next one is read, so memory does not grow with the number of requests. With `errors="raise"`
+        the first bad request raises (after the batches before it ran); with "return" it yields {"error": ...}.
+        `self.last_summary` holds the aggregate figures once the iteration ends.
         """
-        if batch_size < 1:
-            raise GenerationError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or not batch_size >= 1:
+            raise GenerationError(f"batch_size must be an integer >= 1, got {_show(batch_size)}")
+        max_new_tokens = check_max_new_tokens(max_new_tokens, "max_new_tokens", GenerationError)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= SEED_MAX:
+            raise GenerationError(f"seed must be an integer in [0, {SEED_MAX}], got {_show(seed)}")
+        if max_thinking_tokens is not None and (isinstance(max_thinking_tokens, bool) or not isinstance(
+                max_thinking_tokens, (int, np.integer)) or not 0 <= max_thinking_tokens <= INT32_MAX):
+            raise GenerationError(f"max_thinking_tokens must be an integer in [0, {INT32_MAX}], got "
+                                  f"{_show(max_thinking_tokens)}")
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
-        from .processing import ProcessingError
-
-        records: list[dict[str, Any] | None] = [None] * len(requests)
-        encoded: list[tuple[int, dict[str, np.ndarray], int]] = []
-        emitted = 0
-
-        def fail(i: int, e: BaseException) -> None:
-            if errors == "raise":
-                raise e
-            records[i] = {"error": " ".join(str(e).split()) or type(e).__name__}
-
-        def flush() -> None:
-            nonlocal emitted
-            while emitted < len(records) and records[emitted] is not None:
-                if on_result is not None:
-                    on_result(emitted, records[emitted])
-                emitted += 1
-
-        for i, req in enumerate(requests):
-            try:
-                if isinstance(req, BaseException):
-                    raise req
-                r = req if isinstance(req, Request) else Request.from_dict(req)
-                n = r.max_new_tokens or max_new_tokens
-                enc = self.encode(r, no_thinking=no_thinking)
-                self.engine.prepare(enc, n)  # per-request limits, before any device work
-                encoded.append((i, enc, n))
-            except (RequestError, ProcessingError, GenerationError, OSError) as e:
-                fail(i, e)
-        flush()
-        totals = {"prefill_s": 0.0, "decode_s": 0.0, "decode_tokens": 0.0, "compile_s": 0.0}
-        n_batches = 0
         think = {}
         if max_thinking_tokens is not None:
-            think = {"max_thinking_tokens": max_thinking_tokens, "think_end_ids": self.think_end_ids}
-        t0 = time.perf_counter()
-        for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start:start + batch_size]
-            idx = [c[0] for c in chunk]
+            think = {"max_thinking_tokens": int(max_thinking_tokens), "think_end_ids": self.think_end_ids}
+        totals = {"prefill_s": 0.0, "decode_s": 0.0, "decode_tokens": 0.0, "compile_s": 0.0}
+        counts = {"requests": 0, "failed": 0, "batches": 0, "generated_tokens": 0}
+        # The records not yielded yet, in input order: [index, record or None while its batch has not run].
+        queue: collections.deque[list[Any]] = collections.deque()
+        batch: list[tuple[int, dict[str, np.ndarray], int]] = []
+
+        def error_record(e: BaseException) -> dict[str, Any]:
+            if errors == "raise":
+                raise e
+            counts["failed"] += 1
+            return {"error": " ".join(str(e).split()) or type(e).__name__}
+
+        def run(pad_to: int) -> None:
+            idx = [c[0] for c in batch]
+            done: dict[int, dict[str, Any]] = {}
             try:
-                batch = collate([c[1] for c in chunk], self.engine.cfg.text.pad_token_id)
+                inputs = collate([c[1] for c in batch], self.engine.cfg.text.pad_token_id)
                 results = self.engine.generate_batch(
-                    batch, max_new_tokens=[c[2] for c in chunk], sampling=sampling, seed=seed + n_batches,
-                    eos_ids=self.eos_ids, pad_batch_to=min(batch_size, len(encoded)), **think)
+                    inputs, max_new_tokens=[c[2] for c in batch], sampling=sampling, seed=seed + counts["batches"],
+                    eos_ids=self.eos_ids, pad_batch_to=pad_to, **think)
             except GenerationError as e:
                 for i in idx:
-                    fail(i, e)
-                flush()
-                continue
-            n_batches += 1
-            tm = results[0].timings
-            for k in totals:
-                totals[k] += tm[k]
-            for i, res in zip(idx, results, strict=True):
-                records[i] = self.record(res)
-            flush()
-        wall = time.perf_counter() - t0
-        failed = sum(1 for r in records if r is not None and "error" in r)
-        self.last_summary = {
-            "requests": len(requests), "failed": failed, "batches": n_batches, "batch_size": batch_size,
-            "prefill_s": totals["prefill_s"], "decode_s": totals["decode_s"],
-            "generated_tokens": int(sum(len(r["token_ids"]) for r in records if r is not None and "token_ids" in r)),
-            "decode_tokens_per_s": totals["decode_tokens"] / totals["decode_s"] if totals["decode_s"] > 0 else 0.0,
-            "compile_s": totals["compile_s"], "wall_s": wall, "num_compiles": self.engine.num_compiles,
-        }
-        return [r if r is not None else {"error": "not run"} for r in records]
+                    done[i] = error_record(e)
+            else:
+                counts["batches"] += 1
+                tm = results[0].timings
+                for k in totals:
+                    totals[k] += tm[k]
+                for i, res in zip(idx, results, strict=True):
+                    done[i] = self.record(res)
+                    counts["generated_tokens"] += len(res.token_ids)
+            batch.clear()
+            for item in queue:
+                if item[1] is None:
+                    item[1] = done[item[0]]
+
+        def ready() -> Iterator[tuple[int, dict[str, Any]]]:
+            while queue and queue[0][1] is not None:
+                i, rec = queue.popleft()
+                yield i, rec
+
+        t0 = time.perf_counter()
+        ran_full = False
+        try:
+            for i, req in enumerate(requests):
+                counts["requests"] += 1
+                try:
+                    if isinstance(req, BaseException):
+                        raise req
+                    r = req if isinstance(req, Request) else Request.from_dict(req)
+                    n = r.max_new_tokens or max_new_tokens
+                    enc = self.encode(r, no_thinking=no_thinking, text_special_tokens=text_special_tokens)
+                    self.engine.prepare(enc, n)  # per-request limits, before any device work
+                except (Glm41vError, OSError) as e:
+                    queue.append([i, error_record(e)])
+                else:
+                    batch.append((i, enc, n))
+                    queue.append([i, None])
+                if len(batch) == batch_size or (batch and len(queue) - len(batch) > MAX_WAITING_RECORDS):
+                    ran_full = True
+                    run(batch_size)
+                yield from ready()
+            if batch:
+                # A file that fits in one batch is padded to its own size; otherwise every batch to batch_size.
+                run(batch_size if ran_full else len(batch))
+            yield from ready()
+        finally:
+            wall = time.perf_counter() - t0
+            self.last_summary = {
+                "requests": counts["requests"], "failed": counts["failed"], "batches": counts["batches"],
+                "batch_size": int(batch_size), "prefill_s": totals["prefill_s"], "decode_s": totals["decode_s"],
+                "generated_tokens": counts["generated_tokens"],
+                "decode_tokens_per_s": totals["decode_tokens"] / totals["decode_s"] if totals["decode_s"] > 0 else 0.0,
+                "compile_s": totals["compile_s"], "wall_s": wall, "num_compiles": self.engine.num_compiles,
+            }

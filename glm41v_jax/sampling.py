@@ -17,11 +17,38 @@ scalars and never cause a recompile.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import numbers
+import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from .errors import Glm41vError
+
 FILTER_VALUE = -jnp.inf
+INT32_MAX = 2**31 - 1
+
+
+class SamplingError(Glm41vError, ValueError):
+    """A sampling setting of the wrong type or out of range; the message names the setting and where it came from."""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _show(v: Any) -> str:
+    if v is None or isinstance(v, (bool, numbers.Number, str)):
+        r = repr(v)
+        return r if len(r) <= 40 else r[:37] + "..."
+    return f"a {type(v).__name__}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,15 +62,19 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1.0: off; applied before the warpers, in greedy mode too (as HF)
 
     def __post_init__(self) -> None:
-        if not (self.repetition_penalty > 0.0):
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if not self.greedy:
-            if not (self.temperature > 0.0):
-                raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
-            if self.top_k is not None and self.top_k < 0:
-                raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-            if self.top_p is not None and not (0.0 <= self.top_p <= 1.0):
-                raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        if not isinstance(self.greedy, bool):
+            raise SamplingError(f"greedy must be True or False, got {_show(self.greedy)}")
+        if not (_is_number(self.repetition_penalty) and self.repetition_penalty > 0.0):
+            raise SamplingError(f"repetition_penalty must be a finite number > 0, got {_show(self.repetition_penalty)}")
+        if not _is_number(self.temperature):
+            raise SamplingError(f"temperature must be a finite number, got {_show(self.temperature)}")
+        if self.top_k is not None and not (_is_int(self.top_k) and 0 <= self.top_k <= INT32_MAX):
+            raise SamplingError(f"top_k must be an integer in [0, {INT32_MAX}], got {_show(self.top_k)}")
+        if self.top_p is not None and not (_is_number(self.top_p) and 0.0 <= self.top_p <= 1.0):
+            raise SamplingError(f"top_p must be a number in [0, 1], got {_show(self.top_p)}")
+        if not self.greedy and not self.temperature > 0.0:
+            raise SamplingError(f"temperature must be > 0 when sampling, got {self.temperature} (for argmax "
+                                "decoding use greedy=True)")
 
     @property
     def static_key(self) -> tuple:
@@ -149,3 +180,89 @@ def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams,
         return jnp.take_along_axis(idx, choice[..., None], axis=-1)[..., 0].astype(jnp.int32)
     x = process_logits(x, temperature, None, top_p)
     return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generation_config.json: the checkpoint's sampling defaults.
+
+GENERATION_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+
+
+def read_generation_config(directory: str | os.PathLike | None) -> tuple[dict[str, Any], str | None]:
+    """The sampling fields of `directory/generation_config.json`, checked: ({field: value}, path) or ({}, None) when
+    there is no such file. A file that is not UTF-8 JSON holding an object, or a field of the wrong type or out of
+    range, is a SamplingError naming the file and the field. Fields set to null count as absent."""
+    if directory is None:
+        return {}, None
+    path = os.path.join(os.fspath(directory), "generation_config.json")
+    if not os.path.isfile(path):
+        return {}, None
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise SamplingError(f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    except RecursionError:
+        raise SamplingError(f"{path}: JSON nested too deeply") from None
+    except ValueError as e:
+        raise SamplingError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise SamplingError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    checks = {
+        "do_sample": (lambda v: isinstance(v, bool), "true or false"),
+        "temperature": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
+        "top_k": (lambda v: _is_int(v) and 0 <= v <= INT32_MAX, f"an integer in [0, {INT32_MAX}]"),
+        "top_p": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+        "repetition_penalty": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+    }
+    out: dict[str, Any] = {}
+    for name, (ok, expected) in checks.items():
+        v = data.get(name)
+        if v is None:
+            continue
+        if not ok(v):
+            raise SamplingError(f"{path}: field {name!r}: expected {expected}, got {_show(v)}")
+        out[name] = v
+    return out, path
+
+
+def resolve_sampling(gen: dict[str, Any], source: str | None, *, greedy: bool = False,
+                     temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                     repetition_penalty: float | None = None) -> SamplingParams:
+    """SamplingParams from explicit settings (None: not given) over the checkpoint's defaults `gen` (from
+    `read_generation_config`, read from `source`).
+
+    Sampling is on when any of temperature / top_k / top_p is given, else when `gen` says do_sample; `greedy` turns
+    it off. Like transformers, a temperature of 0 is not read as greedy: sampling with it is an error, which names
+    where the 0 came from.
+    """
+    explicit = any(v is not None for v in (temperature, top_k, top_p))
+    sample = not greedy and (explicit or bool(gen.get("do_sample", False)))
+    src = source or "generation_config.json"
+
+    def pick(name: str, given: Any, default: Any) -> tuple[Any, str]:
+        if given is not None:
+            return given, f"--{name.replace('_', '-')}"
+        if gen.get(name) is not None:
+            return gen[name], f"{name!r} in {src}"
+        return default, "the default"
+
+    t, t_from = pick("temperature", temperature, 1.0)
+    rp, rp_from = pick("repetition_penalty", repetition_penalty, 1.0)
+    k, k_from = pick("top_k", top_k, None)
+    p, p_from = pick("top_p", top_p, None)
+    for v, name, where, ok, expected in (
+        (rp, "repetition_penalty", rp_from, _is_number(rp) and rp > 0, "a finite number > 0"),
+        (t, "temperature", t_from, _is_number(t) and (t > 0 or not sample), "a finite number > 0"),
+        (k, "top_k", k_from, k is None or (_is_int(k) and 0 <= k <= INT32_MAX), f"an integer in [0, {INT32_MAX}]"),
+        (p, "top_p", p_from, p is None or (_is_number(p) and 0 <= p <= 1), "a number in [0, 1]"),
+    ):
+        if not ok:
+            why = ""
+            if name == "temperature" and _is_number(v) and v == 0:
+                why = (" (transformers refuses to sample at temperature 0 too; pass --greedy for argmax decoding, "
+                       "or --temperature T)")
+            when = " when sampling" if name == "temperature" else ""
+            raise SamplingError(f"{name} {_show(v)} from {where}: expected {expected}{when}{why}")
+    return SamplingParams(greedy=not sample, temperature=float(t), top_k=k, top_p=None if p is None else float(p),
+                          repetition_penalty=float(rp))

@@ -9,6 +9,7 @@ tensor=4 are replicated across the 4 tensor shards, while the 32 query heads are
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -44,33 +45,44 @@ class MeshError(Glm41vError, ValueError):
 
 
 def parse_mesh(spec: str | None, n_devices: int | None = None) -> dict[str, int]:
-    """'data=2,fsdp=2,tensor=2' -> sizes. Missing axes are 1; one axis may be -1 (= the rest). None -> all fsdp."""
+    """'data=2,fsdp=2,tensor=2' -> sizes. Missing axes are 1; one axis may be -1 (= the rest). None -> all fsdp.
+
+    Every problem (syntax, unknown or repeated axis, a size that is not a positive integer, two -1s, sizes that do not
+    multiply to the device count) is a MeshError naming the item."""
     n = n_devices or jax.device_count()
-    if not spec:
+    if spec is None or not str(spec).strip():
         return {"data": 1, "fsdp": n, "tensor": 1}
+    if not isinstance(spec, str):
+        raise MeshError(f"--mesh: expected a string like 'data=2,fsdp=4', got {type(spec).__name__}")
     sizes = {a: 1 for a in MESH_AXES}
+    seen: set[str] = set()
     fill = None
     for part in spec.split(","):
         if "=" not in part:
-            raise MeshError(f"--mesh: expected AXIS=SIZE items separated by commas, got {part!r}")
+            raise MeshError(f"--mesh: expected AXIS=SIZE items separated by commas, got {part.strip()[:40]!r}")
         k, v = (s.strip() for s in part.split("=", 1))
         if k not in MESH_AXES:
-            raise MeshError(f"--mesh: unknown axis {k!r}; expected one of {', '.join(MESH_AXES)}")
+            raise MeshError(f"--mesh: unknown axis {k[:40]!r}; expected one of {', '.join(MESH_AXES)}")
+        if k in seen:
+            raise MeshError(f"--mesh: axis {k!r} is given twice")
+        seen.add(k)
         try:
             size = int(v)
         except ValueError:
-            raise MeshError(f"--mesh: size of {k!r} must be an integer, got {v!r}") from None
+            raise MeshError(f"--mesh: size of {k!r} must be an integer, got {v[:40]!r}") from None
         if size == -1:
+            if fill is not None:
+                raise MeshError(f"--mesh: only one axis may be -1, got {fill!r} and {k!r}")
             fill = k
-        elif size < 1:
-            raise MeshError(f"--mesh: size of {k!r} must be >= 1 (or -1), got {size}")
+        elif not 1 <= size <= n:
+            raise MeshError(f"--mesh: size of {k!r} must be in [1, {n}] (the device count) or -1, got {v[:40]}")
         sizes[k] = size
     if fill is not None:
-        rest = int(np.prod([s for a, s in sizes.items() if a != fill]))
+        rest = math.prod(s for a, s in sizes.items() if a != fill)
         if n % rest:
             raise MeshError(f"--mesh: {n} devices are not divisible by the fixed axes' product {rest}")
         sizes[fill] = n // rest
-    total = int(np.prod(list(sizes.values())))
+    total = math.prod(sizes.values())
     if total != n:
         raise MeshError(f"--mesh: {spec!r} uses {total} devices but {n} are available; sizes must multiply to {n}")
     return sizes

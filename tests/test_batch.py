@@ -51,7 +51,7 @@ def test_batch_file(cli, tmp_path):
     bad = {3: "not valid JSON", 5: "image file not found", 6: "field 'prompt'", 7: "unknown field(s) 'colour'"}
     for r in results:
         if r["line"] in bad:
-            assert bad[r["line"]] in r["error"] and f"line {r['line']}" in err
+            assert bad[r["line"]] in r["error"] and f"error: {path}:{r['line']}: " in err
         else:
             assert {"prompt_token_ids", "token_ids", "text", "thinking", "answer", "timings"} <= set(r)
     limits = {1: 6, 2: 7, 4: 9, 8: 3}
@@ -82,7 +82,7 @@ def test_batch_file_errors(cli, tmp_path):
     rc, _, err = cli("--batch-file", str(p), "--prompt", "x")
     assert rc == 2 and "drop --prompt" in err
     rc, _, err = cli("--prompt", "x", "--batch-size", "0")
-    assert rc == 2 and "--batch-size must be >= 1" in err
+    assert rc == 2 and "error: argument --batch-size: expected an integer in [1, 65536], got '0'" in err
 
 
 @pytest.mark.parametrize("mesh,msg", [("model=8", "unknown axis 'model'"), ("data=3", "uses 3 devices but 8"),

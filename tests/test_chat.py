@@ -161,11 +161,11 @@ def test_errors_do_not_end_the_session(chat, tmp_path):
 
 def test_startup_errors_exit_2(chat, tmp_path):
     rc, _, err, _ = chat(["hi"], "--max-new-tokens", "0")
-    assert rc == 2 and "error: --max-new-tokens must be >= 1" in err
+    assert rc == 2 and "error: argument --max-new-tokens: expected an integer in [1, 2147483647], got '0'" in err
     rc, _, err, _ = chat(["hi"], "--model", str(tmp_path / "no-such-model"))
     assert rc == 2 and err.strip().splitlines()[-1].startswith("error: ")
     rc, _, err, _ = chat(["hi"], "--max-thinking-tokens", "-1")
-    assert rc == 2 and "error: --max-thinking-tokens must be >= 0" in err
+    assert rc == 2 and "error: argument --max-thinking-tokens: expected an integer in [0, 2147483647]" in err
 
 
 def test_eof_right_away(chat):

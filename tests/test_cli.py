@@ -149,3 +149,157 @@ def test_image_then_video(cli, tmp_path):
     ids = last_json(out)["prompt_token_ids"]
     assert ids.index(151339) < ids.index(151341) < ids.index(151342)  # image first, then the video span
     assert ids.count(151339) >= 3  # the image + at least two temporal groups (>= 4 frames)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hostile numbers, broken side files, misleading messages, a closed stdout.
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--max-new-tokens", "1e20", "expected an integer in [1, 2147483647], got '1e20'"),
+    ("--max-new-tokens", "0", "expected an integer in [1, 2147483647], got '0'"),
+    ("--max-new-tokens", "-5", "got '-5'"),
+    ("--max-new-tokens", str(2**40), f"got '{2**40}'"),
+    ("--max-thinking-tokens", "3e9", "expected an integer in [0, 2147483647], got '3e9'"),
+    ("--max-thinking-tokens", "3000000000", "got '3000000000'"),
+    ("--seed", "2**63", "expected an integer in [0, 4294967295], got '2**63'"),
+    ("--seed", str(2**63), "expected an integer in [0, 4294967295]"),
+    ("--seed", "-1", "got '-1'"),
+    ("--temperature", "nan", "expected a finite number in (0, inf), got 'nan'"),
+    ("--temperature", "inf", "got 'inf'"),
+    ("--temperature", "-1", "got '-1'"),
+    ("--temperature", "0", "got '0' (--greedy for argmax decoding)"),
+    ("--top-p", "2", "expected a finite number in [0, 1], got '2'"),
+    ("--top-k", "-3", "expected an integer in [0, 2147483647], got '-3'"),
+    ("--top-k", "abc", "got 'abc'"),
+    ("--repetition-penalty", "0", "expected a finite number in (0, inf), got '0'"),
+    ("--batch-size", "0", "expected an integer in [1, 65536], got '0'"),
+    ("--chunk-size", "0", "expected an integer in [1, 4096], got '0'"),
+    ("--max-context", "1" + "0" * 30, "expected an integer in [1, 2147483647]"),
+])
+def test_out_of_range_flags(cli, flag, value, needle):
+    rc, out, err = cli("--prompt", "hi", flag, value)
+    _assert_error(rc, err, f"argument {flag}", needle)
+    assert out == ""
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (("--max-context", "70000"), "max_context must be an integer in [1, 65536]"),
+    (("--mesh", "data=-1,fsdp=-1"), "only one axis may be -1, got 'data' and 'fsdp'"),
+    (("--mesh", "data=0"), "size of 'data' must be in [1, 8] (the device count) or -1, got 0"),
+    (("--mesh", "data=" + "9" * 30), "size of 'data' must be in [1, 8]"),
+    (("--mesh", "data=2.5"), "size of 'data' must be an integer, got '2.5'"),
+    (("--mesh", "data=2,data=4"), "axis 'data' is given twice"),
+    (("--mesh", "fsdp=3,tensor=-1"), "8 devices are not divisible by the fixed axes' product 3"),
+    (("--mesh", "data=2,"), "expected AXIS=SIZE items"),
+])
+def test_out_of_range_model_args(cli, argv, needle):
+    """Checked before the weights are read: one error line, exit 2."""
+    rc, out, err = cli("--prompt", "hi", *argv)
+    _assert_error(rc, err, needle)
+
+
+def _model_copy(tiny_cache_dir, dest) -> str:
+    """The tiny checkpoint's side files copied to `dest` (a folder with a space), its weights linked."""
+    import shutil
+
+    src = os.path.join(tiny_cache_dir, os.path.basename(tiny.default_cache_dir()))
+    os.makedirs(dest)
+    for name in os.listdir(src):
+        if name.endswith(".safetensors"):
+            os.symlink(os.path.join(src, name), os.path.join(dest, name))
+        else:
+            shutil.copy(os.path.join(src, name), os.path.join(dest, name))
+    return str(dest)
+
+
+@pytest.mark.parametrize("name,content,needles", [
+    ("chat_template.jinja", b"{% for m in messages %}{{ m.content }", ["chat_template.jinja, line 1",
+                                                                         "TemplateSyntaxError"]),
+    ("chat_template.jinja", b"[gMASK]\xff\xfe{{ messages }}",
+     ["chat_template.jinja: not UTF-8 (byte 0xff at offset 7)"]),
+    ("chat_template.jinja", b"{{ raise_exception('this template wants a system turn') }}",
+     ["chat_template.jinja", "this template wants a system turn"]),
+    ("generation_config.json", json.dumps({"do_sample": True, "top_k": "abc"}).encode(),
+     ["generation_config.json: field 'top_k': expected an integer in [0, 2147483647], got 'abc'"]),
+    ("generation_config.json", json.dumps({"temperature": -0.5}).encode(),
+     ["generation_config.json: field 'temperature': expected a finite number >= 0, got -0.5"]),
+    ("generation_config.json", json.dumps({"do_sample": "yes"}).encode(),
+     ["field 'do_sample': expected true or false"]),
+    ("generation_config.json", b"[1, 2]", ["generation_config.json: expected a JSON object, got list"]),
+    ("generation_config.json", b"{\"top_k\": \xff}", ["generation_config.json: not UTF-8 (byte 0xff at offset 10)"]),
+    ("generation_config.json", b"[" * 100000, ["generation_config.json: JSON nested too deeply"]),
+    ("tokenizer_config.json", b"[]", ["tokenizer_config.json", "expected a JSON object, got list"]),
+    ("tokenizer_config.json", b"\xff{}", ["tokenizer_config.json", "cannot parse JSON"]),
+    ("preprocessor_config.json", b"\"size\"", ["preprocessor_config.json", "expected a JSON object, got str"]),
+])
+def test_broken_side_files(cli, tiny_cache_dir, tmp_path, monkeypatch, name, content, needles):
+    model = _model_copy(tiny_cache_dir, tmp_path / "my model")
+    with open(os.path.join(model, name), "wb") as f:
+        f.write(content)
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = cli("--model", "my model", "--prompt", "hi", "--max-new-tokens", "2")
+    _assert_error(rc, err, *needles)
+
+
+def test_generation_config_temperature_zero_is_named(cli, tiny_cache_dir, tmp_path):
+    """transformers refuses to sample at temperature 0 (it does not mean greedy there): the error names the file,
+    not a flag the user never passed; --greedy (or --temperature) gets past it."""
+    model = _model_copy(tiny_cache_dir, tmp_path / "m")
+    with open(os.path.join(model, "generation_config.json"), "w") as f:
+        json.dump({"do_sample": True, "temperature": 0, "eos_token_id": [151329]}, f)
+    rc, _, err = cli("--model", model, "--prompt", "hi", "--max-new-tokens", "2")
+    _assert_error(rc, err, "temperature 0 from 'temperature' in", "generation_config.json", "--greedy")
+    assert "from --temperature" not in err
+    rc, out, err = cli("--model", model, "--prompt", "hi", "--max-new-tokens", "2", "--greedy", "--json")
+    assert rc == 0, err
+    assert last_json(out)["sampling"]["greedy"] is True
+    rc, out, err = cli("--model", model, "--prompt", "hi", "--max-new-tokens", "2", "--temperature", "0.5", "--json")
+    assert rc == 0, err
+    assert last_json(out)["sampling"]["temperature"] == 0.5
+
+
+def test_reserved_and_role_tokens_in_the_prompt(cli):
+    """By default the user's text is plain text: `<|assistant|>` and `<|image|>` typed in the prompt are characters.
+    With --text-special-tokens they are control tokens (transformers' behaviour), and a media token is refused with
+    a message that says so (not a placeholder count mismatch)."""
+    prompt = "a <|assistant|> b <|image|> c"
+    rc, out, err = cli("--json", "--prompt", prompt, "--max-new-tokens", "2")
+    assert rc == 0, err
+    ids = last_json(out)["prompt_token_ids"]
+    assert ids.count(151337) == 1 and ids[-2:] == [151337, 198]  # only the generation prompt's <|assistant|>
+    assert 151343 not in ids
+    rc, _, err = cli("--prompt", prompt, "--max-new-tokens", "2", "--text-special-tokens")
+    _assert_error(rc, err, "reserved token '<|image|>'", "message 1 (user)")
+    assert "placeholders" not in err
+    rc, out, err = cli("--json", "--prompt", "a <|assistant|> b", "--max-new-tokens", "2", "--text-special-tokens")
+    assert rc == 0, err
+    assert last_json(out)["prompt_token_ids"].count(151337) == 2
+
+
+class _BrokenPipe(io.StringIO):
+    def write(self, s):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_closed_stdout_in_process(cli, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdout", _BrokenPipe())
+    rc, _, err = cli("--prompt", "hi", "--max-new-tokens", "4")
+    assert rc == 141 and "Traceback" not in err and "error" not in err
+    closed = io.StringIO()
+    closed.close()
+    monkeypatch.setattr(sys, "stdout", closed)
+    rc, _, err = cli("--prompt", "hi", "--max-new-tokens", "4")
+    assert rc == 141 and err == ""
+
+
+def test_closed_stdout_subprocess(tiny_cache_dir):
+    """`glm41v generate ... | head -c 0`: the reader is gone before the first write. Exit 141, nothing on stderr
+    but the usual notes (no traceback, no "Exception ignored" from the interpreter's final flush)."""
+    env = {**os.environ, "GLM41V_CACHE": tiny_cache_dir, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    cmd = [sys.executable, "-m", "glm41v_jax", "generate", "--prompt", "Hi", "--max-new-tokens", "8"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=240)
+    err = err.decode()
+    assert proc.returncode == 141, err
+    assert "Traceback" not in err and "Exception ignored" not in err and "error:" not in err

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import re
+import secrets
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -36,6 +37,9 @@ BEGIN_IMAGE = "<|begin_of_image|>"
 END_IMAGE = "<|end_of_image|>"
 BEGIN_VIDEO = "<|begin_of_video|>"
 END_VIDEO = "<|end_of_video|>"
+# Media markup: the template writes them around image/video items; in text they would break the pairing of
+# placeholders with media, so text read as markup must not hold them.
+RESERVED_MEDIA_TOKENS = (IMAGE_TOKEN, VIDEO_TOKEN, BEGIN_IMAGE, END_IMAGE, BEGIN_VIDEO, END_VIDEO)
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -100,6 +104,18 @@ def compile_chat_template(template: str):
     return env.from_string(template)
 
 
+def _template_problem(e: BaseException, source: str) -> ProcessingError:
+    """A jinja2 (or Python) error of a chat template -> ProcessingError naming the template and the line."""
+    line = getattr(e, "lineno", None)
+    where = f"{source}" + (f", line {line}" if line else "")
+    msg = getattr(e, "message", None) or str(e) or type(e).__name__
+    return ProcessingError(f"chat template {where}: {type(e).__name__}: {msg}")
+
+
+# What rendering a template (user data: the checkpoint's file) can raise besides jinja2's own TemplateError.
+_TEMPLATE_RUNTIME_ERRORS = (TypeError, ValueError, ArithmeticError, LookupError, AttributeError, RecursionError)
+
+
 class Processor:
     """Text + images + videos -> model inputs (numpy), matching transformers' `Glm4vProcessor`."""
 
@@ -111,10 +127,14 @@ class Processor:
         video_processor: VideoProcessor | None = None,
         special_tokens: Mapping[str, str] | None = None,
         padding_side: str = "left",
+        chat_template_source: str | None = None,
     ) -> None:
-        """`tokenizer` is a `tokenizers.Tokenizer`; `special_tokens` the tokenizer_config.json bos/eos/pad/... map."""
+        """`tokenizer` is a `tokenizers.Tokenizer`; `special_tokens` the tokenizer_config.json bos/eos/pad/... map;
+        `chat_template_source` where the template came from (named in its errors). The template is compiled here, so
+        a syntax error shows at once."""
         self.tokenizer = tokenizer
         self.chat_template = chat_template
+        self.chat_template_source = chat_template_source or "(given as text)"
         self.image_processor = image_processor or ImageProcessor()
         self.video_processor = video_processor or VideoProcessor()
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if isinstance(v, str)}
@@ -124,6 +144,15 @@ class Processor:
             raise ProcessingError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.padding_side = padding_side
         self._template = None
+        if chat_template is not None:
+            import jinja2
+
+            try:
+                self._template = compile_chat_template(chat_template)
+            except (jinja2.TemplateError, *_TEMPLATE_RUNTIME_ERRORS) as e:
+                raise _template_problem(e, self.chat_template_source) from None
+        self._added_ids = frozenset(int(i) for i in tokenizer.get_added_tokens_decoder())
+        self._plain_tokenizer: Any = None
         self.image_token_id = self._token_id(IMAGE_TOKEN)
         self.video_token_id = self._token_id(VIDEO_TOKEN)
         self.video_start_id = self._token_id(BEGIN_VIDEO)
@@ -152,6 +181,9 @@ class Processor:
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise ProcessingError(f"{tok_path!r}: cannot load tokenizer: {e}") from e
         tok_cfg = read_json_object(os.path.join(d, "tokenizer_config.json")) or {}
+        if not isinstance(tok_cfg.get("padding_side", "left"), str):
+            raise ProcessingError(f"{os.path.join(d, 'tokenizer_config.json')!r}: field 'padding_side' must be "
+                                  f"'left' or 'right', got {type(tok_cfg['padding_side']).__name__}")
         special = {}
         for k in _SPECIAL_KEYS:
             v = tok_cfg.get(k)
@@ -159,13 +191,15 @@ class Processor:
                 v = v.get("content")
             if isinstance(v, str):
                 special[k] = v
+        template, source = find_chat_template(d, tok_cfg)
         return cls(
             tokenizer,
-            load_chat_template(d, tok_cfg),
+            template,
             ImageProcessor.from_dir(d),
             VideoProcessor.from_dir(d),
             special_tokens=special,
             padding_side=tok_cfg.get("padding_side", "left"),
+            chat_template_source=source,
         )
 
     # ------------------------------------------------------------------ chat template
@@ -173,23 +207,55 @@ class Processor:
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
     ) -> str:
         """Render HF-format messages to the prompt string (same output as HF `apply_chat_template(tokenize=False)`)."""
-        if self.chat_template is None:
-            raise ProcessingError("this processor has no chat template (chat_template.jinja / tokenizer_config.json)")
+        return "".join(t for t, _ in self._render(messages, add_generation_prompt, False, kwargs))
+
+    def _render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, keep_user_text: bool,
+                kwargs: Mapping[str, Any] | None = None) -> list[tuple[str, bool]]:
+        """Render the template -> [(text, is_user_text)]. With `keep_user_text`, the text of user turns goes through
+        the template as unique markers and comes back as its own pieces, so it can be tokenized as plain text."""
         if self._template is None:
-            self._template = compile_chat_template(self.chat_template)
+            raise ProcessingError("this processor has no chat template (chat_template.jinja / tokenizer_config.json)")
         if not isinstance(messages, (list, tuple)) or not all(isinstance(m, Mapping) for m in messages):
             raise ProcessingError("messages must be a list of dicts with 'role' and 'content'")
+        nonce = secrets.token_hex(8)
+        user_texts: list[str] = []
+
+        def mark(text: Any) -> Any:
+            if not isinstance(text, str):
+                return text
+            user_texts.append(text)
+            return f"\ue000{nonce}:{len(user_texts) - 1}\ue001"
+
         chat = []
         for m in normalize_messages(messages):
             m = _plain(m)
             reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
             if reasoning is not None:
                 m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+            if keep_user_text and m.get("role") == "user":
+                if isinstance(m.get("content"), str):
+                    m["content"] = mark(m["content"])
+                elif isinstance(m.get("content"), list):
+                    m["content"] = [{**c, "text": mark(c.get("text"))}
+                                    if isinstance(c, dict) and c.get("type") == "text" else c for c in m["content"]]
             chat.append(m)
-        variables = {**self.special_tokens, **_plain(kwargs)}
-        return self._template.render(
-            messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables
-        )
+        variables = {**self.special_tokens, **_plain(dict(kwargs or {}))}
+        import jinja2
+
+        try:
+            text = self._template.render(
+                messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables
+            )
+        except (jinja2.TemplateError, *_TEMPLATE_RUNTIME_ERRORS) as e:
+            raise _template_problem(e, self.chat_template_source) from None
+        if not user_texts:
+            return [(text, False)]
+        parts = re.split(f"\ue000{nonce}:(\\d+)\ue001", text)
+        pieces = [(user_texts[int(p)], True) if i % 2 else (p, False) for i, p in enumerate(parts)]
+        if any(nonce in p for p, user in pieces if not user):
+            raise ProcessingError(f"chat template {self.chat_template_source} changes the text of user messages, so "
+                                  "it cannot be kept apart from the markup; use text_special_tokens=True")
+        return [(p, user) for p, user in pieces if p]
 
     # ------------------------------------------------------------------ main entry
     def __call__(
@@ -211,10 +277,22 @@ class Processor:
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ProcessingError("text must be a string or a non-empty list of strings")
+        return self._encode([[(t, False)] for t in texts], images, videos, video_metadata, padding,
+                            do_sample_frames, add_special_tokens, return_metadata)
+
+    def _encode(self, samples: list[list[tuple[str, bool]]], images: Any, videos: Any, video_metadata: Any,
+                padding: bool, do_sample_frames: bool | None, add_special_tokens: bool,
+                return_metadata: bool) -> dict[str, Any]:
+        """`samples`: per prompt, its pieces (text, is_user_text). Placeholders are counted and expanded in the
+        markup pieces only; user-text pieces are tokenized as plain text (no added token is matched in them)."""
+        for pieces in samples:
+            for t, _ in pieces:
+                _check_unicode(t)
+        markup = [t for pieces in samples for t, user in pieces if not user]
         image_list = _flatten_media(images, is_video=False)
         video_list = _flatten_media(videos, is_video=True)
-        n_img_ph = sum(t.count(IMAGE_TOKEN) for t in texts)
-        n_vid_ph = sum(t.count(VIDEO_TOKEN) for t in texts)
+        n_img_ph = sum(t.count(IMAGE_TOKEN) for t in markup)
+        n_vid_ph = sum(t.count(VIDEO_TOKEN) for t in markup)
         if n_img_ph != len(image_list):
             raise ProcessingError(
                 f"number of {IMAGE_TOKEN} placeholders in the text ({n_img_ph}) does not match the number of images "
@@ -244,10 +322,62 @@ class Processor:
                 self._video_structure(g, md, m2)
                 for g, md in zip(vid["video_grid_thw"], vid["video_metadata"], strict=True)
             ]
-        texts = _expand_placeholders(texts, image_repl, video_repl)
-        ids = [enc.ids for enc in self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        expanded = iter(_expand_placeholders(markup, image_repl, video_repl))
+        ids = []
+        for pieces in samples:
+            text, spans = "", []
+            for t, user in pieces:
+                t = t if user else next(expanded)
+                if user:
+                    spans.append((len(text), len(text) + len(t)))
+                text += t
+            ids.append(self._tokenize(text, spans, add_special_tokens))
         out.update(self._pad(ids, padding))
         return out
+
+    def _tokenize(self, text: str, user_spans: list[tuple[int, int]], add_special_tokens: bool) -> list[int]:
+        """Token ids of `text`; inside `user_spans` no added token (`<|assistant|>`, `<think>`, ...) is matched.
+
+        The whole text is encoded as usual first. When no added token falls in a user span (ordinary text), that is
+        the result, so it equals transformers' tokenization. Otherwise the added tokens outside the spans are kept
+        and the text between them is encoded by a copy of the tokenizer without added tokens (`tokenizers` encodes
+        the text between added tokens piece by piece anyway, so ordinary text gives the same ids either way)."""
+        enc = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        if not user_spans:
+            return list(enc.ids)
+
+        def in_user_text(start: int, end: int) -> bool:
+            return any(start < e and end > s for s, e in user_spans)
+
+        added = [tid in self._added_ids and in_user_text(*off) for tid, off in zip(enc.ids, enc.offsets, strict=True)]
+        if not any(added):
+            return list(enc.ids)
+        out: list[int] = []
+        pos, seen_text = 0, False
+        for tid, (start, end), injected in zip(enc.ids, enc.offsets, added, strict=True):
+            if start == end:  # added by the post-processor (no text): before or after the text
+                if seen_text:
+                    out += self._plain_ids(text[pos:])
+                    pos = len(text)
+                out.append(int(tid))
+                continue
+            seen_text = True
+            if tid in self._added_ids and not injected:  # markup: kept as the control token
+                out += self._plain_ids(text[pos:start])
+                out.append(int(tid))
+                pos = end
+        return out + self._plain_ids(text[pos:])
+
+    def _plain_ids(self, text: str) -> list[int]:
+        if not text:
+            return []
+        if self._plain_tokenizer is None:
+            from tokenizers import Tokenizer
+
+            spec = json.loads(self.tokenizer.to_str())
+            spec["added_tokens"] = []
+            self._plain_tokenizer = Tokenizer.from_str(json.dumps(spec))
+        return list(self._plain_tokenizer.encode(text, add_special_tokens=False).ids)
 
     @staticmethod
     def _video_structure(grid: np.ndarray, metadata: VideoMetadata, merge_area: int) -> str:
@@ -283,7 +413,7 @@ class Processor:
     # ------------------------------------------------------------------ messages
     def encode_messages(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, assistant_prefix: str = "",
-        **call_kwargs: Any
+        text_special_tokens: bool = False, **call_kwargs: Any
     ) -> dict[str, Any]:
         """Render the chat template and process the images/videos found in the messages, in order.
 
@@ -291,17 +421,39 @@ class Processor:
         files). Video items: {"type": "video", "video": path | (frames, VideoMetadata) | frames}.
         `assistant_prefix` is appended after the generation prompt: the start of the reply, written for the model
         (e.g. `"<think></think>"` for an empty thinking block).
+
+        The text of user turns is encoded as plain text: `<|assistant|>`, `<|endoftext|>`, `<think>`, ... typed by a
+        user are the characters they are, not control tokens (no role injection). `text_special_tokens=True` reads
+        them as control tokens instead, as transformers' `apply_chat_template` + tokenizer does. Text read as markup
+        (system and assistant turns; user turns too with `text_special_tokens=True`) must not hold the media tokens
+        (`<|image|>`, `<|begin_of_video|>`, ...): images and videos go in their own content items.
         """
         messages = normalize_messages(messages)
         images, videos = extract_media(messages)
-        prompt = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        for i, m in enumerate(messages):
+            if m.get("role") == "user" and not text_special_tokens:
+                continue
+            for t in _message_texts(m):
+                bad = next((tok for tok in RESERVED_MEDIA_TOKENS if tok in t), None)
+                if bad is not None:
+                    raise ProcessingError(
+                        f"message {i + 1} ({m.get('role')}): the text contains the reserved token {bad!r}; images "
+                        "and videos go in their own content items (in the CLI: --image / --video, /image / /video)")
+        pieces = self._render(messages, add_generation_prompt, not text_special_tokens)
         if assistant_prefix:
             if not add_generation_prompt:
                 raise ProcessingError("assistant_prefix needs add_generation_prompt=True")
-            if IMAGE_TOKEN in assistant_prefix or VIDEO_TOKEN in assistant_prefix:
-                raise ProcessingError("assistant_prefix must not contain media placeholders")
-            prompt += assistant_prefix
-        return self(prompt, images=images or None, videos=videos or None, **call_kwargs)
+            if any(tok in assistant_prefix for tok in RESERVED_MEDIA_TOKENS):
+                raise ProcessingError("assistant_prefix must not contain media tokens")
+            pieces.append((assistant_prefix, False))
+        kw = {"padding": True, "do_sample_frames": None, "add_special_tokens": True, "return_metadata": False,
+              "video_metadata": None}
+        unknown = set(call_kwargs) - set(kw)
+        if unknown:
+            raise TypeError(f"encode_messages() got unexpected keyword argument(s) {sorted(unknown)}")
+        kw.update(call_kwargs)
+        return self._encode([pieces], images or None, videos or None, kw["video_metadata"], kw["padding"],
+                            kw["do_sample_frames"], kw["add_special_tokens"], kw["return_metadata"])
 
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = False) -> str:
         """Token ids -> text (`<think>`/`<answer>` survive skip_special_tokens, as in the real tokenizer)."""
@@ -314,6 +466,25 @@ class Processor:
     def num_image_tokens(self, height: int, width: int) -> int:
         """Merged LLM tokens for an image of original size (height, width)."""
         return self.image_processor.num_image_tokens(height, width)
+
+
+def _message_texts(message: Mapping[str, Any]) -> list[str]:
+    """The text of a message: its string content, or its text items."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, (list, tuple)):
+        return [c["text"] for c in content if isinstance(c, Mapping) and isinstance(c.get("text"), str)]
+    return []
+
+
+def _check_unicode(text: str) -> None:
+    """Text the tokenizer can take: no lone surrogates (JSON's "\\ud800" can make them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ProcessingError(f"text is not valid Unicode: lone surrogate {text[e.start]!r} at character {e.start}"
+                              ) from None
 
 
 def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -388,21 +559,32 @@ def _expand_placeholders(texts: list[str], image_repl: list[str], video_repl: li
 
 def load_chat_template(checkpoint_dir: str, tokenizer_config: Mapping[str, Any] | None = None) -> str:
     """chat_template.jinja, else tokenizer_config.json "chat_template", else chat_template.json; error if none."""
+    return find_chat_template(checkpoint_dir, tokenizer_config)[0]
+
+
+def find_chat_template(checkpoint_dir: str, tokenizer_config: Mapping[str, Any] | None = None) -> tuple[str, str]:
+    """(template text, where it came from): chat_template.jinja, else tokenizer_config.json "chat_template", else
+    chat_template.json. A file that is not UTF-8, or none found, is a ProcessingError naming it."""
     p = os.path.join(checkpoint_dir, "chat_template.jinja")
     if os.path.isfile(p):
-        with open(p, encoding="utf-8") as f:
-            return f.read()
+        with open(p, "rb") as f:
+            raw = f.read()
+        try:
+            return raw.decode("utf-8"), p
+        except UnicodeDecodeError as e:
+            raise ProcessingError(f"{p}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
     cfg = tokenizer_config if tokenizer_config is not None else read_json_object(os.path.join(checkpoint_dir,
                                                                                         "tokenizer_config.json"))
     for source, tpl in (("tokenizer_config.json", (cfg or {}).get("chat_template")),
                         ("chat_template.json", (read_json_object(os.path.join(checkpoint_dir, "chat_template.json"))
                                                 or {}).get("chat_template"))):
+        path = os.path.join(checkpoint_dir, source)
         if isinstance(tpl, list):  # named templates: [{"name": "default", "template": ...}]
             tpl = next((t.get("template") for t in tpl if isinstance(t, Mapping) and t.get("name") == "default"), None)
         if isinstance(tpl, str) and tpl:
-            return tpl
+            return tpl, f"{path} (field 'chat_template')"
         if tpl is not None:
-            raise ProcessingError(f"{os.path.join(checkpoint_dir, source)!r}: 'chat_template' must be a string")
+            raise ProcessingError(f"{path!r}: field 'chat_template' must be a string, got {type(tpl).__name__}")
     raise ProcessingError(
         f"{checkpoint_dir!r}: no chat template found (looked for chat_template.jinja, tokenizer_config.json "
         "'chat_template' and chat_template.json)"
