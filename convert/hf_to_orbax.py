@@ -11,12 +11,23 @@ What is special here:
   * dtype: bf16 sources stay bit-exact unless `dtype` differs; fp32 -> bf16 uses ml_dtypes' cast, which rounds to
     nearest-even exactly like torch's `.to(torch.bfloat16)` (tested bit for bit).
   * Atomic: everything is written into `DST.tmp-<pid>`; the completion marker is written last and the directory is
-    then renamed to DST. On any error or KeyboardInterrupt the temporary directory is removed, so DST either does
-    not exist or is complete. Loading refuses a converted directory without the marker.
+    then renamed to DST without replacing anything (renameat2 RENAME_NOREPLACE where the filesystem has it). On any
+    error, Ctrl-C or SIGTERM the temporary directory is removed, so DST either does not exist or is complete.
+    Loading refuses a converted directory without the marker.
+  * One writer per destination: `DST.lock` (flock, released by the kernel even after kill -9) is held from start
+    to rename; a second run to the same DST stops at once and names the pid holding it. While holding it, a run
+    removes the `DST.tmp-<pid>` folders of runs that died (SIGKILL, power loss: their pid no longer runs) and says
+    so on stderr. If DST appears anyway (another program made it), this run's output is discarded, DST untouched.
+  * Integrity: the CRC-32 of every array is computed as it streams past (zlib, GIL released, overlapped with the
+    write in flight) and stored in the format file with the size of every file under params/ and the CRC-32 of the
+    side files; `glm41v verify DST` and `load(..., verify=True)` check them (glm41v_jax.integrity).
+  * Failures of the storage layer (disk full, quota, I/O errors) become one CheckpointError naming DST and the
+    cause; Orbax's background threads do not print their tracebacks meanwhile.
 
 Output layout:
   DST/config.json (+ generation/tokenizer/chat-template/processor files copied when present)
-  DST/glm41v_jax.json          format name + version, dtype, layout, source, tensor count and bytes
+  DST/glm41v_jax.json          format name + version, dtype, layout, source, tensor count and bytes, per-array
+                               CRC-32 ("checksums"), params/ file sizes ("files"), side-file CRC-32 ("side_files")
   DST/params/                  the Orbax checkpoint (restore with glm41v_jax.loading.load, any mesh or NumPy)
   DST/CONVERSION_COMPLETE      written last
 """
@@ -25,16 +36,31 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import fcntl
 import json
+import logging
 import os
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
 from glm41v_jax.config import Glm4vConfig
+from glm41v_jax.integrity import (
+    CHECKSUM_ALGORITHM,
+    abs_path,
+    array_crc32,
+    file_sizes,
+    is_no_space,
+    quiet_storage_threads,
+    storage_error,
+)
 from glm41v_jax.loading import (
     COMPLETE_MARKER,
     FORMAT_FILE,
@@ -53,6 +79,14 @@ from glm41v_jax.weights import iter_leaves, set_path, unstack_layers
 DTYPES = ("bfloat16", "float32")
 DEFAULT_FLUSH_BYTES = 512 << 20
 CHUNK_BYTES = 64 << 20  # storage chunk: parallel writes, and sub-shard reads when restoring onto a mesh
+TMP_INFIX = ".tmp-"
+LOCK_SUFFIX = ".lock"
+
+log = logging.getLogger("glm41v_convert")
+
+
+class ConversionTerminated(KeyboardInterrupt):
+    """SIGTERM arrived while converting: the partial output was removed (the CLI exits 143)."""
 
 
 def _orbax_context(compress: bool) -> Any:
@@ -83,16 +117,152 @@ def _settle(inflight: Any) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _prepare_dst(dst: str) -> str:
+# ---------------------------------------------------------------------------------------------------------------
+# The destination: lock, stale temporary folders, SIGTERM, the final rename.
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+class _DstLock:
+    """An exclusive flock on `DST.lock` for one run. The kernel drops it when the process dies (even kill -9), so a
+    lock file left behind is never stale. Filesystems without flock: no lock (the final rename still never
+    replaces DST)."""
+
+    def __init__(self, dst: str) -> None:
+        self.path = dst + LOCK_SUFFIX
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                raise CheckpointError(f"{self.path[:-len(LOCK_SUFFIX)]}: another conversion to this destination is "
+                                      f"running (pid {holder} holds {self.path}); wait for it or choose another "
+                                      "path") from None
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    log.warning("%s: this filesystem has no file locks; not guarding against a concurrent "
+                                "conversion to the same destination", self.path)
+                    return
+                raise
+            try:  # the file we locked must still be the one at the path (a finishing run unlinks it)
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                self.fd = fd
+                return
+            os.close(fd)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)  # while still holding it: a waiter re-checks the inode and starts over
+            os.close(self.fd)
+            self.fd = None
+
+
+def _clear_stale_tmps(dst: str) -> None:
+    """Remove `DST.tmp-<pid>` folders whose pid no longer runs (killed runs); say what was removed or left."""
+    parent, base = os.path.split(dst)
+    for name in sorted(os.listdir(parent)):
+        pid_text = name[len(base) + len(TMP_INFIX):]
+        if not (name.startswith(base + TMP_INFIX) and pid_text.isdigit()):
+            continue
+        path, pid = os.path.join(parent, name), int(pid_text)
+        if pid != os.getpid() and _pid_running(pid):
+            log.warning("note: %s belongs to process %d, which is still running; left in place", path, pid)
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if pid != os.getpid():
+            log.warning("note: removed %s, the partial output of an interrupted conversion (pid %d is no longer "
+                        "running)", path, pid)
+
+
+@contextlib.contextmanager
+def _on_sigterm_raise() -> Iterator[None]:
+    """While active, SIGTERM raises ConversionTerminated in the main thread (so the cleanup below runs) when nobody
+    else handles SIGTERM; a training loop's own handler is left alone."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    fired = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if not fired:  # a second SIGTERM during the cleanup is ignored
+            fired.append(signum)
+            raise ConversionTerminated("terminated by SIGTERM")
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _staging(dst: str) -> Iterator[str]:
+    """Lock DST, clear dead runs' folders, create `DST.tmp-<pid>` and yield it; remove it on any failure."""
     if os.path.lexists(dst):
         raise CheckpointError(f"{dst}: destination already exists; remove it or choose another path")
-    parent = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.abspath(dst).rstrip(os.sep) + f".tmp-{os.getpid()}"
-    if os.path.lexists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    return tmp
+    parent = os.path.dirname(dst)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except FileExistsError:
+        raise CheckpointError(f"{dst}: cannot create it: {parent} is not a directory") from None
+    if not os.path.isdir(parent):
+        raise CheckpointError(f"{dst}: cannot create it: {parent} is not a directory")
+    lock = _DstLock(dst)
+    lock.acquire()
+    try:
+        if os.path.lexists(dst):  # finished by the run that held the lock before us
+            raise CheckpointError(f"{dst}: destination already exists; remove it or choose another path")
+        _clear_stale_tmps(dst)
+        tmp = dst + f"{TMP_INFIX}{os.getpid()}"
+        with _on_sigterm_raise():
+            os.makedirs(tmp)
+            try:
+                yield tmp
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    finally:
+        lock.release()
+
+
+def _rename_noreplace(src: str, dst: str) -> None:
+    """rename(2) that fails with FileExistsError instead of replacing an (empty) directory at dst."""
+    libc = None
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.renameat2  # noqa: B018  (glibc >= 2.28)
+    if libc is not None:
+        at_fdcwd, rename_noreplace = -100, 1
+        if libc.renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), dst)
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # not supported here: plain rename below
+            raise OSError(err, os.strerror(err), src)
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+    os.rename(src, dst)
 
 
 def _copy_side_files(src_dir: str, tmp: str) -> list[str]:
@@ -105,14 +275,51 @@ def _copy_side_files(src_dir: str, tmp: str) -> list[str]:
     return copied
 
 
+def _side_file_sums(tmp: str) -> dict[str, str]:
+    out = {}
+    for name in sorted(os.listdir(tmp)):
+        path = os.path.join(tmp, name)
+        if name not in (FORMAT_FILE, COMPLETE_MARKER) and os.path.isfile(path):
+            with open(path, "rb") as f:
+                out[name] = f"{zlib.crc32(f.read()):08x}"
+    return out
+
+
 def _finish(tmp: str, dst: str, fmt: dict[str, Any]) -> None:
+    """Record the params/ file sizes and the side files' CRC-32 in the format file, write it and the marker, and
+    rename tmp to dst (never replacing dst). On failure tmp is left for the caller to remove."""
+    fmt = dict(fmt)
+    fmt.setdefault("files", file_sizes(os.path.join(tmp, PARAMS_SUBDIR)))
+    fmt.setdefault("side_files", _side_file_sums(tmp))
     with open(os.path.join(tmp, FORMAT_FILE), "w", encoding="utf-8") as f:
         json.dump(fmt, f, indent=2)
     with open(os.path.join(tmp, COMPLETE_MARKER), "w", encoding="utf-8") as f:
         f.write(f"{FORMAT_NAME} v{FORMAT_VERSION} complete\n")
-    if os.path.lexists(dst):
-        raise CheckpointError(f"{dst}: destination appeared while converting; the result is left in {tmp}")
-    os.rename(tmp, dst)
+    try:
+        _rename_noreplace(tmp, dst)
+    except FileExistsError:
+        raise CheckpointError(f"{dst}: the destination was created by another program while converting; it was left "
+                              "untouched and this conversion's output was discarded") from None
+
+
+def _write_failure(e: BaseException, dst: str, out_bytes: int | None) -> CheckpointError | None:
+    """One CheckpointError for a failed write (disk full, I/O error), or None when `e` is not a storage failure."""
+    if is_no_space(e):
+        need = f" (the output needs about {out_bytes / 2**30:.2f} GiB)" if out_bytes else ""
+        return CheckpointError(f"{dst}: no space left on device while writing the converted checkpoint{need}; the "
+                               "partial output was removed")
+    err = storage_error(e) if not isinstance(e, OSError) else None  # a plain OSError names its file already
+    if err is None:
+        return None
+    return CheckpointError(f"{dst}: could not write the converted checkpoint ({err[1]}); the partial output was "
+                           "removed")
+
+
+def _checksums(sums: dict[str, str]) -> dict[str, Any]:
+    return {"algorithm": CHECKSUM_ALGORITHM, "arrays": sums}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def convert(
@@ -125,7 +332,7 @@ def convert(
     compress: bool = False,
     on_tensor: Callable[[str], None] | None = None,
 ) -> str:
-    """Convert an HF checkpoint (directory or hub id) to a converted directory at `dst`. Returns `dst`.
+    """Convert an HF checkpoint (directory or hub id) to a converted directory at `dst`. Returns `dst` (absolute).
 
     dtype: 'bfloat16' | 'float32' | None (keep the stored dtype). progress: tqdm bar (None = only on a TTY).
     flush_bytes: host bytes buffered per Orbax partial save. compress: zstd chunks (off: ~same size for bf16
@@ -136,7 +343,9 @@ def convert(
     from tqdm import tqdm
 
     out_dtype = parse_dtype(dtype)
-    dst = os.fspath(dst)
+    if not isinstance(flush_bytes, int) or isinstance(flush_bytes, bool) or flush_bytes <= 0:
+        raise CheckpointError(f"flush_bytes must be a positive number of bytes, got {flush_bytes!r}")
+    dst = abs_path(dst)  # orbax and tensorstore take absolute paths only
     src_dir = resolve_model_dir(src)
     if is_converted_dir(src_dir):
         raise CheckpointError(f"{src_dir}: is already a converted directory; load it directly")
@@ -148,64 +357,73 @@ def convert(
     )
     stored = sorted({ckpt.infos[n].dtype for n in ckpt.rules})
 
-    tmp = _prepare_dst(dst)
-    params_dir = os.path.join(tmp, PARAMS_SUBDIR)
-    t0 = time.perf_counter()
-    inflight = None
-    try:
-        copied = _copy_side_files(src_dir, tmp)
-        pending: dict = {}
-        pending_bytes = 0
-        n_saves = 0
-        with _orbax_context(compress), tqdm(total=out_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                                            desc="convert", disable=(None if progress is None else not progress),
-                                            dynamic_ncols=True) as bar:
-            for i, (name, rule) in enumerate(ckpt.rules.items()):
-                info = ckpt.infos[name]
-                if info.nbytes >= flush_bytes:
-                    # A tensor as large as the whole buffer (embeddings, lm_head): write what is pending and let
-                    # every write land first, so at most one big tensor (and its copies) is in memory.
-                    if pending:
+    with _staging(dst) as tmp:
+        params_dir = os.path.join(tmp, PARAMS_SUBDIR)
+        t0 = time.perf_counter()
+        inflight = None
+        sums: dict[str, str] = {}
+        crc_s = 0.0
+        try:
+            copied = _copy_side_files(src_dir, tmp)
+            pending: dict = {}
+            pending_bytes = 0
+            n_saves = 0
+            with quiet_storage_threads(), _orbax_context(compress), tqdm(
+                    total=out_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
+                    disable=(None if progress is None else not progress), dynamic_ncols=True) as bar:
+                for i, (name, rule) in enumerate(ckpt.rules.items()):
+                    info = ckpt.infos[name]
+                    if info.nbytes >= flush_bytes:
+                        # A tensor as large as the whole buffer (embeddings, lm_head): write what is pending and let
+                        # every write land first, so at most one big tensor (and its copies) is in memory.
+                        if pending:
+                            inflight = _settle(inflight)
+                            inflight = partial.save_async(params_dir, pending)
+                            n_saves += 1
+                            pending, pending_bytes = {}, 0
+                        inflight = _settle(inflight)
+                    arr = to_flax_layout(name, ckpt.read(name), rule, out_dtype, info.file)
+                    if on_tensor is not None:
+                        on_tensor(name)
+                    tc = time.perf_counter()
+                    sums["/".join(rule.path)] = array_crc32(arr)  # overlaps the write in flight (GIL released)
+                    crc_s += time.perf_counter() - tc
+                    set_path(pending, rule.path, arr)
+                    pending_bytes += arr.nbytes
+                    bar.update(arr.nbytes)
+                    bar.set_postfix_str(f"{i + 1}/{n_tensors} tensors", refresh=False)
+                    del arr
+                    if pending_bytes >= flush_bytes or i + 1 == n_tensors:
+                        # One write in flight while the next group is read and transposed (IO || CPU).
                         inflight = _settle(inflight)
                         inflight = partial.save_async(params_dir, pending)
                         n_saves += 1
                         pending, pending_bytes = {}, 0
-                    inflight = _settle(inflight)
-                arr = to_flax_layout(name, ckpt.read(name), rule, out_dtype, info.file)
-                if on_tensor is not None:
-                    on_tensor(name)
-                set_path(pending, rule.path, arr)
-                pending_bytes += arr.nbytes
-                bar.update(arr.nbytes)
-                bar.set_postfix_str(f"{i + 1}/{n_tensors} tensors", refresh=False)
-                del arr
-                if pending_bytes >= flush_bytes or i + 1 == n_tensors:
-                    # One write in flight while the next group is read and transposed (IO || CPU).
-                    inflight = _settle(inflight)
-                    inflight = partial.save_async(params_dir, pending)
-                    n_saves += 1
-                    pending, pending_bytes = {}, 0
-            inflight = _settle(inflight)
-            partial.finalize(params_dir)
-        fmt = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "layout": "unrolled",
-            "dtype": out_dtype.name if out_dtype is not None else (stored[0] if len(stored) == 1 else "mixed"),
-            "source": os.path.abspath(src_dir),
-            "num_tensors": n_tensors,
-            "num_bytes": out_bytes,
-            "partial_saves": n_saves,
-            "copied_files": copied,
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        _finish(tmp, dst, fmt)
-    except BaseException:
-        if inflight is not None:  # let the background write stop touching tmp before it is removed
-            with contextlib.suppress(BaseException):
-                inflight.result()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                inflight = _settle(inflight)
+                partial.finalize(params_dir)
+            fmt = {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "layout": "unrolled",
+                "dtype": out_dtype.name if out_dtype is not None else (stored[0] if len(stored) == 1 else "mixed"),
+                "source": src_dir,
+                "num_tensors": n_tensors,
+                "num_bytes": out_bytes,
+                "partial_saves": n_saves,
+                "copied_files": copied,
+                "seconds": round(time.perf_counter() - t0, 3),
+                "checksum_seconds": round(crc_s, 3),
+                "checksums": _checksums(sums),
+            }
+            _finish(tmp, dst, fmt)
+        except BaseException as e:
+            if inflight is not None:  # let the background write stop touching tmp before it is removed
+                with contextlib.suppress(BaseException), quiet_storage_threads():
+                    inflight.result()
+            failure = _write_failure(e, dst, out_bytes) if isinstance(e, Exception) else None
+            if failure is not None:
+                raise failure from None
+            raise
     return dst
 
 
@@ -220,36 +438,40 @@ def save_converted(
 
     For trees that already fit in memory (after fine-tuning, tests). The scanned layout is unstacked first.
     config.json and the processor files are copied from `source_dir` when given; otherwise config.json is written
-    from `cfg`.
+    from `cfg`. Per-array checksums are recorded when every array is addressable from this process.
     """
     import orbax.checkpoint.experimental.v1 as ocp
 
-    dst = os.fspath(dst)
+    dst = abs_path(dst)
     if any(k in params.get("language_model", {}) for k in ("layers",)):
         params = unstack_layers(params)
-    dtypes = sorted({str(np.dtype(leaf.dtype)) for _, leaf in iter_leaves(params)})
-    tmp = _prepare_dst(dst)
-    try:
-        copied = _copy_side_files(os.fspath(source_dir), tmp) if source_dir is not None else []
-        if "config.json" not in copied:
-            with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-                json.dump(cfg.to_hf(), f, indent=2)
-        with _orbax_context(False):
-            ocp.save(os.path.join(tmp, PARAMS_SUBDIR), params)
-        n = sum(1 for _ in iter_leaves(params))
-        fmt = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "layout": "unrolled",
-            "dtype": dtypes[0] if len(dtypes) == 1 else "mixed",
-            "source": os.path.abspath(os.fspath(source_dir)) if source_dir is not None else "in-memory",
-            "num_tensors": n,
-            "num_bytes": int(sum(leaf.size * np.dtype(leaf.dtype).itemsize for _, leaf in iter_leaves(params))),
-            "copied_files": copied,
-        }
-        _finish(tmp, dst, fmt)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    leaves = list(iter_leaves(params))
+    dtypes = sorted({str(np.dtype(leaf.dtype)) for _, leaf in leaves})
+    addressable = all(getattr(leaf, "is_fully_addressable", True) for _, leaf in leaves)
+    with _staging(dst) as tmp:
+        try:
+            copied = _copy_side_files(abs_path(source_dir), tmp) if source_dir is not None else []
+            if "config.json" not in copied:
+                with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+                    json.dump(cfg.to_hf(), f, indent=2)
+            with quiet_storage_threads(), _orbax_context(False):
+                ocp.save(os.path.join(tmp, PARAMS_SUBDIR), params)
+            fmt = {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "layout": "unrolled",
+                "dtype": dtypes[0] if len(dtypes) == 1 else "mixed",
+                "source": abs_path(source_dir) if source_dir is not None else "in-memory",
+                "num_tensors": len(leaves),
+                "num_bytes": int(sum(leaf.size * np.dtype(leaf.dtype).itemsize for _, leaf in leaves)),
+                "copied_files": copied,
+            }
+            if addressable:
+                fmt["checksums"] = _checksums({"/".join(p): array_crc32(leaf) for p, leaf in leaves})
+            _finish(tmp, dst, fmt)
+        except Exception as e:
+            failure = _write_failure(e, dst, None)
+            if failure is not None:
+                raise failure from None
+            raise
     return dst
-

@@ -1,15 +1,20 @@
 """`glm41v convert SRC DST [--dtype bfloat16|float32]`: the converter's command line.
 
-Every expected failure (bad checkpoint, bad config, missing file, bad dtype, existing DST) prints exactly one
-`error: ...` line on stderr and returns exit code 2; no traceback. Ctrl-C removes the partial output and returns 130.
+Every expected failure (bad checkpoint, bad config, missing file, bad dtype or --flush-gb, existing DST, a
+conversion to the same DST already running, a full disk) prints exactly one `error: ...` line on stderr and returns
+exit code 2; no traceback. Ctrl-C removes the partial output and returns 130, SIGTERM the same with 143.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import signal
 import sys
 from typing import Any
 
+from glm41v_jax.argtypes import float_in
+from glm41v_jax.cli import OneLineErrorParser
 from glm41v_jax.errors import Glm41vError, one_line
 from glm41v_jax.loading import CheckpointError
 
@@ -27,7 +32,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("src", help="HF checkpoint directory (config.json + *.safetensors) or hub id")
     p.add_argument("dst", help="output directory (must not exist)")
     p.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: keep the stored dtype)")
-    p.add_argument("--flush-gb", type=float, default=0.5,
+    p.add_argument("--flush-gb", type=float_in(0, 1024, lo_open=True), default=0.5,
                    help="host buffer per Orbax partial save, GiB (default 0.5); peak memory scales with it")
     p.add_argument("--compress", action="store_true", help="zstd-compress the stored chunks (slower, ~10%% smaller)")
     bar = p.add_mutually_exclusive_group()
@@ -38,28 +43,34 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .hf_to_orbax import convert
+    from .hf_to_orbax import ConversionTerminated, convert
 
     try:
-        if not args.flush_gb > 0:
-            raise CheckpointError(f"--flush-gb must be positive, got {args.flush_gb}")
-        convert(args.src, args.dst, dtype=args.dtype, progress=args.progress,
-                flush_bytes=int(args.flush_gb * 2**30), compress=args.compress)
+        if not (math.isfinite(args.flush_gb) and args.flush_gb > 0):
+            raise CheckpointError(f"--flush-gb must be a positive number of GiB (e.g. 0.5), got {args.flush_gb}")
+        dst = convert(args.src, args.dst, dtype=args.dtype, progress=args.progress,
+                      flush_bytes=max(1, int(args.flush_gb * 2**30)), compress=args.compress)
     except EXPECTED_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except ConversionTerminated:
+        print("error: terminated (SIGTERM); partial output removed", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("error: interrupted; partial output removed", file=sys.stderr)
         return 130
-    print(f"converted {args.src} -> {args.dst}", file=sys.stderr)
+    print(f"converted {args.src} -> {dst}", file=sys.stderr)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point (`python -m glm41v_convert.main SRC DST`)."""
-    parser = argparse.ArgumentParser(prog="glm41v")
+    parser = OneLineErrorParser(prog="glm41v")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["convert", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        args = parser.parse_args(["convert", *(sys.argv[1:] if argv is None else argv)])
+    except SystemExit as e:  # --help (0) or a usage error (2, printed as one line)
+        return e.code if isinstance(e.code, int) else 2
     return int(args.func(args))
 
 

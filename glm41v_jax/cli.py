@@ -16,18 +16,23 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="glm41v",
-                                description="GLM-4.1V-9B-Thinking in JAX: convert, generate, chat, train, loss.")
+                                description="GLM-4.1V-9B-Thinking in JAX: convert, verify, generate, chat, train, "
+                                            "loss.")
     sub = parser.add_subparsers(dest="command", required=True)
     from glm41v_convert.main import register as register_convert
     from glm41v_train.cli import register as register_train
 
     from .chat_cli import register as register_chat
     from .generate_cli import register as register_generate
+    from .plan_cli import register as register_plan
+    from .verify import register as register_verify
 
     register_convert(sub)
+    register_verify(sub)
     register_generate(sub)
     register_chat(sub)
     register_train(sub)  # train, loss
+    register_plan(sub)
     return parser
 
 

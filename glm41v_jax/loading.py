@@ -26,6 +26,8 @@ import json
 import os
 import re
 import struct
+import time
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,6 +37,14 @@ import numpy as np
 
 from .config import ConfigError, Glm4vConfig
 from .errors import Glm41vError
+from .integrity import (
+    CHECKSUM_ALGORITHM,
+    abs_path,
+    array_crc32,
+    damaged_files,
+    quiet_storage_threads,
+    storage_error,
+)
 from .weights import Rule, WeightsError, build_rules, check_complete, is_ignored_key, set_path
 
 # Converted-directory format (written by glm41v_convert.hf_to_orbax).
@@ -77,44 +87,53 @@ class CheckpointError(Glm41vError, ValueError):
 
 def is_converted_dir(path: str | os.PathLike) -> bool:
     """True if `path` looks like a `glm41v convert` output (complete or not)."""
-    return os.path.isfile(os.path.join(os.fspath(path), FORMAT_FILE))
+    return os.path.isfile(os.path.join(abs_path(path), FORMAT_FILE))
 
 
 def resolve_model_dir(model: str | os.PathLike) -> str:
-    """The local directory of a model spec: an existing directory, or a hub id (downloaded with huggingface_hub).
+    """The local directory of a model spec, as an absolute path: an existing directory (relative paths are taken
+    from the current directory, `~` is expanded), or a hub id 'owner/name' (downloaded with huggingface_hub).
 
     The processor files (tokenizer.json, chat_template.jinja, preprocessor_config.json, ...) live in this directory
     for HF checkpoints and converted directories alike.
     """
     spec = os.fspath(model)
-    if os.path.isdir(spec):
-        return spec
-    if os.path.exists(spec):
+    if not spec.strip():
+        raise CheckpointError("the model path is empty")
+    path = abs_path(spec)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
         if spec.endswith(PICKLE_SUFFIXES):
             raise CheckpointError(f"{spec}: refusing to unpickle a pickled checkpoint; convert it to safetensors "
                                   "first (e.g. transformers save_pretrained(..., safe_serialization=True))")
         raise CheckpointError(f"{spec}: expected a checkpoint directory (with config.json), got a file")
-    if not _HUB_ID.match(spec) or spec.startswith((".", "/", "~")):
-        raise CheckpointError(f"{spec}: no such directory (and not a hub id of the form 'owner/name')")
-    return _download(spec)
+    where = spec if os.path.isabs(spec) else f"{spec} (looked for {path})"
+    if not _HUB_ID.match(spec) or spec.startswith((".", "/", "~")) or os.path.lexists(path):
+        dangling = " (a broken symbolic link)" if os.path.lexists(path) else ""
+        raise CheckpointError(f"{where}: no such directory{dangling}, and not a hub id of the form 'owner/name'")
+    return _download(spec, where)
 
 
-def _download(repo_id: str) -> str:
-    """snapshot_download of the files we need (weights as safetensors, configs, tokenizer, templates)."""
-    how = (f"download it where the hub is reachable (`huggingface-cli download {repo_id} --local-dir DIR`) and pass "
-           "DIR instead")
+def _download(repo_id: str, where: str | None = None) -> str:
+    """snapshot_download of the files we need (weights as safetensors, configs, tokenizer, templates).
+
+    `repo_id` is also a relative path that does not exist here; every failure says both."""
+    local = f"{where or repo_id}: no such local directory; as a hub id"
+    how = (f"if it is a local path, check it; if it is a hub id, download it where the hub is reachable "
+           f"(`huggingface-cli download {repo_id} --local-dir DIR`) and pass DIR instead")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise CheckpointError(f"{repo_id}: not a local directory, and huggingface_hub is not installed to fetch it "
-                              f"from the hub; `pip install 'glm41v-jax[hub]'`, or {how}") from None
+        raise CheckpointError(f"{local} it was not fetched because huggingface_hub is not installed "
+                              f"(`pip install 'glm41v-jax[hub]'`); {how}") from None
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
-        return snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS)
+        return abs_path(snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS))
     except Exception as e:  # noqa: BLE001  (network, auth, not found, offline cache miss: all one message)
-        why = "HF_HUB_OFFLINE is set and it is not in the local hub cache" if offline else f"{type(e).__name__}: {e}"
-        why = " ".join(str(why).split())
-        raise CheckpointError(f"{repo_id}: could not fetch from the hugging face hub ({why}); {how}") from None
+        why = ("HF_HUB_OFFLINE is set and it is not in the local hub cache" if offline
+               else f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        raise CheckpointError(f"{local} the hugging face hub was tried and failed ({why}); {how}") from None
 
 
 def load_config(model: str | os.PathLike, **runtime: Any) -> Glm4vConfig:
@@ -337,32 +356,98 @@ class _NumpyAbstract:
     dtype: np.dtype
 
 
+def _bad_format(path: str, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {what}; the converted directory is damaged, convert again")
+
+
 def read_format(directory: str) -> dict[str, Any]:
+    """The format file of a converted directory, checked: a JSON object of this format and version, with the
+    completion marker beside it, and well-formed optional `files` / `checksums` / `side_files` records."""
+    directory = abs_path(directory)
     path = os.path.join(directory, FORMAT_FILE)
     try:
         with open(path, encoding="utf-8") as f:
             fmt = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise _bad_format(path, f"not valid JSON ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(fmt, dict):
+        raise _bad_format(path, f"expected a JSON object, got {type(fmt).__name__}")
     if fmt.get("format") != FORMAT_NAME or fmt.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unsupported converted format {fmt.get('format')!r} version "
                               f"{fmt.get('format_version')!r} (this version reads {FORMAT_NAME} v{FORMAT_VERSION})")
     if not os.path.isfile(os.path.join(directory, COMPLETE_MARKER)):
         raise CheckpointError(f"{directory}: conversion is incomplete (no {COMPLETE_MARKER} marker); delete it and "
                               "convert again")
+    for key, kind, ok in (("files", "sizes", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+                          ("side_files", "CRC-32 hex strings", lambda v: isinstance(v, str))):
+        rec = fmt.get(key)
+        if rec is not None and not (isinstance(rec, dict) and all(isinstance(k, str) and ok(v)
+                                                                  for k, v in rec.items())):
+            raise _bad_format(path, f"field '{key}' must map file names to {kind}")
+    sums = fmt.get("checksums")
+    if sums is not None:
+        if not (isinstance(sums, dict) and isinstance(sums.get("arrays"), dict)
+                and all(isinstance(v, str) for v in sums["arrays"].values())):
+            raise _bad_format(path, "field 'checksums' must be an object with an 'arrays' object of hex strings")
+        if sums.get("algorithm") != CHECKSUM_ALGORITHM:
+            raise CheckpointError(f"{path}: checksums use {sums.get('algorithm')!r}; this version knows "
+                                  f"{CHECKSUM_ALGORITHM!r}")
     return fmt
+
+
+def check_files(directory: str, fmt: dict[str, Any]) -> None:
+    """Every file recorded under params/ exists with its recorded size (one stat each). Raises CheckpointError."""
+    bad = damaged_files(directory, fmt.get("files") or {})
+    if bad:
+        raise CheckpointError(f"{directory}: damaged converted checkpoint: {len(bad)} data file(s) missing or "
+                              f"changed: {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}; convert again")
+
+
+def _stored_metadata(params_dir: str) -> dict:
+    """Orbax's metadata tree of params/ (names, shapes, dtypes), or a CheckpointError naming the directory."""
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    if not os.path.isdir(params_dir):
+        raise CheckpointError(f"{params_dir}: missing or not a directory; the converted checkpoint is damaged, "
+                              "convert again")
+    why = "no array metadata"
+    try:
+        with quiet_storage_threads():
+            stored = ocp.metadata(params_dir).metadata
+    except Exception as e:  # noqa: BLE001  (orbax raises many types for a damaged tree; all mean "unreadable")
+        err = storage_error(e)
+        why = err[1] if err is not None else f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        stored = None
+    if not isinstance(stored, dict) or not stored:
+        raise CheckpointError(f"{params_dir}: unreadable Orbax checkpoint ({why}); the converted checkpoint is "
+                              "damaged, convert again")
+    return stored
+
+
+def _read_failure(directory: str, e: BaseException, what: str) -> CheckpointError | None:
+    """A CheckpointError for a storage failure while reading `directory`, or None when `e` is not one (a bug)."""
+    err = storage_error(e)
+    if err is None:
+        return None
+    array, why = err
+    name = f"array '{array}'" if array else what
+    return CheckpointError(f"{directory}: damaged converted checkpoint: {name} could not be read ({why}); "
+                           f"`glm41v verify {directory}` lists every damaged array; convert again")
 
 
 def _load_converted(directory: str, cfg: Glm4vConfig, dtype: Any, mesh: Any, as_numpy: bool) -> dict:
     import orbax.checkpoint.experimental.v1 as ocp
 
-    read_format(directory)
+    directory = abs_path(directory)  # orbax and tensorstore take absolute paths only
+    fmt = read_format(directory)
     params_dir = os.path.join(directory, PARAMS_SUBDIR)
-    try:
-        stored = ocp.metadata(params_dir).metadata
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{params_dir}: unreadable Orbax checkpoint ({type(e).__name__}: "
-                              f"{' '.join(str(e).split())[:300]})") from None
+    if not os.path.isdir(params_dir):
+        raise CheckpointError(f"{params_dir}: missing or not a directory; the converted checkpoint is damaged, "
+                              "convert again")
+    check_files(directory, fmt)
+    stored = _stored_metadata(params_dir)
     expected = _paths_and_leaves(_abstract_unboxed(cfg))
     on_disk = _paths_and_leaves(stored)
     missing = sorted("/".join(p) for p in set(expected) - set(on_disk))
@@ -370,7 +455,7 @@ def _load_converted(directory: str, cfg: Glm4vConfig, dtype: Any, mesh: Any, as_
     if missing or unexpected:
         parts = [f"missing {len(missing)} array(s): {', '.join(missing[:8])}"] if missing else []
         parts += [f"unexpected {len(unexpected)} array(s): {', '.join(unexpected[:8])}"] if unexpected else []
-        raise WeightsError(f"{params_dir}: " + "; ".join(parts))
+        raise WeightsError(f"{params_dir}: " + "; ".join(parts) + " (compared with config.json)")
     for p, a in expected.items():
         if tuple(on_disk[p].shape) != tuple(a.shape):
             raise WeightsError(f"{params_dir}: array '{'/'.join(p)}' has shape {tuple(on_disk[p].shape)}, expected "
@@ -388,7 +473,138 @@ def _load_converted(directory: str, cfg: Glm4vConfig, dtype: Any, mesh: Any, as_
     abstract: dict = {}
     for p in expected:
         set_path(abstract, p, target(p))
-    return ocp.load(params_dir, abstract)
+    try:
+        with quiet_storage_threads():
+            return ocp.load(params_dir, abstract)
+    except Exception as e:
+        err = _read_failure(directory, e, "the params")
+        if err is None:
+            raise
+        raise err from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Verifying a converted directory against its recorded checksums.
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    """What `verify_converted` found. `damaged` maps an array name, a params/ file or a side file to the reason."""
+
+    directory: str
+    arrays: int = 0
+    bytes: int = 0
+    has_checksums: bool = True
+    damaged: dict[str, str] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.has_checksums and not self.damaged
+
+    def summary(self) -> str:
+        """'N damaged: name (what), ...' with the first few names and the kind of damage only."""
+        names = list(self.damaged)
+        return f"{len(names)} damaged: " + ", ".join(f"{n} ({self.damaged[n].split(':')[0]})" for n in names[:4]) + (
+            " ..." if len(names) > 4 else "")
+
+
+def _read_group(params_dir: str, group: list[tuple[tuple[str, ...], Any]]) -> dict[tuple[str, ...], np.ndarray]:
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    abstract: dict = {}
+    for p, meta in group:
+        set_path(abstract, p, _NumpyAbstract(tuple(meta.shape), np.dtype(meta.dtype)))
+    ctx = ocp.Context()
+    ctx.pytree.loading.partial_load = True
+    with ctx, quiet_storage_threads():
+        return _paths_and_leaves(ocp.load(params_dir, abstract))
+
+
+def verify_converted(directory: str | os.PathLike, *, group_bytes: int = 256 << 20) -> VerifyReport:
+    """Read every array of a converted directory back (in its stored dtype, about `group_bytes` at a time) and compare
+    its CRC-32 with the one recorded at conversion; check the params/ file sizes and the side files' CRC-32 too.
+
+    Raises CheckpointError when `directory` is not a readable converted directory. A directory converted before
+    checksums were recorded gives `has_checksums=False`; its arrays are still read, so unreadable ones are reported.
+    """
+    t0 = time.perf_counter()
+    directory = abs_path(directory)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: no such directory")
+    if not is_converted_dir(directory):
+        raise CheckpointError(f"{directory}: not a converted directory (no {FORMAT_FILE}); `glm41v verify` checks the "
+                              "output of `glm41v convert`")
+    fmt = read_format(directory)
+    sums = (fmt.get("checksums") or {}).get("arrays")
+    report = VerifyReport(directory, has_checksums=sums is not None)
+    for bad in damaged_files(directory, fmt.get("files") or {}):
+        report.damaged[bad.split(" (")[0]] = bad.split(" (", 1)[1].rstrip(")")
+    for name, want in (fmt.get("side_files") or {}).items():
+        path = os.path.join(directory, name)
+        try:
+            with open(path, "rb") as f:
+                got = f"{zlib.crc32(f.read()):08x}"
+        except OSError as e:
+            report.damaged[name] = f"unreadable: {e.strerror or e}"
+            continue
+        if got != want:
+            report.damaged[name] = f"checksum mismatch: crc32 {got}, {want} recorded"
+    params_dir = os.path.join(directory, PARAMS_SUBDIR)
+    try:
+        stored = _paths_and_leaves(_stored_metadata(params_dir))
+    except CheckpointError as e:
+        report.damaged[PARAMS_SUBDIR] = str(e).split(": ", 1)[1]
+        report.seconds = time.perf_counter() - t0
+        return report
+    names = {"/".join(p): p for p in stored}
+    for name in sorted(set(sums or {}) - set(names)):
+        report.damaged[name] = "recorded at conversion, missing from params/"
+    for name in sorted(set(names) - set(sums or names)):
+        report.damaged[name] = "in params/ but no checksum was recorded for it"
+
+    def check(path: tuple[str, ...], arr: np.ndarray) -> None:
+        name = "/".join(path)
+        report.arrays += 1
+        report.bytes += arr.nbytes
+        if tuple(arr.shape) != tuple(stored[path].shape):
+            report.damaged[name] = f"read back as shape {tuple(arr.shape)}, metadata says {tuple(stored[path].shape)}"
+        elif sums is not None and name in sums and array_crc32(arr) != sums[name]:
+            report.damaged[name] = f"checksum mismatch: crc32 {array_crc32(arr)}, {sums[name]} recorded"
+
+    def nbytes(meta: Any) -> int:
+        return int(np.prod(meta.shape)) * np.dtype(meta.dtype).itemsize
+
+    groups: list[list[tuple[tuple[str, ...], Any]]] = [[]]
+    size = 0
+    for p, meta in stored.items():
+        if groups[-1] and size + nbytes(meta) > group_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((p, meta))
+        size += nbytes(meta)
+    for group in groups:
+        try:
+            got = _read_group(params_dir, group)
+        except Exception as e:
+            if storage_error(e) is None:
+                raise
+            got = None
+        if got is not None:
+            for p, _ in group:
+                check(p, got[p])
+            del got
+            continue
+        for p, meta in group:  # find which arrays of the group are unreadable
+            try:
+                check(p, _read_group(params_dir, [(p, meta)])[p])
+            except Exception as e:
+                err = storage_error(e)
+                if err is None:
+                    raise
+                report.damaged["/".join(p)] = f"unreadable: {err[1]}"
+    report.seconds = time.perf_counter() - t0
+    return report
 
 
 def load(
@@ -398,6 +614,7 @@ def load(
     compute_dtype: Any = None,
     mesh: Any = None,
     as_numpy: bool = False,
+    verify: bool = False,
     **runtime: Any,
 ) -> tuple[Any, Glm4vConfig]:
     """Load (params, cfg) from an HF checkpoint dir, a converted dir, or a hub id.
@@ -408,6 +625,10 @@ def load(
     as_numpy: return host NumPy arrays (ignored with a mesh). Otherwise single-device jax arrays on device 0.
     compute_dtype: the activation / matmul dtype (RuntimeConfig.dtype): "bfloat16" on TPU/GPU, "float32" on CPU.
     runtime: other `RuntimeConfig` overrides (param_dtype, scan_layers, remat_policy, attention_impl).
+    verify: first read every array of a converted directory back and compare it with the checksums recorded at
+      conversion (`verify_converted`: one extra read of the weights); CheckpointError naming the damaged arrays, or
+      saying that the directory has no checksums to compare with. HF directories carry no checksums: refused.
+    Every load of a converted directory checks that its data files are all there with their recorded sizes.
     """
     if compute_dtype is not None:
         runtime["dtype"] = np.dtype(compute_dtype).name
@@ -418,6 +639,8 @@ def load(
         as_numpy = False
     directory = resolve_model_dir(model)
     cfg = Glm4vConfig.from_file(os.path.join(directory, "config.json"), **runtime)
+    if verify:
+        _verify_before_load(directory)
     if is_converted_dir(directory):
         params = _load_converted(directory, cfg, dtype, mesh, as_numpy)
     else:
@@ -425,6 +648,19 @@ def load(
     if cfg.runtime.scan_layers:
         params = _stack(params, cfg, mesh)
     return params, cfg
+
+
+def _verify_before_load(directory: str) -> None:
+    if not is_converted_dir(directory):
+        raise CheckpointError(f"{directory}: cannot verify an HF checkpoint directory (safetensors files carry no "
+                              "checksums); convert it with `glm41v convert`, or load it without verifying")
+    report = verify_converted(directory)
+    if report.damaged:
+        raise CheckpointError(f"{directory}: verification failed, {report.summary()}; convert again")
+    if not report.has_checksums:
+        raise CheckpointError(f"{directory}: cannot verify: no checksums were recorded when it was converted (an older "
+                              "version); every array read back, but bit flips cannot be detected; convert again to "
+                              "record them, or load it without verifying")
 
 
 def _stack(params: dict, cfg: Glm4vConfig, mesh: Any) -> dict:
@@ -447,12 +683,15 @@ __all__ = [
     "HFCheckpoint",
     "SIDE_FILES",
     "TensorInfo",
+    "VerifyReport",
     "WeightsError",
     "is_converted_dir",
     "load",
     "load_config",
+    "check_files",
     "read_format",
     "read_safetensors_header",
     "refuse_pickles",
     "resolve_model_dir",
+    "verify_converted",
 ]

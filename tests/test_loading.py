@@ -251,7 +251,8 @@ def test_nonexistent_path():
 
 def test_hub_id_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CheckpointError, match=r"glm41v-test/no-such-model-xyz: .*(huggingface_hub is not installed|"
+    with pytest.raises(CheckpointError, match=r"glm41v-test/no-such-model-xyz \(looked for .*\): no such local "
+                                              r"directory; as a hub id .*(huggingface_hub is not installed|"
                                               r"HF_HUB_OFFLINE is set).*--local-dir DIR"):
         loading.load("glm41v-test/no-such-model-xyz")
 
