@@ -293,8 +293,8 @@ class Glm4vConfig:
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({' '.join(str(e).split())[:200]})") from None
         try:
             return cls.from_hf(d, **runtime)
         except ConfigError as e:
