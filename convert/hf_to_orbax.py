@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from glm41v_jax.config import Glm4vConfig
+from glm41v_jax.errors import Glm41vError
 from glm41v_jax.integrity import (
     CHECKSUM_ALGORITHM,
     abs_path,
@@ -303,7 +304,10 @@ def _finish(tmp: str, dst: str, fmt: dict[str, Any]) -> None:
 
 
 def _write_failure(e: BaseException, dst: str, out_bytes: int | None) -> CheckpointError | None:
-    """One CheckpointError for a failed write (disk full, I/O error), or None when `e` is not a storage failure."""
+    """One CheckpointError for a failed write (disk full, I/O error), or None when `e` is not a storage failure (or
+    already a user-facing error)."""
+    if isinstance(e, Glm41vError):
+        return None
     if is_no_space(e):
         need = f" (the output needs about {out_bytes / 2**30:.2f} GiB)" if out_bytes else ""
         return CheckpointError(f"{dst}: no space left on device while writing the converted checkpoint{need}; the "

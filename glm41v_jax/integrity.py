@@ -85,7 +85,7 @@ def _chain(e: BaseException) -> Iterator[BaseException]:
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         yield e
-        e = e.__cause__ or e.__context__
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
 
 
 def storage_error(e: BaseException) -> tuple[str | None, str] | None:
