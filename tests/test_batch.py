@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from glm41v_jax.generate import GenerationError
 from glm41v_jax.pipeline import Pipeline, Request, RequestError, auto_mesh_spec
 
 
@@ -117,3 +118,86 @@ def test_pipeline_api(tiny_cache_dir, monkeypatch, tmp_path):
     assert "image file not found" in err["error"]
     assert auto_mesh_spec(32, 8) == "tensor=8,fsdp=1" and auto_mesh_spec(12, 8) == "tensor=4,fsdp=2"
     assert auto_mesh_spec(32, 1) is None
+
+
+def test_hostile_lines_each_get_their_error(cli, tmp_path, monkeypatch):
+    """Every hostile line is its own {"line", "error"} record (the others still run), exit code 2, no traceback."""
+    import glm41v_jax.generate_cli as generate_cli
+
+    monkeypatch.setattr(generate_cli, "MAX_LINE_BYTES", 300_000)
+    _image(tmp_path / "a.png", 40, 40, 3)
+    good = json.dumps({"prompt": "Good line.", "images": ["a.png"], "max_new_tokens": 2}).encode()
+    hostile = [
+        (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+        (b'{"prompt": "caf\xe9"}', "not valid UTF-8 (byte 0xe9 at column 16)"),
+        (b'{"prompt": "hi", "max_new_tokens": ' + str(10**30).encode() + b"}",
+         "field 'max_new_tokens': expected an integer in [1, 2147483647], got 1000000000000000000000000000000"),
+        (b'{"prompt": "hi", "max_new_tokens": ' + b"9" * 5000 + b"}", "not valid JSON (Exceeds the limit"),
+        (b'{"prompt": "hi", "max_new_tokens": 2.5}', "field 'max_new_tokens': expected an integer"),
+        (b'{"prompt": "hi", "max_new_tokens": true}', "field 'max_new_tokens': expected an integer"),
+        (b'{"prompt": "hi", "max_new_tokens": "5"}', "field 'max_new_tokens': expected an integer"),
+        (b'{"prompt": "hi", "max_new_tokens": 1e400}', "field 'max_new_tokens': expected an integer"),
+        (b'{"prompt": "hi", "max_new_tokens": NaN}', "not valid JSON (NaN is not JSON)"),
+        (b'{"prompt": "hi", "max_new_tokens": 0}', "got 0"),
+        (b'{"prompt": "hi", "max_new_tokens": 70000}', "too long for the context"),
+        (b'{"prompt": ["hi"]}', "field 'prompt': expected a string, got a JSON array"),
+        (b'{"prompt": "\\ud800"}', "field 'prompt': not valid Unicode (lone surrogate"),
+        (b'{"prompt": "hi", "system": {"a": 1}}', "field 'system': expected a string, got a JSON object"),
+        (b'{"prompt": "hi", "images": 5}', "field 'images': expected a list of file paths"),
+        (b'{"prompt": "hi", "images": [[[["a.png"]]]]}', "field 'images': expected a list of file paths"),
+        (b'{"prompt": "hi", "images": ["a\\u0000.png"]}', "NUL character"),
+        (b'{"prompt": "hi", "videos": [""]}', "field 'videos': expected a non-empty string"),
+        (b'{"prompt": "hi", "\\ud800": 1}', "unknown field(s) '\\ud800'"),
+        (b'[1, 2]', "expected a JSON object, got a JSON array"),
+        (b'null', "expected a JSON object, got None"),
+        (b'"just a string"', "expected a JSON object, got 'just a string'"),
+        (b'{"prompt": "' + b"x" * 400_000 + b'"}', "line longer than 300000 bytes"),
+        (b'{"prompt": "hi <|image|>", "images": []}', None),  # plain text by default: not a placeholder
+    ]
+    path = tmp_path / "hostile.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\n" + b"\n".join(line for line, _ in hostile) + b"\n\n" + good + b"\n")
+    rc, recs, err = cli("--batch-file", str(path), "--batch-size", "2", "--max-new-tokens", "3")
+    assert rc == 2, err
+    assert "Traceback" not in err
+    *results, summary = recs
+    assert [r["line"] for r in results] == list(range(1, len(hostile) + 2)) + [len(hostile) + 3]
+    for r, (_, needle) in zip(results[1:], hostile, strict=False):
+        if needle is None:
+            assert "token_ids" in r, r
+        else:
+            assert needle in r["error"], (needle, r)
+            assert f"error: {path}:{r['line']}: " in err
+    assert "token_ids" in results[0] and "token_ids" in results[-1]
+    n_bad = sum(1 for _, needle in hostile if needle is not None)
+    assert summary["summary"]["failed"] == n_bad and summary["summary"]["requests"] == len(hostile) + 2
+    assert len([ln for ln in err.splitlines() if ln.startswith("error:")]) == n_bad
+
+
+def test_stream_reads_one_batch_at_a_time(tiny_cache_dir, monkeypatch, tmp_path):
+    """Pipeline.stream reads the requests lazily: the first batch's records come out before the third batch's
+    requests are read, the order is the input order (errors included), and the records equal generate()'s."""
+    monkeypatch.setenv("GLM41V_CACHE", tiny_cache_dir)
+    pipe = Pipeline.load(mesh=None)
+    reqs = [Request(f"Question {i}?", max_new_tokens=2 + i % 3) for i in range(7)]
+    reqs.insert(3, RequestError("a bad line"))
+    consumed = []
+
+    def source():
+        for i, r in enumerate(reqs):
+            consumed.append(i)
+            yield r
+
+    seen = []
+    for i, rec in pipe.stream(source(), batch_size=2, max_new_tokens=4, errors="return"):
+        seen.append((i, len(consumed), rec))
+    assert [i for i, _, _ in seen] == list(range(8))
+    assert seen[0][1] <= 3  # the first record came out after at most one batch (+ the next request) was read
+    assert seen[3][2] == {"error": "a bad line"}
+    assert pipe.last_summary["requests"] == 8 and pipe.last_summary["failed"] == 1
+    assert pipe.last_summary["batches"] == 4
+    listed = pipe.generate(reqs, batch_size=2, max_new_tokens=4, errors="return")
+    assert [r.get("token_ids") for _, _, r in seen] == [r.get("token_ids") for r in listed]
+    with pytest.raises(RequestError, match="field 'max_new_tokens'"):
+        Request("x", max_new_tokens=10**30)
+    with pytest.raises(GenerationError, match="seed must be an integer"):
+        list(pipe.stream([Request("x")], seed=2**63))
