@@ -1,0 +1,102 @@
+"""`glm41v plan`: compile the programs that would run on a Cloud TPU slice, with no TPU and no weights.
+
+    glm41v plan --tpu v5e-8 [--model DIR | --config 9b] generate [--batch B] [--max-context N] [--image WxH]...
+                [--dtype bfloat16] [--mesh data=D,fsdp=F,tensor=T] [--json]
+    glm41v plan --tpu v5p-64 train --config train/configs/v5p_pod.yaml [--step-time S] [--json]
+
+Exit codes: 0 fits, 1 does not fit (the compiler's figures and what would fit are printed), 2 bad input (one
+`error: ...` line: unknown TPU type, a mesh that does not use the slice's devices, a config that does not parse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+
+from .errors import Glm41vError, one_line
+from .plan import BUILTIN_CONFIGS, PlanError, format_report, model_config, parse_image_size, parse_tpu, plan_generate
+
+
+def _common(p: argparse.ArgumentParser, sub: bool, model_config_flag: str = "--config") -> None:
+    """Flags accepted before and after the subcommand (after it they only override when given)."""
+    d = (lambda v: argparse.SUPPRESS) if sub else (lambda v: v)
+    p.add_argument("--tpu", default=d(None), metavar="TYPE",
+                   help="Cloud TPU type: v5e-N (v5litepod-N), v6e-N (chips), v5p-N, v4-N (TensorCores)")
+    p.add_argument("--model", default=d(None), metavar="DIR",
+                   help="a checkpoint directory (or config.json): only its config.json is read")
+    p.add_argument(model_config_flag, dest="model_config", default=d(None), metavar="NAME",
+                   help=f"built-in model config instead of --model: {', '.join(BUILTIN_CONFIGS)} (default 9b)")
+    p.add_argument("--mesh", default=d(None), help="device mesh 'data=D,fsdp=F,tensor=T' (one axis may be -1); "
+                   "default: generate: tensor over as many devices as divide the heads (<= 8), fsdp over the rest, "
+                   "as `glm41v generate`; train: the config's mesh")
+    p.add_argument("--json", action="store_true", default=d(False), help="print one JSON object")
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("plan", help="will it fit on a TPU slice, and how fast can it be (compiles for the "
+                                           "TPU here, no TPU or weights needed)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p, sub=False)
+    sub = p.add_subparsers(dest="plan_kind", required=True)
+    g = sub.add_parser("generate", help="the Engine's prefill and decode programs")
+    _common(g, sub=True)
+    g.add_argument("--batch", type=int, default=1, help="rows decoded together (default 1)")
+    g.add_argument("--max-context", type=int, default=8192, help="KV-cache slots: prompt + new tokens (default 8192)")
+    g.add_argument("--max-new-tokens", type=int, default=1024,
+                   help="new tokens; the prompt fills the rest of --max-context (default 1024)")
+    g.add_argument("--image", action="append", default=[], metavar="WxH",
+                   help="an image of this size in pixels in the prompt (resized as the processor does; repeatable)")
+    g.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="weights and activations")
+    g.add_argument("--attention", choices=("auto", "xla", "pallas"), default="auto", help="attention backend")
+    g.add_argument("--chunk-size", type=int, default=16, help="decode steps per device call (default 16)")
+    t = sub.add_parser("train", help="the SFT train step of a training config")
+    _common(t, sub=True, model_config_flag="--model-config")
+    t.add_argument("--config", dest="train_config", required=True, metavar="YAML", help="the training config file")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set data.seq_len=8192 (repeatable)")
+    t.add_argument("--step-time", type=float, default=None, metavar="S",
+                   help="a measured step time in seconds: print the MFU it means")
+    t.add_argument("--no-flops-count", action="store_true",
+                   help="skip the unrolled 1- and 2-layer compiles that count the compiled FLOPs per layer")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    if not os.environ.get("JAX_PLATFORMS"):
+        # plan only compiles for the topology: the host runs on the CPU and never takes a local TPU (or its lock)
+        jax.config.update("jax_platforms", "cpu")
+    try:
+        if not args.tpu:
+            raise PlanError("--tpu is required, e.g. --tpu v5e-8")
+        if args.model and args.model_config:
+            raise PlanError("give --model DIR or a built-in config name (--config), not both")
+        tpu = parse_tpu(args.tpu)
+        cfg = model_config(args.model, args.model_config)
+        if args.plan_kind == "generate":
+            report = plan_generate(cfg, tpu, batch=args.batch, max_context=args.max_context,
+                                   max_new_tokens=args.max_new_tokens,
+                                   images=[parse_image_size(s) for s in args.image], dtype=args.dtype,
+                                   mesh=args.mesh, attention=args.attention, chunk_size=args.chunk_size)
+        else:
+            # The training modules need the train extra (pyyaml, grain): imported only for `plan train`.
+            from glm41v_train.config import load_config
+
+            from .plan import plan_train
+
+            tcfg = load_config(args.train_config, args.overrides)
+            report = plan_train(tcfg, cfg, tpu, mesh=args.mesh, step_time=args.step_time,
+                                count_flops=not args.no_flops_count)
+    except (Glm41vError, OSError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_report(report))
+    return 0 if report["fits"] else 1
