@@ -21,9 +21,25 @@ Backends (`impl`, also `RuntimeConfig.attention_impl`):
 * "cudnn"  GPU: `jax.nn.dot_product_attention(implementation="cudnn")` (cuDNN flash attention) with the same mask
            passed as a boolean (B, 1, T, S) `mask`; GQA natively (K < N heads). Needs bf16/fp16 inputs and
            head_dim % 8 == 0, <= 128 (256 on Hopper).
-* "auto"   per call, from static shapes/dtypes and `jax.default_backend()`: "pallas" on TPU for prefill with
-           head_dim % 128 == 0; "cudnn" on GPU for prefill with bf16/fp16, head_dim % 8 == 0 and <= 128, even T
-           and S; "xla" otherwise (CPU, decode, unsupported shapes).
+* "auto"   per call, from static shapes/dtypes and the *target platform* (`target_platform()`: the platform of
+           the devices of the mesh the program is traced for, `jax.set_mesh`; `jax.default_backend()` only when no
+           mesh is set): "pallas" on TPU for prefill with head_dim % 128 == 0; "cudnn" on GPU for prefill with
+           bf16/fp16, head_dim % 8 == 0 and <= 128, even T and S; "xla" otherwise (CPU, decode, unsupported shapes).
+
+Decode (T == 1) runs "xla" on every platform, by measurement: compiled for a v5e-8 (TPU compiler, BENCHMARKS.md
+"TPU decode efficiency"), XLA's decode attention reads the KV cache once (HBM bytes at the cache-read minimum), so
+no kernel can do better; JAX's paged/ragged decode kernels would also need a paged cache layout.
+
+Meshes: the kernels ("pallas", "cudnn") are custom calls that GSPMD cannot partition, so on a mesh of more than
+one device they run inside `jax.shard_map` (`shard_heads`): batch over the rules table's "batch" axes
+(data, fsdp), query heads over its "heads" axis (tensor), each where the size divides (else that dimension is
+whole on every shard). The KV heads follow the "kv_heads" rule; when they cannot be split that way (2 KV heads on
+tensor=4 or 8: the table replicates them, as it does the KV cache and k/v projections), every shard holds all KV
+heads and takes the slice its own query heads read (one KV head per shard for tensor a multiple of K). Chosen over
+repeating the KV heads up to the tensor degree: the replicated KV is already on every shard, the slice costs no
+communication and no copy of the cache, and each shard reads only the KV head it needs. The mesh comes from the
+trace context (`jax.sharding.get_abstract_mesh()`, set by `jax.set_mesh(mesh)`; the Engine and the train step set
+it when they compile), so the model code passes nothing.
 
 Fully masked query rows (padding queries): "xla" and "cudnn" return the mean of v over all S keys (uniform softmax
 over equal masked logits); "pallas" returns 0. Rows with at least one visible key agree across backends.
@@ -33,12 +49,16 @@ Axis legend: B batch, T query tokens, S key/value tokens, N query heads, K kv he
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from .config import ATTENTION_IMPLS
+from .sharding import logical_to_spec
 
 NEG_INF = -2.3819763e38  # a large finite negative: fully masked rows stay NaN-free
 
@@ -53,6 +73,21 @@ def check_impl(impl: str) -> str:
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl must be one of {', '.join(map(repr, ATTENTION_IMPLS))}; got {impl!r}")
     return impl
+
+
+def current_mesh() -> jax.sharding.AbstractMesh | None:
+    """The (abstract) mesh the program is being traced for (`jax.set_mesh`), or None when none is set."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
+def target_platform() -> str:
+    """The platform the traced program is compiled for: that of the context mesh's devices ("tpu" when compiling
+    for a TPU topology from a CPU host), else `jax.default_backend()`."""
+    mesh = current_mesh()
+    dev = None if mesh is None else getattr(mesh, "abstract_device", None)
+    platform = getattr(dev, "platform", None)
+    return str(platform) if platform else jax.default_backend()
 
 
 def attention(
@@ -71,32 +106,40 @@ def attention(
 ) -> jax.Array:
     """Grouped-query attention with segment ids: the one attention of both towers (see the module docstring).
 
-    `impl` in {"xla", "pallas", "cudnn", "auto"}; `interpret` (pallas only) overrides `PALLAS_INTERPRET`.
+    `impl` in {"xla", "pallas", "cudnn", "auto"}; `interpret` (pallas only) overrides `PALLAS_INTERPRET`. On a
+    context mesh of several devices the kernels run under `shard_heads`.
     """
     if causal and (q_positions is None or kv_positions is None):
         raise ValueError("causal attention needs q_positions and kv_positions")
-    kind = resolve_impl(check_impl(impl), q, k, v)
+    platform = target_platform()
+    kind = resolve_impl(check_impl(impl), q, k, v, platform)
     kw = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal, q_positions=q_positions,
               kv_positions=kv_positions, scale=scale)
     if kind == "pallas":
-        return pallas_attention(q, k, v, **kw, interpret=PALLAS_INTERPRET if interpret is None else interpret)
-    if kind == "cudnn":
-        return cudnn_attention(q, k, v, **kw)
-    return xla_attention(q, k, v, **kw)
+        fn = functools.partial(pallas_attention, interpret=PALLAS_INTERPRET if interpret is None else interpret)
+    elif kind == "cudnn":
+        fn = cudnn_attention
+    else:
+        return xla_attention(q, k, v, **kw)
+    mesh = current_mesh()
+    if mesh is not None and mesh.size > 1:
+        return shard_heads(fn, q, k, v, mesh=mesh, **kw)
+    return fn(q, k, v, **kw)
 
 
-def resolve_impl(impl: str, q: jax.Array, k: jax.Array, v: jax.Array) -> str:
-    """The backend one call runs on ("xla" | "pallas" | "cudnn"), from static shapes/dtypes and the backend."""
+def resolve_impl(impl: str, q: jax.Array, k: jax.Array, v: jax.Array, platform: str | None = None) -> str:
+    """The backend one call runs on ("xla" | "pallas" | "cudnn"), from static shapes/dtypes and the platform
+    (default: `target_platform()`)."""
     t, h = q.shape[1], q.shape[-1]
-    backend = jax.default_backend()
+    backend = target_platform() if platform is None else platform
     if impl == "xla":
         return "xla"
     if impl == "pallas":
         return "xla" if t == 1 else "pallas"  # decode: no kernel (see the module docstring)
     if impl == "cudnn":
         if backend != "gpu":
-            raise ValueError(f"attention impl 'cudnn' needs a GPU backend; jax.default_backend() is {backend!r} "
-                             "(use 'xla', or 'auto' to pick per backend)")
+            raise ValueError(f"attention impl 'cudnn' needs a GPU; the program is compiled for {backend!r} "
+                             "(use 'xla', or 'auto' to pick per platform)")
         bad = _cudnn_unsupported(q, k, v, strict=False)
         if bad:
             raise ValueError(f"attention impl 'cudnn' cannot run this call: {bad} (use 'xla' or 'auto')")
@@ -109,6 +152,64 @@ def resolve_impl(impl: str, q: jax.Array, k: jax.Array, v: jax.Array) -> str:
     if backend == "gpu" and not _cudnn_unsupported(q, k, v, strict=True):
         return "cudnn"
     return "xla"
+
+
+def _shards(mesh, axes) -> int:
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    n = 1
+    for a in axes:
+        n *= mesh.shape[a]
+    return n
+
+
+def shard_heads(fn: Callable[..., jax.Array], q: jax.Array, k: jax.Array, v: jax.Array, *,
+                mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None, q_segment_ids: jax.Array,
+                kv_segment_ids: jax.Array, causal: bool, q_positions: jax.Array | None = None,
+                kv_positions: jax.Array | None = None, scale: float | None = None) -> jax.Array:
+    """Run the attention `fn(q, k, v, **mask kwargs)` (a kernel GSPMD cannot partition) per device under
+    `jax.shard_map` over `mesh` (default: the context mesh): batch over the "batch" rule's axes, query heads over
+    the "heads" rule's axis, KV heads over the "kv_heads" rule's axis where that splits them in step with the
+    query heads, else whole on every shard and sliced to the heads this shard's queries read (module docstring).
+    """
+    mesh = current_mesh() if mesh is None else mesh
+    b, _, n, h = q.shape
+    kh = k.shape[2]
+    g = n // kh
+    qspec = logical_to_spec(("batch", "length", "heads", "head_dim"), q.shape, mesh)
+    kspec = logical_to_spec(("batch", "length", "kv_heads", "head_dim"), k.shape, mesh)
+    batch_ax, head_ax = qspec[0], qspec[2]
+    hs = _shards(mesh, head_ax)
+    n_loc = n // hs
+    kv_ax = kspec[2] if head_ax is not None and kspec[2] == head_ax else None  # KV split in step with q, or whole
+    select = head_ax is not None and kv_ax is None  # q heads split, KV heads whole: take this shard's KV heads
+    if kv_ax is not None and (kh // hs) * g != n_loc:
+        kv_ax, select = None, True
+    row = PartitionSpec(batch_ax, None)
+    args = {"q_segment_ids": q_segment_ids, "kv_segment_ids": kv_segment_ids}
+    if q_positions is not None:
+        args["q_positions"] = q_positions
+    if kv_positions is not None:
+        args["kv_positions"] = kv_positions
+    specs = (PartitionSpec(batch_ax, None, head_ax, None), PartitionSpec(batch_ax, None, kv_ax, None),
+             PartitionSpec(batch_ax, None, kv_ax, None), {name: row for name in args})
+
+    def local(q, k, v, args):
+        if select:
+            first = jax.lax.axis_index(head_ax) * n_loc  # this shard's first query head
+            if n_loc % g == 0:  # whole groups: n_loc // g consecutive KV heads
+                k, v = (jax.lax.dynamic_slice_in_dim(x, first // g, n_loc // g, axis=2) for x in (k, v))
+            elif g % n_loc == 0:  # part of one group: its one KV head
+                k, v = (jax.lax.dynamic_slice_in_dim(x, first // g, 1, axis=2) for x in (k, v))
+            else:  # groups straddle shards: one KV head per local query head
+                idx = (first + jnp.arange(n_loc)) // g
+                k, v = (jnp.take(x, idx, axis=2) for x in (k, v))
+        return fn(q, k, v, causal=causal, scale=h**-0.5 if scale is None else scale, **args)
+
+    with jax.named_scope("attention_shard_map"):
+        return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(batch_ax, None, head_ax, None),
+                             check_vma=False)(q, k, v, args)
 
 
 def _cudnn_unsupported(q: jax.Array, k: jax.Array, v: jax.Array, *, strict: bool) -> str:
@@ -146,7 +247,7 @@ def xla_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal, q_positions
     """
     kw = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal, q_positions=q_positions,
               kv_positions=kv_positions, scale=scale)
-    if q.shape[1] >= 32 and jax.default_backend() == "cpu":
+    if q.shape[1] >= 32 and target_platform() == "cpu":
         return blocked_attention(q, k, v, **kw)
     return dense_attention(q, k, v, **kw)
 
@@ -289,9 +390,9 @@ def pallas_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal, q_positi
     tile row with no visible key would divide by zero) and are returned as 0, which keeps the backward pass
     finite. Off-TPU it needs `interpret=True`.
     """
-    if not interpret and jax.default_backend() != "tpu":
-        raise ValueError(f"attention impl 'pallas' runs the TPU splash kernel; jax.default_backend() is "
-                         f"{jax.default_backend()!r}. Use 'xla'/'auto' here, or set "
+    if not interpret and target_platform() != "tpu":
+        raise ValueError(f"attention impl 'pallas' runs the TPU splash kernel; the program is compiled for "
+                         f"{target_platform()!r}. Use 'xla'/'auto' here, or set "
                          "glm41v_jax.attention.PALLAS_INTERPRET = True to run it in the (slow) Pallas interpreter")
     sa = _splash()
     b, t, n, h = q.shape
@@ -311,7 +412,11 @@ def pallas_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal, q_positi
     block_sizes = sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
                                 block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
     one = functools.partial(_splash_one, block_sizes=block_sizes, interpret=interpret)
-    with jax.named_scope("attention_splash"):
+    # A bf16 kernel multiplies at the MXU's native precision: a global "highest" matmul precision (fp32 contract
+    # precision) on bf16 operands is refused by Mosaic ("Bad lhs type"), and means nothing for bf16 inputs.
+    low = jnp.dtype(q.dtype).itemsize < 4
+    precision = jax.default_matmul_precision("default") if low else contextlib.nullcontext()
+    with jax.named_scope("attention_splash"), precision:
         out = jax.vmap(one)(qs, ks, vs, mask[:, None])  # (B, N, Tp, H)
     out = out.transpose(0, 2, 1, 3)[:, :t]
     return jnp.where(seen[:, :t, None, None], out, 0).astype(q.dtype)

@@ -45,10 +45,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import KERNEL_LAYOUTS, Glm4vConfig
+from .config import KERNEL_LAYOUTS, Glm4vConfig, backend_default
 from .errors import Glm41vError
 from .model import Glm4v, abstract_params, init_cache, prepare_inputs, to_kernel_layout
 from .sampling import SamplingParams, sample_tokens
+from .sharding import under_mesh
 
 log = logging.getLogger(__name__)
 
@@ -456,21 +457,38 @@ class Engine:
     `generate_batch` / `generate` serve requests; `warmup` compiles ahead of time; `num_compiles` counts the
     executables built so far. `max_context` caps prompt + new tokens (default and maximum: the model's
     max_position_embeddings, 65536 for GLM-4.1V); `memory_limit_bytes` caps the KV cache of one call (default: what
-    the device reports as free, when it reports it). `params` are in `cfg.runtime.kernel_layout` (checkpoints:
-    "in_out"); the engine keeps them in `kernel_layout`, by default "out_in", the faster decode layout, so
-    `engine.params` and `engine.cfg` describe that layout.
+    the device reports as free, when it reports it).
+
+    Kernel layout: `params` are in `cfg.runtime.kernel_layout` (checkpoints: "in_out"); the engine keeps them in
+    `kernel_layout`, by default the measured best of the platform it runs on (`config.BACKEND_TUNING`: "out_in"
+    on CPU, "in_out" on TPU/GPU), so `engine.params` and `engine.cfg` describe that layout.
+
+    Ownership (`donate=True`, the default): the engine takes the params. Every device array it replaces (a kernel
+    re-laid out, a leaf moved into its mesh sharding) is deleted from the caller's tree as soon as its replacement
+    exists, so the device holds one copy of the weights (transiently one kernel more); use `engine.params`
+    afterwards. Arrays it keeps as they are stay shared with the caller; host (NumPy) params are copied to the
+    device once and stay valid. `donate=False` leaves the caller's arrays valid (two copies of whatever is
+    replaced, while the caller keeps them).
+
+    Ahead-of-time compilation without weights: `Engine(None, cfg, mesh=...)` holds ShapeDtypeStructs instead of
+    arrays; `warmup(...)` then compiles the same prefill/decode programs for the mesh's devices (which this host
+    need not have, e.g. a TPU topology), listed by `programs()`. Every program is traced under its mesh
+    (`sharding.under_mesh`), so the attention kernels run under shard_map and "auto" follows the mesh's platform.
     """
 
     def __init__(self, params: Any, cfg: Glm4vConfig, *, mesh: jax.sharding.Mesh | None = None,
                  chunk_size: int = 16, prompt_bucket: Callable[[int], int] = bucket_length,
                  patch_bucket: Callable[[int], int] | None = vision_bucket, max_context: int | None = None,
-                 memory_limit_bytes: int | None = None, kernel_layout: str = "out_in") -> None:
+                 memory_limit_bytes: int | None = None, kernel_layout: str | None = None, donate: bool = True) -> None:
         if chunk_size < 1:
             raise GenerationError(f"chunk_size must be >= 1, got {chunk_size}")
         limit = cfg.text.max_position_embeddings
         if max_context is not None and not 1 <= max_context <= limit:
             raise GenerationError(f"max_context must be in [1, {limit}] (the model's max_position_embeddings), "
                                   f"got {max_context}")
+        self.platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+        if kernel_layout is None:
+            kernel_layout = backend_default(self.platform, "engine_kernel_layout")
         if kernel_layout not in KERNEL_LAYOUTS:
             raise GenerationError(f"kernel_layout must be 'in_out' or 'out_in', got {kernel_layout!r}")
         self.mesh = mesh
@@ -491,8 +509,9 @@ class Engine:
             self.params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                        nn.meta.unbox(abstract_params(self.cfg)), self.param_shardings)
         else:
-            # The decode layout (see layers.Dense): each kernel transposed once, here, straight into its sharding.
-            self.params, self.cfg = to_kernel_layout(params, cfg, kernel_layout, self.param_shardings)
+            # The decode layout (see layers.Dense): each kernel transposed once, here, straight into its sharding;
+            # with `donate` each replaced array of the caller's tree is freed at once (one copy on the device).
+            self.params, self.cfg = to_kernel_layout(params, cfg, kernel_layout, self.param_shardings, donate=donate)
             if mesh is None:
                 self.params = jax.device_put(self.params)
         self.model = Glm4v(self.cfg)
@@ -570,7 +589,8 @@ class Engine:
         exe = self._compiled.get(key)
         if exe is not None:
             return exe
-        fn = functools.partial({"prefill": _prefill, "decode": _decode}[kind], model=self.model, **statics)
+        fn = under_mesh(functools.partial({"prefill": _prefill, "decode": _decode}[kind], model=self.model,
+                                          **statics), self.mesh)
         t0 = time.perf_counter()
         if self.mesh is None:
             jitted = jax.jit(fn, donate_argnums=donate)
@@ -680,7 +700,8 @@ class Engine:
         pad_id = np.int32(self.cfg.text.pad_token_id)
         statics = dict(chunk=self.chunk_size, sampling=sampling.canonical())
         if dry:
-            shapes = jax.eval_shape(functools.partial(_prefill, model=self.model, **pstatics), *pargs)
+            shapes = jax.eval_shape(under_mesh(functools.partial(_prefill, model=self.model, **pstatics), self.mesh),
+                                    *pargs)
             dargs = (self.params, *shapes, scalars, eos_arr, pad_id)
             self._executable("decode", statics, dargs, donate=(1, 2))
             return []
@@ -841,14 +862,24 @@ _ENGINES: dict[tuple[int, Glm4vConfig], tuple[Any, Engine]] = {}
 
 
 def get_engine(params: Any, cfg: Glm4vConfig, **engine_kw: Any) -> Engine:
-    """The cached Engine for this params object and config (a few are kept)."""
+    """The cached Engine for this params object and config (a few are kept).
+
+    The functional API leaves the caller's params valid and never holds a second copy of them on the device:
+    device params are served in their own layout and sharding (the engine shares the arrays), host (NumPy) params
+    are copied to the device once, in the platform's layout (`config.BACKEND_TUNING`). For the platform's layout
+    with device params, build an `Engine` (it takes ownership of them).
+    """
     key = (id(params), cfg, tuple(sorted(engine_kw.items())))
     hit = _ENGINES.get(key)
     if hit is not None and hit[0] is params:
         return hit[1]
     if len(_ENGINES) >= 4:
         _ENGINES.pop(next(iter(_ENGINES)))
-    eng = Engine(params, cfg, **engine_kw)
+    kw = dict(engine_kw)
+    kw.setdefault("donate", False)
+    if "kernel_layout" not in kw and any(isinstance(x, jax.Array) for x in jax.tree.leaves(params)):
+        kw["kernel_layout"] = cfg.runtime.kernel_layout  # no re-layout: no second copy of device params
+    eng = Engine(params, cfg, **kw)
     _ENGINES[key] = (params, eng)
     return eng
 

@@ -274,18 +274,41 @@ def _layout_permutation(path: str, src: nn.LogicallyPartitioned, dst: nn.Logical
     return found.pop()
 
 
-def to_kernel_layout(params: Any, cfg: Glm4vConfig, layout: str, shardings: Any = None) -> tuple[Any, Glm4vConfig]:
+def _release(old: Any, new: Any) -> None:
+    """Delete the device array `old`, replaced by `new`, unless it is `new` or shares a buffer with it."""
+    if not isinstance(old, jax.Array) or old is new or old.is_deleted():
+        return
+    shards = lambda a: {s.data.unsafe_buffer_pointer() for s in a.addressable_shards}  # noqa: E731
+    if not isinstance(new, jax.Array) or not shards(old) & shards(new):
+        old.delete()
+
+
+def to_kernel_layout(params: Any, cfg: Glm4vConfig, layout: str, shardings: Any = None, *, donate: bool = False
+                     ) -> tuple[Any, Glm4vConfig]:
     """Re-store the text decoder's and lm_head's kernels in `layout` ("in_out" | "out_in", see layers.Dense).
 
     Returns (params, cfg with runtime.kernel_layout = layout). Host (NumPy) kernels are transposed as views and
-    copied once by `device_put`; device kernels are transposed on their device(s) one at a time, so the transient
-    extra memory is one kernel (plus the caller's own reference to the old tree); with
+    copied once by `device_put`; device kernels are transposed on their device(s) one at a time. With
     `shardings` (a tree for the new layout, e.g. `sharding.param_shardings(abstract_params(new_cfg), mesh)`)
     every leaf ends in its sharding. Converting back gives the original arrays bit for bit.
+
+    `donate=True` consumes the caller's tree: each device array that is replaced (transposed or moved to another
+    sharding) is deleted as soon as its replacement exists, so the device never holds a second copy of the weights
+    (transient extra memory: one kernel). Without it, the caller's arrays stay valid and, while the caller keeps
+    them, the replaced ones occupy the device twice.
     """
     dst_cfg = cfg.with_runtime(kernel_layout=layout)
     if layout == cfg.runtime.kernel_layout:
-        return (params if shardings is None else jax.device_put(params, shardings)), dst_cfg
+        if shardings is None:
+            return params, dst_cfg
+        leaves, treedef = jax.tree.flatten(params)
+        out = []
+        for x, sh in zip(leaves, jax.tree.leaves(shardings), strict=True):
+            y = jax.device_put(x, sh)
+            if donate:
+                _release(x, y)
+            out.append(y)
+        return jax.tree.unflatten(treedef, out), dst_cfg
     is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
     src_abs = jax.tree_util.tree_leaves_with_path(abstract_params(cfg), is_leaf=is_box)
     dst_abs = jax.tree.leaves(abstract_params(dst_cfg), is_leaf=is_box)
@@ -293,18 +316,22 @@ def to_kernel_layout(params: Any, cfg: Glm4vConfig, layout: str, shardings: Any 
     if len(leaves) != len(src_abs):
         raise ValueError(f"params have {len(leaves)} arrays; the config describes {len(src_abs)}")
     sh_leaves = [None] * len(leaves) if shardings is None else jax.tree.leaves(shardings)
+    for x, (path, s) in zip(leaves, src_abs, strict=True):  # every shape checked before any array is consumed
+        if np.shape(x) != s.value.shape:
+            raise ValueError(f"{jax.tree_util.keystr(path)}: shape {np.shape(x)}, the config's "
+                             f"{cfg.runtime.kernel_layout!r} layout expects {s.value.shape}")
     out = []
     for x, (path, s), d, sh in zip(leaves, src_abs, dst_abs, sh_leaves, strict=True):
-        name = jax.tree_util.keystr(path)
-        if np.shape(x) != s.value.shape:
-            raise ValueError(f"{name}: shape {np.shape(x)}, the config's {cfg.runtime.kernel_layout!r} layout "
-                             f"expects {s.value.shape}")
-        perm = _layout_permutation(name, s, d) if is_box(s) else None
+        perm = _layout_permutation(jax.tree_util.keystr(path), s, d) if is_box(s) else None
         if perm is None:
             y = x
         elif isinstance(x, np.ndarray):  # host params: a transposed view, copied once into place by device_put
             y = np.transpose(x, perm)
         else:
             y = _transpose(x, perm)
-        out.append(y if sh is None else jax.device_put(y, sh))
+        if sh is not None:
+            y = jax.device_put(y, sh)
+        if donate:
+            _release(x, y)
+        out.append(y)
     return jax.tree.unflatten(treedef, out), dst_cfg

@@ -136,3 +136,17 @@ def param_shardings(abstract_boxed: Any, mesh: Mesh, rules: Sequence[tuple[str, 
 
 def unbox(tree: Any) -> Any:
     return nn.meta.unbox(tree)
+
+
+def under_mesh(fn: Any, mesh: Mesh | None) -> Any:
+    """`fn` traced under `mesh` as the context mesh (`jax.sharding.use_abstract_mesh`), however it is later jitted,
+    lowered or compiled: what the attention kernels read to run under shard_map, and the platform "auto" choices
+    read (a TPU topology compiled from a CPU host). `mesh=None`: `fn` itself."""
+    if mesh is None:
+        return fn
+
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced

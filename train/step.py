@@ -55,10 +55,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from glm41v_jax.config import Glm4vConfig
+from glm41v_jax.config import ATTENTION_IMPLS, Glm4vConfig
 from glm41v_jax.layers import remat_policy as _check_remat
 from glm41v_jax.model import abstract_params
-from glm41v_jax.sharding import logical_to_spec, make_mesh, param_shardings, unbox
+from glm41v_jax.sharding import logical_to_spec, make_mesh, param_shardings, unbox, under_mesh
 from glm41v_jax.weights import stack_layers, unstack_layers
 
 from .loss import DEFAULT_CHUNK, label_count, loss_and_count
@@ -79,8 +79,15 @@ class StepConfig:
     # True: layers under nn.scan over stacked weights (compile time flat in depth: TPU pods). False: unrolled layers
     # with per-layer weights (faster on XLA:CPU, where a scan copies each layer's weights and gradients).
     scan_layers: bool = True
+    # Attention backend (glm41v_jax.attention): "auto" = the splash kernel on TPU (prefill-shaped training attention,
+    # head_dim 128), cuDNN on GPU, the XLA reference elsewhere; "pallas" / "cudnn" force the kernel (and fail on
+    # another platform); "xla" materialises (B, K, G, T, S) fp32 logits in every layer.
+    attention_impl: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {', '.join(ATTENTION_IMPLS)}; got "
+                             f"{self.attention_impl!r}")
         if self.accum_steps < 1:
             raise ValueError(f"accum_steps must be >= 1, got {self.accum_steps}")
         if self.remat_policy != "none":
@@ -96,7 +103,7 @@ class StepConfig:
 def train_config(cfg: Glm4vConfig, sc: StepConfig) -> Glm4vConfig:
     """The model config the step runs: scanned (or unrolled) layers, remat, compute dtype, fp32 master weights."""
     return cfg.with_runtime(scan_layers=sc.scan_layers, remat_policy=sc.remat_policy, dtype=sc.compute_dtype,
-                            param_dtype="float32")
+                            param_dtype="float32", attention_impl=sc.attention_impl)
 
 
 def stack_batches(batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -279,23 +286,37 @@ class TrainStep:
     def _key(self, batch) -> tuple:
         return jax.tree.structure(batch), tuple(np.shape(x) for x in jax.tree.leaves(batch))
 
-    def __call__(self, params: Any, opt_state: Any, batch: Mapping[str, Any]):
-        batch = dict(batch)
-        return self.jitted(batch)(params, opt_state, batch)
-
     def jitted(self, batch: Mapping[str, Any]) -> Any:
         """The jitted, sharded, donated step for this batch's shapes (cached): what `__call__` runs, and what
-        `glm41v plan` lowers with abstract params, optimizer state and batch (`.lower(...).compile()`)."""
+        `glm41v plan` lowers with abstract params, optimizer state and batch (`.lower(...).compile()`, or `compile`).
+        """
         batch = dict(batch)
         key = self._key(batch)
         fn = self._steps.get(key)
         if fn is None:
-            step = functools.partial(train_step, cfg=self.cfg, sc=self.sc, oc=self.oc, tx=self.tx)
+            # traced under the mesh: attention kernels run under shard_map over it (sharding.under_mesh)
+            step = under_mesh(functools.partial(train_step, cfg=self.cfg, sc=self.sc, oc=self.oc, tx=self.tx),
+                              self.mesh)
             metric_sh = self._replicated
             fn = jax.jit(step, in_shardings=(self.param_shardings, self.opt_shardings, self.batch_shardings(batch)),
                          out_shardings=(self.param_shardings, self.opt_shardings, metric_sh), donate_argnums=(0, 1))
             self._steps[key] = fn
         return fn
+
+    def compile(self, batch: Mapping[str, Any]) -> Any:
+        """Compile the step ahead of time from shapes only: `batch` may hold NumPy arrays or ShapeDtypeStructs;
+        params and optimizer state are abstract (no weights needed), so this also compiles for a mesh of devices
+        this host does not have (e.g. a TPU topology from `jax.experimental.topologies`)."""
+        batch = dict(batch)
+        sds = lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s)  # noqa: E731
+        params = jax.tree.map(sds, self.abstract_params, self.param_shardings)
+        opt = jax.tree.map(sds, jax.eval_shape(self.tx.init, self.abstract_params), self.opt_shardings)
+        batch = jax.tree.map(sds, batch, self.batch_shardings(batch))
+        return self.jitted(batch).lower(params, opt, batch).compile()
+
+    def __call__(self, params: Any, opt_state: Any, batch: Mapping[str, Any]):
+        batch = dict(batch)
+        return self.jitted(batch)(params, opt_state, batch)
 
     def grads(self, params: Any, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array, Any]:
         """(mean loss, label tokens, gradient tree with None at frozen leaves): the step's own gradient path."""
@@ -304,7 +325,7 @@ class TrainStep:
         fn = self._grads.get(key)
         if fn is None:
             trainable = trainable_mask(self.abstract_params, self.oc.freeze)
-            g = functools.partial(compute_grads, cfg=self.cfg, sc=self.sc, trainable=trainable)
+            g = under_mesh(functools.partial(compute_grads, cfg=self.cfg, sc=self.sc, trainable=trainable), self.mesh)
             fn = jax.jit(g, in_shardings=(self.param_shardings, self.batch_shardings(batch)))
             self._grads[key] = fn
         return fn(params, batch)
