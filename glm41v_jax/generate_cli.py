@@ -54,6 +54,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="HF checkpoint directory, converted directory or hub id (default: the embedded tiny "
                         "checkpoint with RANDOM weights)")
+    p.add_argument("--verify", action="store_true",
+                   help="before loading a converted directory, check every array against the checksums recorded at "
+                        "conversion (one extra read of the weights; see `glm41v verify`)")
     p.add_argument("--system", default=None, help="an optional system message")
     p.add_argument("--max-new-tokens", type=argtypes.positive_int, default=DEFAULT_MAX_NEW_TOKENS,
                    help=f"at most this many generated tokens per reply (default {DEFAULT_MAX_NEW_TOKENS})")
@@ -230,7 +233,8 @@ def load_pipeline(args: argparse.Namespace) -> tuple[Any, float, Any]:
     sampling: dict[str, Any] = {}
     pipe = Pipeline.load(args.model, dtype=args.dtype, mesh=None if mesh in (None, "none") else mesh,
                          chunk_size=args.chunk_size, max_context=getattr(args, "max_context", None),
-                         check_directory=lambda d: sampling.update(params=_sampling_from(args, d)))
+                         check_directory=lambda d: sampling.update(params=_sampling_from(args, d)),
+                         verify=bool(getattr(args, "verify", False)))  # passed on to loading.load
     return pipe, time.perf_counter() - t0, sampling["params"]
 
 

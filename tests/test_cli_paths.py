@@ -132,7 +132,8 @@ def test_missing_relative_paths_say_where_they_looked(workspace, run_cli, monkey
 def test_generate_readme_line_relative(workspace, converted, run_cli, monkeypatch):
     monkeypatch.chdir(workspace)
     rc, out, err = run_cli("generate", "--model", "./glm41v-9b", "--image", "cat.jpg", "--prompt",
-                           "What kind of animal is this?", "--dtype", "bfloat16", "--max-new-tokens", "2", "--json")
+                           "What kind of animal is this?", "--dtype", "bfloat16", "--max-new-tokens", "2", "--json",
+                           "--verify")
     assert rc == 0, err
     rec = json.loads(out.strip().splitlines()[-1])
     assert len(rec["token_ids"]) >= 1 and rec["prompt_token_ids"].count(151343) > 0  # the image's tokens
@@ -169,3 +170,21 @@ def test_loss_relative(workspace, converted, run_cli, monkeypatch):
     assert rc == 0, err
     rec = json.loads(out.strip().splitlines()[-1])
     assert np.isfinite(rec["loss"]) and rec["tokens"] > 0 and rec["samples"] > 0
+
+
+def test_generate_verify_refuses_a_bit_flip(workspace, converted, run_cli, monkeypatch, tmp_path):
+    shutil.copytree(converted, tmp_path / "flipped")
+    data = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "flipped" / "params") for f in fs
+            if os.path.basename(r) == "d"]
+    path = max(data, key=os.path.getsize)
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 1]))
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = run_cli("generate", "--model", "flipped", "--prompt", "hi", "--verify")
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("[")]
+    assert rc == 2 and out == "" and len(lines) == 1
+    assert lines[0].startswith(f"error: {tmp_path}/flipped: verification failed, 1 damaged: ")
+    assert "(checksum mismatch)" in lines[0]
