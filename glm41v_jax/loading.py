@@ -10,11 +10,18 @@ What is special here:
   * A converted directory (written by `glm41v convert`, see `glm41v_convert.hf_to_orbax`) is restored with Orbax
     directly into target shardings computed from `jax.eval_shape` (`abstract_params` + `param_shardings`); the
     shardings stored in the files are ignored. A converted directory without its completion marker is refused.
+  * Paths: every local path is made absolute (`~` expanded, relative to the current directory) by
+    `integrity.abs_path` before Orbax sees it (Orbax refuses relative paths, and used to make that look like a
+    checkpoint with every array missing).
+  * Damage: each load stats the params/ files recorded at conversion (a deleted or truncated file is named before
+    any read); a TensorStore read failure becomes one CheckpointError naming the checkpoint and the array;
+    `verify=True` / `verify_converted` compare every array with its CRC-32 recorded at conversion.
   * Without a mesh, arrays are placed on `jax.devices()[0]` (single-device jax arrays); `as_numpy=True` returns
     host NumPy arrays instead.
   * A hub id ("zai-org/GLM-4.1V-9B-Thinking") is fetched with `huggingface_hub.snapshot_download` (only *.json,
     *.safetensors, *.jinja and tokenizer files) when huggingface_hub is installed and the hub is reachable; offline
-    or without it, one CheckpointError says how to download the directory elsewhere and pass it instead.
+    or without it, one CheckpointError says that no such local directory exists, why the hub was not reached, and
+    how to download the directory elsewhere and pass it instead.
   * The returned tree is the canonical *unrolled* layout (`layers_0`, `blocks_3`, ...); with
     `scan_layers=True` in the runtime overrides it is stacked (`weights.stack_layers`) after loading.
 """

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import struct
+import sys
 
 import jax
 import numpy as np
@@ -265,3 +266,28 @@ def test_converted_dir_without_marker_refused(small_ckpt, tmp_path):
     os.remove(os.path.join(dst, loading.COMPLETE_MARKER))
     with pytest.raises(CheckpointError, match=r"conversion is incomplete \(no CONVERSION_COMPLETE marker\)"):
         loading.load(dst)
+
+
+def test_hub_shaped_missing_path_without_huggingface_hub(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if it were not installed
+    with pytest.raises(CheckpointError, match=rf"^models/glm \(looked for {tmp_path}/models/glm\): no such local "
+                                              r"directory; as a hub id it was not fetched because huggingface_hub is "
+                                              r"not installed"):
+        loading.load("models/glm")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: None, r"the model path is empty"),
+    (lambda p: p.write_text("x"), r"expected a checkpoint directory \(with config\.json\), got a file"),
+    (lambda p: p.symlink_to(p.parent / "gone"), r"no such directory \(a broken symbolic link\)"),
+    (lambda p: p.mkdir(), r"config\.json: config file not found"),
+    (lambda p: (p.mkdir(), (p / "config.json").write_bytes(b"\xff\xfe{")), r"config\.json: not valid JSON"),
+    (lambda p: (p.mkdir(), (p / "config.json").write_bytes(b"[" * 100000)), r"config\.json: not valid JSON"),
+])
+def test_hostile_model_paths(tmp_path, monkeypatch, make, message):
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "m"
+    make(target)
+    with pytest.raises((CheckpointError, ConfigError), match=message):
+        loading.load("" if "empty" in message else "m")
