@@ -132,7 +132,7 @@ def test_no_frame_count_in_header(vdir, vp):
     path = write_video(vdir / "clip.mkv", _pattern(37, 56, 56), 12)
     with av.open(path) as c:
         assert c.streams.video[0].frames == 0
-    assert video_mod._probe_video(av, path, 10**9).total_num_frames == 37
+    assert video_mod._probe_video(av, path, 10**9)[0].total_num_frames == 37
     _check_file_vs_reference(path, vp)
 
 
@@ -157,6 +157,43 @@ def test_header_count_wrong_two_passes(vdir, vp):
     frames, meta = _decode_all(cut)
     assert header == 90 and 10 < meta.total_num_frames < 90
     _check_file_vs_reference(cut, vp)
+
+
+@pytest.mark.parametrize("codec,gop,bframes", [("mpeg4", 12, 0), ("libx264", 10, 2), ("libx264", 25, 3)])
+def test_seeking_matches_front_to_back(vdir, monkeypatch, codec, gop, bframes):
+    """Sparse samples (40 s clip, max_duration 4 s: every 57th frame) seek to the keyframe before each one; the
+    frames equal a front-to-back decode, also with B-frames (decode order unlike presentation order)."""
+    path = str(vdir / f"seek {codec} {gop} {bframes}.mp4")
+    frames = _pattern(400, 56, 84)
+    with av.open(path, "w") as c:
+        s = c.add_stream(codec, rate=10)
+        s.width, s.height, s.pix_fmt = 84, 56, "yuv420p"
+        s.gop_size = gop
+        s.codec_context.max_b_frames = bframes
+        for f in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    vp = VideoProcessor(min_pixels=VMIN, max_pixels=VMAX, max_duration=4)
+    seeks = []
+    real = video_mod._decode_seeking
+
+    def spy(*a, **k):
+        real(*a, **k)
+        seeks.append(a[2].seeks(a[3].idx))
+
+    monkeypatch.setattr(video_mod, "_decode_seeking", spy)
+    got = vp(path)
+    assert seeks and sum(s for _, s in seeks[0]) >= 4, seeks  # the seek path ran to the end, seeking
+    monkeypatch.setattr(video_mod._Packets, "seek_plan", lambda *a: None)
+    seq = vp(path)
+    ref_frames, ref_meta = _decode_all(path)
+    ref = vp((ref_frames, ref_meta))
+    assert got["video_metadata"][0].frames_indices == ref["video_metadata"][0].frames_indices
+    assert got["video_metadata"][0].total_num_frames == 400
+    np.testing.assert_array_equal(got["pixel_values_videos"], seq["pixel_values_videos"])
+    np.testing.assert_array_equal(got["pixel_values_videos"], ref["pixel_values_videos"])
 
 
 def test_unsampled_file_is_bounded_by_budget(vdir):

@@ -12,10 +12,15 @@ What is special here (checked against transformers 5.23 `Glm4vVideoProcessor`):
   rounded to uint8); torchvision is not a dependency here, so frames are resized with PIL BICUBIC on uint8 like the
   image processor. Where no resize is needed the outputs are bit-identical; otherwise frames may differ by about
   one uint8 level (see tests/test_processing.py for the measured tolerance).
+* Files are decoded in memory bounded by the kept frames (`load_video`): indices come from the stream's metadata,
+  frames that are not kept are dropped as they are decoded, kept ones are resized at once. The result equals
+  decoding every frame and sampling afterwards (HF's indices and timestamps). Deviation: a display-matrix rotation
+  is applied (HF's PyAV reader ignores it). Budget: `VideoProcessor.max_frames`, `max_frame_pixels`.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -112,8 +117,8 @@ def load_video(
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise ProcessingError(f"video budget {name} must be a positive integer, got {v!r}")
     try:
-        meta = _probe_video(av, path, max_frame_pixels)
-        for _ in range(2):
+        meta, packets = _probe_video(av, path, max_frame_pixels)
+        for attempt in range(2):
             idx = None if sample is None else [int(i) for i in sample(meta)]
             want = meta.total_num_frames if idx is None else len(idx)
             if want > max_frames:
@@ -122,7 +127,8 @@ def load_video(
                 raise ProcessingError(f"{path!r}: negative frame index {min(idx)} to keep")
             if size is not None and meta.height and meta.width:  # early size/aspect check, from the header
                 size(want, meta.height, meta.width)
-            frames, n, hw = _decode(av, path, idx, want, size, resample, max_frames, max_frame_pixels)
+            plan = packets.seek_plan(idx, meta.total_num_frames) if idx and attempt == 0 else None
+            frames, n, hw = _decode(av, path, idx, want, size, resample, max_frames, max_frame_pixels, plan)
             if n == 0:
                 raise ProcessingError(f"{path!r}: video contains no decodable frames")
             exact = n == meta.total_num_frames
@@ -145,8 +151,9 @@ def _too_many_frames(path: str, n: int, limit: int, sampled: bool) -> str:
             "(raise VideoProcessor.max_frames, or lower fps / max_duration)")
 
 
-def _probe_video(av: Any, path: str, max_frame_pixels: int) -> VideoMetadata:
-    """Stream facts without decoding: fps, size, and the frame count (header, else counted demuxed packets)."""
+def _probe_video(av: Any, path: str, max_frame_pixels: int) -> tuple[VideoMetadata, _Packets]:
+    """Stream facts without decoding: fps, size, the frame count (header, else the demuxed packets) and the
+    packets' timestamps and keyframe flags (one demux pass: it reads the file but decodes nothing)."""
     with av.open(path) as container:
         fmt = container.format.name or ""
         if not container.streams.video:
@@ -157,12 +164,79 @@ def _probe_video(av: Any, path: str, max_frame_pixels: int) -> VideoMetadata:
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         w, h = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
         _check_frame_pixels(path, w, h, max_frame_pixels)
-        n = int(stream.frames or 0)
-        if n <= 0:
-            n = sum(1 for pkt in container.demux(stream) if pkt.size)
+        header = int(stream.frames or 0)
+        packets = _Packets()
+        for pkt in container.demux(stream):
+            if pkt.size:
+                packets.add(pkt.pts, bool(pkt.is_keyframe))
+    n = header if header > 0 else len(packets.pts)
     fps = float(rate) if rate else None
-    return VideoMetadata(total_num_frames=n, fps=fps, duration=(n / fps) if fps else None,
+    meta = VideoMetadata(total_num_frames=n, fps=fps, duration=(n / fps) if fps else None,
                          width=w or None, height=h or None)
+    return meta, packets
+
+
+# What one seek costs, in decoded frames (it flushes the decoder and repositions the demuxer). Measured on a 1080p
+# mpeg4 clip (benchmarks/video_memory.py): a plan of 120 seeks decoding ~570 frames took 4.5 s against 11.2 s for
+# the 1786 frames of a front-to-back pass, i.e. a seek costs about one frame; 2 leaves a margin.
+SEEK_COST = 2
+
+
+@dataclass
+class _Packets:
+    """Presentation timestamps and keyframe flags of a stream's packets, from the demux pass."""
+
+    pts: list[int | None] = field(default_factory=list)
+    keyframes: list[bool] = field(default_factory=list)
+
+    def add(self, pts: int | None, keyframe: bool) -> None:
+        self.pts.append(pts)
+        self.keyframes.append(keyframe)
+
+    def seek_plan(self, idx: list[int], total: int) -> _SeekPlan | None:
+        """A plan that seeks to keyframes when it costs under 80% of one front-to-back pass (`total` frames);
+        None when the timestamps cannot map frames to indices (missing, repeated, count unlike the header's)."""
+        if not idx or len(self.pts) != total or any(p is None for p in self.pts) or len(set(self.pts)) != total:
+            return None
+        order = sorted(self.pts)  # type: ignore[type-var]
+        index = {p: i for i, p in enumerate(order)}
+        keys = sorted(index[p] for p, k in zip(self.pts, self.keyframes, strict=True) if k)
+        if not keys or keys[0] != 0:
+            return None
+        plan = _SeekPlan(order, index, keys)
+        return plan if plan.cost(idx) < 0.8 * total else None
+
+
+@dataclass
+class _SeekPlan:
+    pts: list[int]  # frame index -> pts (presentation order)
+    index: dict[int, int]  # pts -> frame index
+    keys: list[int]  # frame indices of the keyframes
+
+    def keyframe_before(self, i: int) -> int:
+        return self.keys[bisect.bisect_right(self.keys, i) - 1]
+
+    def seeks(self, idx: list[int]) -> list[tuple[int, bool]]:
+        """(wanted frame, seek first?) in decoding order."""
+        out, cur = [], -1
+        for t in sorted(set(idx)):
+            k = self.keyframe_before(t)
+            seek = cur < 0 or k - cur > SEEK_COST
+            out.append((t, seek))
+            cur = t
+        return out
+
+    def cost(self, idx: list[int]) -> int:
+        """Frames decoded, plus SEEK_COST per seek."""
+        n, cur = 0, -1
+        for t, seek in self.seeks(idx):
+            n += (t - self.keyframe_before(t) + 1 + SEEK_COST) if seek else t - cur
+            cur = t
+        return n
+
+
+class _SeekMismatch(Exception):
+    """The decoder's frames after a seek do not match the demuxed timestamps: decode front to back instead."""
 
 
 def _check_frame_pixels(path: str, w: int, h: int, limit: int) -> None:
@@ -173,21 +247,59 @@ def _check_frame_pixels(path: str, w: int, h: int, limit: int) -> None:
         )
 
 
+class _Keeper:
+    """Collects the kept frames: RGB, rotated upright, resized at once into their slots of one output array."""
+
+    def __init__(self, path: str, idx: list[int] | None, num_kept: int, size: SizeFn | None, resample: int):
+        self.path, self.idx, self.num_kept, self.size, self.resample = path, idx, num_kept, size, resample
+        self.slots: dict[int, list[int]] = {}
+        for pos, i in enumerate(idx or ()):
+            self.slots.setdefault(i, []).append(pos)
+        self.out: np.ndarray | None = None
+        self.kept: list[np.ndarray] = []
+        self.hw: tuple[int, int] | None = None
+        self.target: tuple[int, int] | None = None
+
+    def keep(self, frame: Any, i: int) -> None:
+        arr = frame.to_ndarray(format="rgb24")
+        k = round((frame.rotation or 0) / 90) % 4
+        if k:
+            arr = np.ascontiguousarray(np.rot90(arr, k))
+        if self.hw is None:
+            self.hw = arr.shape[:2]
+            self.target = self.size(self.num_kept, *self.hw) if self.size is not None else self.hw
+        elif arr.shape[:2] != self.hw:
+            raise ProcessingError(
+                f"{self.path!r}: frames change size mid-stream ({self.hw[0]}x{self.hw[1]} then "
+                f"{arr.shape[0]}x{arr.shape[1]}), which is not supported"
+            )
+        arr = pil_resize(arr, *self.target, self.resample)
+        if self.idx is None:
+            self.kept.append(arr)
+            return
+        if self.out is None:
+            self.out = np.empty((len(self.idx), *arr.shape), np.uint8)
+        self.out[self.slots[i]] = arr
+
+
 def _decode(
     av: Any, path: str, idx: list[int] | None, num_kept: int, size: SizeFn | None, resample: int, max_frames: int,
-    max_frame_pixels: int,
+    max_frame_pixels: int, plan: _SeekPlan | None = None,
 ) -> tuple[np.ndarray | None, int, tuple[int, int]]:
-    """One front-to-back decode keeping the frames in `idx` (None: all) -> (kept frames, frames decoded, (H, W)).
+    """Decode keeping the frames in `idx` (None: all) -> (kept frames, frames in the video, (H, W)).
 
-    The frames are resized to `size(num_kept, H, W)`; kept frames are None when an index is past the last frame.
+    Front to back (every frame decoded, the unwanted ones dropped at once), or with `plan` by seeking to the
+    keyframe before each wanted frame when that skips enough frames (the count is then the plan's). The frames are
+    resized to `size(num_kept, H, W)`; kept frames are None when an index is past the last frame.
     """
-    slots: dict[int, list[int]] = {}
-    for pos, i in enumerate(idx or ()):
-        slots.setdefault(i, []).append(pos)
-    out: np.ndarray | None = None
-    kept: list[np.ndarray] = []
-    hw: tuple[int, int] | None = None
-    target: tuple[int, int] | None = None
+    if plan is not None and idx:
+        try:
+            keeper = _Keeper(path, idx, num_kept, size, resample)
+            _decode_seeking(av, path, plan, keeper, max_frame_pixels)
+            return keeper.out, len(plan.pts), keeper.hw or (0, 0)
+        except _SeekMismatch:
+            pass
+    keeper = _Keeper(path, idx, num_kept, size, resample)
     n = 0
     with av.open(path) as container:
         stream = container.streams.video[0]
@@ -198,34 +310,37 @@ def _decode(
             if idx is None:
                 if n > max_frames:
                     raise ProcessingError(_too_many_frames(path, n, max_frames, sampled=False))
-            elif i not in slots:
+            elif i not in keeper.slots:
                 continue
-            arr = frame.to_ndarray(format="rgb24")
-            k = round((frame.rotation or 0) / 90) % 4
-            if k:
-                arr = np.ascontiguousarray(np.rot90(arr, k))
-            if hw is None:
-                hw = arr.shape[:2]
-                target = size(num_kept, *hw) if size is not None else hw
-            elif arr.shape[:2] != hw:
-                raise ProcessingError(
-                    f"{path!r}: frames change size mid-stream ({hw[0]}x{hw[1]} then {arr.shape[0]}x{arr.shape[1]}), "
-                    "which is not supported"
-                )
-            arr = pil_resize(arr, *target, resample)
-            if idx is None:
-                kept.append(arr)
-                continue
-            if out is None:
-                out = np.empty((len(idx), *arr.shape), np.uint8)
-            out[slots[i]] = arr
-    if hw is None:
+            keeper.keep(frame, i)
+    if keeper.hw is None:
         return None, n, (0, 0)
     if idx is None:
-        return np.stack(kept), n, hw
+        return np.stack(keeper.kept), n, keeper.hw
     if n <= max(idx):  # the stream was shorter than its header said (the caller samples again), or a bad index
-        return None, n, hw
-    return out, n, hw
+        return None, n, keeper.hw
+    return keeper.out, n, keeper.hw
+
+
+def _decode_seeking(av: Any, path: str, plan: _SeekPlan, keeper: _Keeper, max_frame_pixels: int) -> None:
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        frames = None
+        for target, seek in plan.seeks(keeper.idx or []):
+            if seek or frames is None:
+                container.seek(plan.pts[plan.keyframe_before(target)], stream=stream, backward=True, any_frame=False)
+                frames = container.decode(stream)
+            frame = None
+            for frame in frames:
+                i = plan.index.get(frame.pts) if frame.pts is not None else None
+                if i is None:
+                    raise _SeekMismatch
+                _check_frame_pixels(path, frame.width, frame.height, max_frame_pixels)
+                if i >= target:
+                    break
+            if frame is None or plan.index.get(frame.pts) != target:
+                raise _SeekMismatch
+            keeper.keep(frame, target)
 
 
 def sample_frames(metadata: VideoMetadata, fps: float = 2, max_duration: float = 300) -> np.ndarray:
