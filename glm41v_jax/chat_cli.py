@@ -46,6 +46,7 @@ from typing import Any, TextIO
 
 from .errors import Glm41vError, one_line
 from .generate_cli import (
+    SIGPIPE_EXIT,
     CliError,
     StreamPrinter,
     _check_media,
@@ -53,6 +54,7 @@ from .generate_cli import (
     add_model_args,
     build_messages,
     guarded,
+    stdout_closed,
 )
 
 HELP = ("commands: /image PATH, /video PATH (attach to the next message), /reset, /history, /help, "
@@ -372,4 +374,6 @@ def _chat(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """The `chat` subcommand. Returns the process exit code."""
+    if stdout_closed():
+        return SIGPIPE_EXIT  # nothing can be written: stop before any work, as after a broken pipe
     return guarded(_chat, args)

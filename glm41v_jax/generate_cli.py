@@ -401,8 +401,6 @@ def _quiet_stdout() -> None:
 
 def guarded(fn: Any, args: argparse.Namespace) -> int:
     """Run a subcommand; an expected failure becomes one `error:` line on stderr and exit code 2."""
-    if sys.stdout is None or getattr(sys.stdout, "closed", False):
-        return SIGPIPE_EXIT  # started with stdout closed: nothing can be written, stop before any work
     try:
         return fn(args)
     except (Glm41vError, OSError, ValueError) as e:
@@ -418,6 +416,13 @@ def guarded(fn: Any, args: argparse.Namespace) -> int:
         return 130
 
 
+def stdout_closed() -> bool:
+    """Started with stdout closed (`>&-`): the results could not be written anywhere."""
+    return sys.stdout is None or bool(getattr(sys.stdout, "closed", False))
+
+
 def run(args: argparse.Namespace) -> int:
     """The `generate` subcommand. Returns the process exit code."""
+    if stdout_closed():
+        return SIGPIPE_EXIT  # nothing can be written: stop before any work, as after a broken pipe
     return guarded(_generate, args)

@@ -258,3 +258,16 @@ def test_a_bug_in_a_turn_keeps_its_traceback(chat, monkeypatch):
     monkeypatch.setattr(Engine, "generate", broken)
     with pytest.raises(KeyError, match="a bug"):
         chat(["hi"])
+
+
+def test_closed_stdout_ends_the_session_quietly(tiny_cache_dir, monkeypatch, capsys):
+    class BrokenPipe(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setenv("GLM41V_CACHE", tiny_cache_dir)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello.\n/history\nMore.\n"))
+    monkeypatch.setattr(sys, "stdout", BrokenPipe())
+    rc = main(["chat", "--max-new-tokens", "4"])
+    err = capsys.readouterr().err
+    assert rc == 141 and "Traceback" not in err and "error:" not in err
