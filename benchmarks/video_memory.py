@@ -4,8 +4,10 @@ Synthetic 1920x1080 clips of the given durations are written with PyAV (codec `-
 `--bitrate` 2 Mbit/s, `--fps` 30 frames per second): 60 distinct frames (a gradient with a moving bar, converted to
 yuv420p once) repeated, so the 10-minute clip is quick to write. Then, per clip, a subprocess runs
 
-* `new`: `VideoProcessor()(path)`: this package's loader (frame indices from the stream's metadata, one decode pass
-  that keeps only the sampled frames and resizes each one as it comes), then normalise and patchify;
+* `new`: `VideoProcessor()(path)`: this package's loader (frame indices from the stream's metadata, only the
+  sampled frames kept, each resized as it comes; it seeks to the keyframe before each sampled frame when the
+  samples are sparse enough, else decodes front to back), then normalise and patchify;
+* `seq`: the same with seeking switched off (always front to back), to measure what seeking brings;
 * `old`: the loader as it was before issue 10, re-implemented here (`load_video_decode_all`: decode every frame at
   full size to RGB, `np.stack`, and only then sample), followed by the same processor on the (frames, metadata)
   array path, which samples and resizes exactly as before. It runs under an address-space cap (`--old-cap-gb`,
@@ -32,8 +34,12 @@ import subprocess
 import sys
 import time
 
+import av
 import numpy as np
 from common import print_table
+
+from glm41v_jax.processing import VideoMetadata, VideoProcessor
+from glm41v_jax.processing import video as video_mod
 
 W, H = 1920, 1080
 N_DISTINCT = 60
@@ -41,8 +47,6 @@ N_DISTINCT = 60
 
 def write_clip(path: str, seconds: float, fps: int, codec: str, bitrate: int) -> int:
     """A 1080p clip of `seconds` at `fps` (N_DISTINCT distinct frames, repeated). Returns the frame count."""
-    import av
-
     yy, xx = np.mgrid[0:H, 0:W]
     base = []
     for k in range(N_DISTINCT):
@@ -72,10 +76,6 @@ def write_clip(path: str, seconds: float, fps: int, codec: str, bitrate: int) ->
 
 def load_video_decode_all(path: str):
     """The pre-issue-10 loader: every frame decoded to full-size RGB and stacked; sampling happens afterwards."""
-    import av
-
-    from glm41v_jax.processing import VideoMetadata
-
     frames = []
     with av.open(path) as container:
         stream = container.streams.video[0]
@@ -89,15 +89,15 @@ def load_video_decode_all(path: str):
 
 
 def child(mode: str, path: str) -> None:
-    from glm41v_jax.processing import VideoProcessor
-
     if mode == "floor":
         print(json.dumps({"seconds": 0.0}))
         return
+    if mode == "seq":
+        video_mod._Packets.seek_plan = lambda *a: None
     vp = VideoProcessor()
     t0 = time.perf_counter()
     try:
-        if mode == "new":
+        if mode in ("new", "seq"):
             out = vp(path)
         else:
             frames, meta = load_video_decode_all(path)
@@ -162,19 +162,25 @@ def main() -> None:
             new, new_rss, rc = run_child("new", path, None)
             if rc:
                 raise SystemExit(f"new loader failed on {path}: {new}")
+            seq, seq_rss, rc = run_child("seq", path, None)
+            if rc or seq["sha"] != new["sha"]:
+                raise SystemExit(f"front-to-back loader failed or differs on {path}: {seq}")
             if args.skip_old:
                 old, old_rss = {"error": "skipped"}, float("nan")
             else:
                 old, old_rss, _ = run_child("old", path, args.old_cap_gb)
             need = 2 * n * W * H * 3 / 2**30
-            if "error" in old:
+            if args.skip_old:
+                old_txt, old_s, same = "skipped", "-", "-"
+            elif "error" in old:
                 old_txt = f">= {old_rss:.2f} ({old['error']} at the {args.old_cap_gb:g} GiB cap; needs ~{need:.0f})"
                 old_s, same = "-", "-"
             else:
                 old_txt, old_s = f"{old_rss:.2f}", f"{old['seconds']:.1f}"
                 same = "yes" if old["sha"] == new["sha"] else "NO"
             rows.append(dict(secs=f"{secs:g}", n=n, mb=mb, kept=new["kept"], grid="x".join(map(str, new["grid"])),
-                             new_rss=new_rss, new_s=new["seconds"], old_rss=old_txt, old_s=old_s, same=same,
+                             new_rss=new_rss, new_s=new["seconds"], seq_rss=seq_rss, seq_s=seq["seconds"],
+                             old_rss=old_txt, old_s=old_s, same=same,
                              ratio=(f"{old_rss / new_rss:.1f}x" if "error" not in old else "-")))
     finally:
         if not args.keep:
@@ -183,6 +189,7 @@ def main() -> None:
           f"{args.bitrate / 1e6:g} Mbit/s at {args.fps} fps\n")
     print_table([("clip s", "{secs}"), ("frames", "{n}"), ("MB", "{mb:.1f}"), ("kept", "{kept}"),
                  ("grid t x h x w", "{grid}"), ("new peak RSS GiB", "{new_rss:.2f}"), ("new s", "{new_s:.1f}"),
+                 ("no-seek peak RSS GiB", "{seq_rss:.2f}"), ("no-seek s", "{seq_s:.1f}"),
                  ("old peak RSS GiB", "{old_rss}"), ("old s", "{old_s}"), ("old/new RSS", "{ratio}"),
                  ("same output", "{same}")], rows)
 

@@ -303,6 +303,40 @@ def test_extreme_aspect_fails_before_decoding(vdir, monkeypatch):
         VideoProcessor()(path)
 
 
+def _blank_video(path, w: int, h: int, codec: str) -> str:
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=2)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        if codec == "libx264":
+            s.options = {"preset": "ultrafast"}
+        f = av.VideoFrame(w, h, "yuv420p")
+        for plane in f.planes:
+            plane.update(bytes(plane.buffer_size))
+        for i in range(2):
+            f.pts = i
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_8k_video_decodes_and_larger_is_refused_from_the_header(tmp_path, monkeypatch):
+    """8K UHD (the default max_frame_pixels) decodes; 8200x4400 is refused before any frame is decoded."""
+    k8 = _blank_video(tmp_path / "8k.mp4", 7680, 4320, "mpeg4")
+    frames, meta = VideoProcessor(do_resize=False).load(k8)
+    assert frames.shape == (2, 4320, 7680, 3) and meta.frames_indices == [0, 1]
+    big = _blank_video(tmp_path / "huge.mp4", 8200, 4400, "libx264")
+
+    def no_decode(*a, **k):
+        raise AssertionError("decoded a video whose frame size is over the budget")
+
+    monkeypatch.setattr(video_mod, "_decode", no_decode)
+    with pytest.raises(ProcessingError, match=r"huge\.mp4.*8200x4400 = 36080000 pixels.*max_frame_pixels=33177600"):
+        VideoProcessor()(big)
+
+
 # ------------------------------------------------------------------------------------ hostile files
 def _audio_only(path) -> str:
     with wave.open(str(path), "wb") as f:

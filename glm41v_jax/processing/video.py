@@ -94,13 +94,15 @@ def load_video(
 
     * The frame count, fps and size come from the stream first (the container's frame count, else the number of
       demuxed packets: no decoding). `sample(metadata)` then gives the frame indices to keep (`None`: every frame,
-      `frames_indices` left None). The file is decoded once, front to back; a frame that is not kept is dropped as
-      soon as it is decoded, a kept one is converted to RGB and resized at once to `size(num_kept, height, width)`
-      (PIL, `resample`; `None`: no resize). Peak memory is the kept frames plus the decoder's few working frames.
-    * `total_num_frames` is the number of frames actually decoded. When the stream's own count was wrong, the
-      indices are sampled again from the true count and the file is decoded a second time, so the result is always
-      that of decoding every frame and sampling afterwards. fps is the stream's average rate (guessed rate as
-      fallback); duration = total_num_frames / fps.
+      `frames_indices` left None). The file is decoded front to back, a frame that is not kept being dropped as
+      soon as it is decoded; or, when the kept frames are sparse (long clips, short keyframe intervals) and the
+      demuxed timestamps map every frame to its index, by seeking to the keyframe before each kept frame
+      (`_SeekPlan`). A kept frame is converted to RGB and resized at once to `size(num_kept, height, width)` (PIL,
+      `resample`; `None`: no resize). Peak memory is the kept frames plus the decoder's few working frames.
+    * `total_num_frames` is the number of frames decoded front to back (when seeking: the number of packets, which
+      the header's count confirms). When the stream's own count was wrong, the indices are sampled again from the
+      true count and the file is decoded a second time, so the result is always that of decoding every frame and
+      sampling afterwards. fps is the stream's average rate (guessed rate as fallback); duration = frames / fps.
     * A display-matrix rotation (phone videos) is applied to every kept frame (by multiples of 90 degrees).
     * Budget: more than `max_frames` kept frames, or a frame over `max_frame_pixels` pixels (checked in the header
       before decoding and on every decoded frame), raise ProcessingError. So do a missing, corrupt, audio-only or
@@ -118,6 +120,8 @@ def load_video(
             raise ProcessingError(f"video budget {name} must be a positive integer, got {v!r}")
     try:
         meta, packets = _probe_video(av, path, max_frame_pixels)
+        if meta.total_num_frames <= 0:
+            raise ProcessingError(f"{path!r}: video contains no decodable frames (no video packets)")
         for attempt in range(2):
             idx = None if sample is None else [int(i) for i in sample(meta)]
             want = meta.total_num_frames if idx is None else len(idx)
@@ -138,8 +142,10 @@ def load_video(
                                  frames_indices=idx, width=hw[1], height=hw[0])
             if exact or (idx is None and size is None):
                 return frames, meta
-    except ProcessingError:
-        raise
+    except ProcessingError as e:
+        if path in str(e):
+            raise
+        raise ProcessingError(f"{path!r}: {e}") from e  # e.g. from `sample`: name the file
     except (av.FFmpegError, OSError, ValueError, EOFError, IndexError) as e:
         raise ProcessingError(f"{path!r}: not a readable video file: {' '.join(str(e).split())}") from e
     raise ProcessingError(f"{path!r}: the number of decodable frames changed between two decoding passes")
