@@ -8,7 +8,10 @@ converter does no arithmetic on bf16 -> bf16, so the values do not matter). The 
 the page cache (posix_fadvise DONTNEED) so the converter reads from disk.
 
 Then `python -m glm41v_convert.main SRC DST --no-progress` runs in a subprocess; its peak RSS comes from
-os.wait4's rusage (that child only), throughput = source bytes / wall time. Everything is deleted afterwards.
+os.wait4's rusage (that child only), throughput = source bytes / wall time. The converter's own time spent on the
+per-array CRC-32 (`checksum_seconds` in DST/glm41v_jax.json, measured around each zlib.crc32 call while the
+previous write is in flight) is reported against the conversion's wall time, and `glm41v verify DST` is timed in
+another subprocess. Everything is deleted afterwards.
 
     python benchmarks/convert_memory.py --layers 2 4 8 --workdir /tmp/convbench
 """
@@ -135,9 +138,18 @@ def main() -> None:
             if rc != 0:
                 raise SystemExit(f"converter failed with exit code {rc} for {layers} layers")
             out = du(os.path.join(dst, "params"))
+            with open(os.path.join(dst, "glm41v_jax.json")) as f:
+                crc_s = json.load(f)["checksum_seconds"]
+            t0 = time.perf_counter()
+            verify = subprocess.run([sys.executable, "-m", "glm41v_jax.cli", "verify", dst],
+                                    env=dict(os.environ, JAX_PLATFORMS="cpu"))
+            verify_s = time.perf_counter() - t0
+            if verify.returncode != 0:
+                raise SystemExit(f"glm41v verify failed with exit code {verify.returncode} for {layers} layers")
             rows.append(dict(text_layers=layers, vision_blocks=hf_cfg["vision_config"]["depth"], shards=n_shards,
                              source_gb=total / 1e9, output_gb=out / 1e9, write_s=t_write, convert_s=wall,
-                             gb_per_s=total / 1e9 / wall, peak_rss_gib=rss))
+                             gb_per_s=total / 1e9 / wall, peak_rss_gib=rss, checksum_s=crc_s,
+                             checksum_pct=100 * crc_s / wall, verify_s=verify_s))
             print(json.dumps(rows[-1]), flush=True)
         finally:
             shutil.rmtree(src, ignore_errors=True)
@@ -145,7 +157,8 @@ def main() -> None:
     print()
     print_table([("text layers", "{text_layers}"), ("vision blocks", "{vision_blocks}"), ("shards", "{shards}"),
                  ("source GB", "{source_gb:.2f}"), ("output GB", "{output_gb:.2f}"), ("convert s", "{convert_s:.1f}"),
-                 ("GB/s", "{gb_per_s:.2f}"), ("peak RSS GiB", "{peak_rss_gib:.2f}")], rows)
+                 ("GB/s", "{gb_per_s:.2f}"), ("peak RSS GiB", "{peak_rss_gib:.2f}"), ("CRC-32 s", "{checksum_s:.2f}"),
+                 ("CRC-32 % of convert", "{checksum_pct:.1f}"), ("verify s", "{verify_s:.1f}")], rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
