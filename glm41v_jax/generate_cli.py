@@ -292,7 +292,8 @@ def _generate(args: argparse.Namespace) -> int:
     lines = None
     if args.batch_file:
         if not os.path.isfile(args.batch_file):
-            raise CliError(f"batch file not found: {args.batch_file}")
+            what = "is a directory" if os.path.isdir(args.batch_file) else "not found"
+            raise CliError(f"batch file {what}: {args.batch_file}")
         lines = iter_batch_file(args.batch_file)
         first = next(lines, None)  # read before the model loads: an empty file is refused at once
         if first is None:

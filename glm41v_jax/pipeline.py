@@ -69,8 +69,9 @@ def _check_text(field: str, v: Any, *, required: bool) -> None:
 def _check_path(field: str, p: Any) -> None:
     if isinstance(p, os.PathLike):
         p = os.fspath(p)
-    if isinstance(p, str):
-        _check_text(field, p, required=True)
+    if isinstance(p, str):  # file names may hold lone surrogates (undecodable bytes, surrogateescape'd): allowed
+        if not p.strip():
+            raise RequestError(f"field {field!r}: expected a non-empty string")
         if "\0" in p:
             raise RequestError(f"field {field!r}: a file path holds a NUL character")
 
