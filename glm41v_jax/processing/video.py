@@ -20,7 +20,7 @@ What is special here (checked against transformers 5.23 `Glm4vVideoProcessor`):
 
 from __future__ import annotations
 
-import bisect
+import array
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -175,7 +175,7 @@ def _probe_video(av: Any, path: str, max_frame_pixels: int) -> tuple[VideoMetada
         for pkt in container.demux(stream):
             if pkt.size:
                 packets.add(pkt.pts, bool(pkt.is_keyframe))
-    n = header if header > 0 else len(packets.pts)
+    n = header if header > 0 else len(packets)
     fps = float(rate) if rate else None
     meta = VideoMetadata(total_num_frames=n, fps=fps, duration=(n / fps) if fps else None,
                          width=w or None, height=h or None)
@@ -188,39 +188,55 @@ def _probe_video(av: Any, path: str, max_frame_pixels: int) -> tuple[VideoMetada
 SEEK_COST = 2
 
 
-@dataclass
 class _Packets:
-    """Presentation timestamps and keyframe flags of a stream's packets, from the demux pass."""
+    """Presentation timestamps and keyframe flags of a stream's packets, from the demux pass: 9 bytes a packet
+    (arrays, not Python objects), so a file of millions of tiny packets stays small."""
 
-    pts: list[int | None] = field(default_factory=list)
-    keyframes: list[bool] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.pts = array.array("q")
+        self.keyframes = array.array("b")
+        self.complete = True  # every packet has a timestamp
 
     def add(self, pts: int | None, keyframe: bool) -> None:
+        if pts is None:
+            self.complete, pts = False, 0
         self.pts.append(pts)
         self.keyframes.append(keyframe)
+
+    def __len__(self) -> int:
+        return len(self.pts)
 
     def seek_plan(self, idx: list[int], total: int) -> _SeekPlan | None:
         """A plan that seeks to keyframes when it costs under 80% of one front-to-back pass (`total` frames);
         None when the timestamps cannot map frames to indices (missing, repeated, count unlike the header's)."""
-        if not idx or len(self.pts) != total or any(p is None for p in self.pts) or len(set(self.pts)) != total:
+        if not idx or not self.complete or len(self) != total or max(idx) >= total:
             return None
-        order = sorted(self.pts)  # type: ignore[type-var]
-        index = {p: i for i, p in enumerate(order)}
-        keys = sorted(index[p] for p, k in zip(self.pts, self.keyframes, strict=True) if k)
-        if not keys or keys[0] != 0:
+        pts = np.frombuffer(self.pts, np.int64)
+        order = np.argsort(pts, kind="stable")
+        ordered = pts[order]
+        if (np.diff(ordered) <= 0).any():
             return None
-        plan = _SeekPlan(order, index, keys)
+        keys = np.flatnonzero(np.frombuffer(self.keyframes, np.int8)[order])  # frame indices of the keyframes
+        if not len(keys) or keys[0] != 0:
+            return None
+        plan = _SeekPlan(ordered, keys)
         return plan if plan.cost(idx) < 0.8 * total else None
 
 
 @dataclass
 class _SeekPlan:
-    pts: list[int]  # frame index -> pts (presentation order)
-    index: dict[int, int]  # pts -> frame index
-    keys: list[int]  # frame indices of the keyframes
+    pts: np.ndarray  # frame index -> pts (presentation order, increasing)
+    keys: np.ndarray  # frame indices of the keyframes, increasing, keys[0] == 0
+
+    def index_of(self, pts: int | None) -> int | None:
+        """Frame index of a decoded frame's pts (None if it is not a demuxed packet's)."""
+        if pts is None:
+            return None
+        i = int(np.searchsorted(self.pts, pts))
+        return i if i < len(self.pts) and int(self.pts[i]) == pts else None
 
     def keyframe_before(self, i: int) -> int:
-        return self.keys[bisect.bisect_right(self.keys, i) - 1]
+        return int(self.keys[int(np.searchsorted(self.keys, i, side="right")) - 1])
 
     def seeks(self, idx: list[int]) -> list[tuple[int, bool]]:
         """(wanted frame, seek first?) in decoding order."""
@@ -334,17 +350,18 @@ def _decode_seeking(av: Any, path: str, plan: _SeekPlan, keeper: _Keeper, max_fr
         frames = None
         for target, seek in plan.seeks(keeper.idx or []):
             if seek or frames is None:
-                container.seek(plan.pts[plan.keyframe_before(target)], stream=stream, backward=True, any_frame=False)
+                pts = int(plan.pts[plan.keyframe_before(target)])
+                container.seek(pts, stream=stream, backward=True, any_frame=False)
                 frames = container.decode(stream)
             frame = None
             for frame in frames:
-                i = plan.index.get(frame.pts) if frame.pts is not None else None
+                i = plan.index_of(frame.pts)
                 if i is None:
                     raise _SeekMismatch
                 _check_frame_pixels(path, frame.width, frame.height, max_frame_pixels)
                 if i >= target:
                     break
-            if frame is None or plan.index.get(frame.pts) != target:
+            if frame is None or plan.index_of(frame.pts) != target:
                 raise _SeekMismatch
             keeper.keep(frame, target)
 
