@@ -369,6 +369,13 @@ def hostile_videos(d) -> dict[str, tuple[str, str]]:
     with open(head, "wb") as f:
         f.write(_read(good)[:48])
     out["truncated header"] = (head, r"head only\.mp4.*(not a readable video|no video stream|no decodable)")
+    data = bytearray(_read(good))  # the frames' data overwritten with zeros: every packet fails to decode
+    start, moov = data.find(b"mdat") + 4, data.find(b"moov")
+    data[start:moov - 4 if moov > start else len(data)] = bytes((moov - 4 if moov > start else len(data)) - start)
+    zeros = os.path.join(d, "zeroed.mp4")
+    with open(zeros, "wb") as f:
+        f.write(bytes(data))
+    out["undecodable packets"] = (zeros, r"zeroed\.mp4.*not a readable video")
     out["audio only"] = (_audio_only(os.path.join(d, "sound.wav")), r"sound\.wav.*no video stream")
     out["no frames"] = (_no_frames(os.path.join(d, "empty.mp4")), r"empty\.mp4.*no decodable frames")
     png = os.path.join(d, "photo.png")
