@@ -141,7 +141,8 @@ BASE = "model: tiny\noutput_dir: out\nsteps: 5\ndata: {jsonl: d.jsonl, seq_len: 
     (BASE + "stepz: 3\n", [], "stepz", "unknown key"),
     (BASE, ["data.seq_lenn=3"], "data.seq_lenn", "unknown key"),
     (BASE, ["data.seq_len=abc"], "data.seq_len", "expected an integer"),
-    (BASE, ["data.seq_len=-4"], "data.seq_len", "positive integer"),
+    (BASE, ["data.seq_len=-4"], "data.seq_len", "expected an integer in [0, "),
+    (BASE, ["data.seq_len=0"], "data.seq_len", "positive integer"),
     (BASE, ["optim.peak_lr=fast"], "optim.peak_lr", "expected a number"),
     (BASE, ["optim.freeze=[visionn]"], "optim.freeze", "unknown group"),
     (BASE, ["step.accum_steps=0"], "step.accum_steps", ">= 1"),
@@ -341,17 +342,24 @@ def test_cpu_smoke_end_to_end(smoke, run_cli):
 
 
 @pytest.mark.slow
-def test_kill9_after_checkpoint_then_resume_is_identical(smoke, tmp_path, tiny_cache_dir, jit_cache):
+def test_kill9_after_checkpoint_then_resume_is_identical(smoke, tmp_path, tiny_cache_dir, jit_cache, run_cli):
     ref, out, argv, env = _fault_run(smoke, tmp_path, tiny_cache_dir, jit_cache)
     p = _start(argv, out + ".1.log", env)
     _wait_for(lambda: 2 in _committed(out) and _last_step(out) >= 3, p, "checkpoint 2 and step 3")
+    # a second run on the same output_dir while the first is alive is refused, naming it; nothing is touched
+    rc, _, err = run_cli(*argv)
+    assert rc == 2 and "in use by another training run" in err and f"pid {p.pid}" in err, err
+    assert "Traceback" not in err and p.poll() is None
+    first = p.pid
     p.send_signal(signal.SIGKILL)
     assert _finish(p) == -signal.SIGKILL
     restored = _committed(out)[-1]
     assert restored < 8 and _last_step(out) < 8
     p = _start(argv, out + ".2.log", env)
     assert _finish(p) == 0, _tail(out + ".2.log")
-    assert f"resumed from {out}/checkpoints/{restored} at step {restored}" in _tail(out + ".2.log", 100000)
+    log = _tail(out + ".2.log", 100000)
+    assert f"resumed from {out}/checkpoints/{restored} at step {restored}" in log
+    assert "took over the lock of a run that ended without releasing it" in log and f"pid {first}" in log
     got = _losses(out)
     assert sorted(got) == list(range(1, 9))
     assert got == ref  # bit for bit: params, optimizer state and data order all resumed exactly

@@ -14,7 +14,8 @@ The data names below are loaded on first use, so that modules which do not read 
 import importlib
 
 _LAZY = {
-    "ConversationEncoder": "data", "DataConfig": "data", "DataError": "data", "JsonlSource": "data",
+    "ConversationEncoder": "data", "DataConfig": "data", "DataConfigError": "data", "DataError": "data",
+    "JsonlSource": "data",
     "SKIP_REASONS": "data", "SftIterator": "data", "make_dataset": "data", "make_iterator": "data",
     "FirstFitPacker": "packing", "PackedBatchDataset": "packing", "assemble_batch": "packing",
 }

@@ -22,9 +22,13 @@ temporary directory, then process 0 writes the side files and the marker and ren
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import re
 import shutil
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,6 +43,46 @@ ITEMS = ("state", "data", "meta")
 
 class CheckpointCorruptError(CheckpointError):
     """A training checkpoint exists but cannot be restored; the message names its directory."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, quota, permissions); the earlier checkpoints are intact."""
+
+
+# Failures of the storage while writing: OSErrors, and the status codes TensorStore (which writes the arrays) puts in
+# its ValueErrors. Anything else raised by a save is a bug and keeps its traceback.
+_STORAGE_STATUS = re.compile(r"RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNAVAILABLE|DATA_LOSS|No space left|quota",
+                             re.IGNORECASE)
+
+
+def _storage_failure(e: BaseException) -> bool:
+    return isinstance(e, OSError) or (isinstance(e, ValueError) and bool(_STORAGE_STATUS.search(str(e))))
+
+
+class _QuietOrbaxErrors(logging.Filter):
+    """Drops orbax's own tracebacks of a storage failure (logged from its writer threads): the failure reaches the
+    loop as an exception and is reported once, as one line naming the checkpoint."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and _storage_failure(exc))
+
+
+def _drop_closed_loop_errors() -> None:
+    """After a failed restore, orbax has closed its event loop while TensorStore still completes the reads it had
+    in flight; each completion then reports "Event loop is closed" through sys.unraisablehook. Those reads belong
+    to the restore that already failed (and is reported as one line): drop just these reports."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_glm41v_drops_closed_loop", False):
+        return
+
+    def hook(u) -> None:
+        if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+            return
+        previous(u)
+
+    hook._glm41v_drops_closed_loop = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 class DataState:
@@ -75,10 +119,21 @@ class TrainCheckpointer:
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep_last, enable_async_checkpointing=async_save,
                                                create=True, cleanup_tmp_directories=True)
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": gc.CheckpointHandler(),
-                           "meta": ocp.JsonCheckpointHandler()})
+        self._quiet = _QuietOrbaxErrors()
+        logging.getLogger("absl").addFilter(self._quiet)
+        self._writing: int | None = None  # the step of the save in flight
+        self._failed = False
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options,
+                item_handlers={"state": ocp.StandardCheckpointHandler(), "data": gc.CheckpointHandler(),
+                               "meta": ocp.JsonCheckpointHandler()})
+        except Exception as e:
+            logging.getLogger("absl").removeFilter(self._quiet)
+            if _storage_failure(e):
+                raise CheckpointWriteError(f"checkpoint directory {self.directory} cannot be opened "
+                                           f"({_one_line(e)})") from None
+            raise
 
     def path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
@@ -98,13 +153,40 @@ class TrainCheckpointer:
                  "rng": np.asarray(rng, np.uint32)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=gc.CheckpointSave(DataState(data_state)),
                                   meta=ocp.args.JsonSave(dict(meta, step=int(step))))
-        self.manager.save(step, args=args, force=True)
+        previous, self._writing = self._writing, step
+        with self._writes(previous):  # the previous save's failure surfaces here, or this one's
+            self.manager.save(step, args=args, force=True)
+
+    @contextlib.contextmanager
+    def _writes(self, previous: int | None = None):
+        """Storage failures of a save (this one or the one in flight) -> CheckpointWriteError, one line."""
+        try:
+            yield
+        except Exception as e:
+            if not _storage_failure(e):
+                raise
+            self._failed = True
+            committed = self._committed()
+            failed = [s for s in (previous, self._writing) if s is not None and s not in committed]
+            step = min(failed) if failed else self._writing
+            steps = [s for s in committed if s != step]
+            kept = (f"the last complete checkpoint is {self.path(steps[-1])}" if steps
+                    else "there is no complete checkpoint yet")
+            what = f"checkpoint {self.path(step)}" if step is not None else f"a checkpoint in {self.directory}"
+            raise CheckpointWriteError(f"{what} could not be written ({_one_line(e)}); {kept}, and the run stopped. "
+                                       "Free space (or fix the storage) and rerun the same command to resume") from None
+
+    def _committed(self) -> list[int]:
+        with contextlib.suppress(OSError):
+            return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+        return []
 
     def read_meta(self, step: int) -> dict[str, Any]:
         path = os.path.join(self.path(step), "meta")
         try:
             meta = self.manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # noqa: BLE001  (any failure to read it: one clear error)
+            _drop_closed_loop_errors()
             raise CheckpointCorruptError(f"checkpoint {self.path(step)}: its metadata ({path}) cannot be read "
                                          f"({_one_line(e)}); the checkpoint is corrupt or incomplete. Remove it to "
                                          "resume from the previous one, or set resume_step") from None
@@ -130,6 +212,7 @@ class TrainCheckpointer:
             out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                      data=gc.CheckpointRestore(DataState())))
         except Exception as e:  # noqa: BLE001  (any failure to read it: one clear error)
+            _drop_closed_loop_errors()
             raise CheckpointCorruptError(f"checkpoint {self.path(step)} cannot be restored ({_one_line(e)}); it is "
                                          "corrupt, incomplete or from a different model/optimizer. Remove it to "
                                          "resume from the previous one, or set resume_step") from None
@@ -140,11 +223,25 @@ class TrainCheckpointer:
                 "rng": np.asarray(state["rng"], np.uint32), "data_state": out["data"].state, "meta": meta}
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._writes():
+            self.manager.wait_until_finished()
+        self._writing = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Finish the save in flight and release the manager. After a failure already reported (the run is ending
+        with that error), a second report of it is dropped."""
+        try:
+            if self._failed:
+                with contextlib.suppress(Exception):
+                    self.manager.wait_until_finished()
+                with contextlib.suppress(Exception):
+                    self.manager.close()
+            else:
+                self.wait()
+                with self._writes():
+                    self.manager.close()
+        finally:
+            logging.getLogger("absl").removeFilter(self._quiet)
 
 
 # ---------------------------------------------------------------------------------------------------------------

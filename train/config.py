@@ -18,6 +18,7 @@ Every key is checked: an unknown key, a value of the wrong type, or a value the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -33,6 +34,7 @@ from .optim import OptimConfig
 from .step import StepConfig
 
 RESUME = ("auto", "required", "never")
+INT_MAX = 2**31 - 1  # every integer field is a count, a size or a seed in [0, INT_MAX] (the step counters are int32)
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 FINAL_DTYPES = ("bfloat16", "float32")
 
@@ -83,6 +85,8 @@ class TrainConfig:
     tensorboard: bool = True  # TensorBoard event files in output_dir/tensorboard (needs tensorboardX)
     log_samples: bool = False  # each host appends the fingerprints of the samples it read to samples.host<i>.jsonl
     progress: bool = True  # tqdm progress bar on process 0
+    nonfinite_patience: int = 0  # consecutive steps with a non-finite loss or gradient norm that are skipped (their
+    #                              update not applied) before the run stops with an error; 0: stop at the first
 
     def __post_init__(self) -> None:
         for k in ("steps", "log_every", "save_every", "keep_last"):
@@ -120,6 +124,10 @@ class TrainConfig:
 # Building dataclasses from plain dicts, with typed checks.
 
 
+class _WrongType(TrainConfigError):
+    """A value of the wrong type (a union tries its next type); any other TrainConfigError is a bad value."""
+
+
 def _data_config_cls():
     from .data import DataConfig
 
@@ -149,35 +157,51 @@ def _check(value: Any, tp: Any, where: str) -> Any:
                 continue
             try:
                 return _check(value, a, where)
-            except TrainConfigError as e:
+            except _WrongType as e:
                 errors.append(str(e).split(": ", 1)[1])
+            except TrainConfigError:  # the right type, a bad value (a NaN, a NUL): that message
+                raise
         names = " or ".join(_type_name(a) for a in args if a is not type(None))
         raise TrainConfigError(f"{where}: expected {names}, got {_describe(value)}")
     if origin is tuple:
         args = typing.get_args(tp)
         if isinstance(value, str) or not isinstance(value, Sequence):
-            raise TrainConfigError(f"{where}: expected a list, got {_describe(value)}")
+            raise _WrongType(f"{where}: expected a list, got {_describe(value)}")
         item = args[0] if args else Any
         return tuple(_check(v, item, f"{where}[{i}]") for i, v in enumerate(value))
     if tp is Any:
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise TrainConfigError(f"{where}: expected true or false, got {_describe(value)}")
+            raise _WrongType(f"{where}: expected true or false, got {_describe(value)}")
         return value
+    # One rule per type, for every field of every section (the sections' own checks add the ranges that depend on
+    # the field): integers are counts, sizes or seeds in [0, INT_MAX]; numbers are finite; strings hold no NUL.
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TrainConfigError(f"{where}: expected an integer, got {_describe(value)}")
+            raise _WrongType(f"{where}: expected an integer, got {_describe(value)}")
+        if not 0 <= value <= INT_MAX:
+            raise TrainConfigError(f"{where}: expected an integer in [0, {INT_MAX}], got {value}")
         return value
     if tp is float:
         if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
             value = float(value)  # YAML 1.1 (PyYAML) reads 1e-5 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TrainConfigError(f"{where}: expected a number, got {_describe(value)}")
-        return float(value)
+            raise _WrongType(f"{where}: expected a number, got {_describe(value)}")
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond the float range
+            value = math.inf
+        if not math.isfinite(value):
+            raise TrainConfigError(f"{where}: expected a finite number, got {value}")
+        return value
     if tp is str:
         if not isinstance(value, str):
-            raise TrainConfigError(f"{where}: expected a string, got {_describe(value)}")
+            raise _WrongType(f"{where}: expected a string, got {_describe(value)}")
+        if not value.strip():
+            raise TrainConfigError(f"{where}: expected a non-empty string, got {value!r}")
+        if "\x00" in value:
+            raise TrainConfigError(f"{where}: the string holds a NUL character")
         return value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
@@ -245,7 +269,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             raise TrainConfigError(f"--set {item!r}: bad key {key!r}")
         try:
             value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, RecursionError) as e:
             raise TrainConfigError(f"--set {key}: the value is not valid YAML ({' '.join(str(e).split())})") from None
         node = out
         for i, p in enumerate(parts[:-1]):
@@ -275,13 +299,21 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     raw: Any = {}
     if path is not None:
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise TrainConfigError(f"{path}: the config is a directory, expected a YAML file")
         if not os.path.isfile(path):
             raise TrainConfigError(f"{path}: config file not found")
-        with open(path, encoding="utf-8") as f:
-            try:
-                raw = yaml.safe_load(f)
-            except yaml.YAMLError as e:
-                raise TrainConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TrainConfigError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+        try:
+            raw = yaml.safe_load(text)
+        except (yaml.YAMLError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())
+            raise TrainConfigError(f"{path}: not valid YAML ({why})") from None
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):

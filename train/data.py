@@ -51,6 +51,7 @@ import json
 import logging
 import os
 import re
+import reprlib
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
@@ -75,6 +76,27 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 SKIP_REASONS = ("malformed_json", "bad_record", "no_assistant", "path_escape", "missing_media", "media_error",
                 "too_long", "too_many_patches", "no_labels")
 _THINK_RE = re.compile(re.escape(THINK_OPEN) + r".*?(?:" + re.escape(THINK_CLOSE) + r"|\Z)", re.S)
+
+
+MAX_RECORD_BYTES = 64 << 20  # a JSONL line longer than this is a bad record, not read (media are separate files)
+# What a record can raise, besides DataError, that only says "this record is bad": nesting deeper than Python's
+# recursion limit (json.loads, repr), text that is not valid Unicode (bytes that are not UTF-8, lone surrogates from
+# JSON escapes, which the tokenizer cannot encode). They are caught in one place, `ConversationEncoder.__call__`, and
+# go through the `on_error` policy. Anything else is a configuration problem or a bug, and raises.
+RECORD_ERRORS = (RecursionError, UnicodeError)
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 3, 60, 60, 4, 4
+
+
+def _short(value: Any) -> str:
+    """A bounded repr of a record value for messages (depth and length capped: never recurses into a hostile
+    nesting, never builds a huge string)."""
+    return _REPR.repr(value)
+
+
+class DataConfigError(Glm41vError, ValueError):
+    """A data configuration problem (not a bad record): an empty file or shard, a bad `max_patches`, a chat
+    template that cannot be split by turn. Always raised, whatever `on_error` says."""
 
 
 class DataError(Glm41vError, ValueError):
@@ -176,8 +198,12 @@ class JsonlSource:
                 fd = self._fds.get(fi)
                 if fd is None:
                     fd = self._fds[fi] = os.open(self._paths[fi], os.O_RDONLY)
+        where = f"{self._paths[fi]}:{int(self._line[index])}"
+        if int(self._length[index]) > MAX_RECORD_BYTES:
+            return {"where": where, "error": f"the line is {int(self._length[index])} bytes long, over the "
+                                             f"{MAX_RECORD_BYTES >> 20} MiB limit of a record", "root": self._roots[fi]}
         data = os.pread(fd, int(self._length[index]), int(self._offset[index]))
-        return {"where": f"{self._paths[fi]}:{int(self._line[index])}", "data": data, "root": self._roots[fi]}
+        return {"where": where, "data": data, "root": self._roots[fi]}
 
     def __getstate__(self) -> dict[str, Any]:  # file descriptors and locks do not cross processes
         return {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_lock")}
@@ -219,7 +245,7 @@ def _text_of(content: Any, role: str, where: str) -> str:
             elif isinstance(item, Mapping) and item.get("type", "text") == "text" and isinstance(item.get("text"), str):
                 parts.append(item["text"])
             else:
-                raise DataError("bad_record", where, f"{role} content may only hold text items, got {item!r:.80}")
+                raise DataError("bad_record", where, f"{role} content may only hold text items, got {_short(item)}")
         return "".join(parts)
     raise DataError("bad_record", where, f"{role} content must be a string or a list, got {type(content).__name__}")
 
@@ -227,17 +253,19 @@ def _text_of(content: Any, role: str, where: str) -> str:
 def _resolve_media(value: Any, kind: str, root: str, media: Mapping[str, bytes] | None, where: str):
     """A media path -> ("file", absolute path) or ("blob", name of an embedded file)."""
     if not isinstance(value, str) or not value:
-        raise DataError("bad_record", where, f"{kind} item must give a relative file path, got {value!r:.80}")
+        raise DataError("bad_record", where, f"{kind} item must give a relative file path, got {_short(value)}")
     if "://" in value:
-        raise DataError("bad_record", where, f"{kind} {value!r}: URLs are not supported, give a relative file path")
+        raise DataError("bad_record", where, f"{kind} {_short(value)}: URLs are not supported, give a relative "
+                                             "file path")
     rel = os.path.normpath(value)
     if os.path.isabs(value) or rel == os.pardir or rel.startswith(os.pardir + os.sep):
-        raise DataError("path_escape", where, f"{kind} path {value!r} escapes the dataset root {root or '(none)'}")
+        raise DataError("path_escape", where, f"{kind} path {_short(value)} escapes the dataset root "
+                                              f"{root or '(none)'}")
     if media is not None and rel in media:
         return "blob", rel
     if not root:
-        raise DataError("missing_media", where, f"{kind} {value!r} is not embedded in the record and no media_root "
-                                                "is set")
+        raise DataError("missing_media", where, f"{kind} {_short(value)} is not embedded in the record and no "
+                                                "media_root is set")
     path = os.path.join(root, rel)
     if not os.path.isfile(path):
         raise DataError("missing_media", where, f"{kind} file not found: {path}")
@@ -252,7 +280,8 @@ def _normalize(messages: Any, root: str, media: Mapping[str, bytes] | None, wher
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or m.get("role") not in ROLES:
             role = m.get("role") if isinstance(m, Mapping) else m
-            raise DataError("bad_record", where, f"turn {i}: role must be one of {', '.join(ROLES)}, got {role!r:.80}")
+            raise DataError("bad_record", where, f"turn {i}: role must be one of {', '.join(ROLES)}, "
+                                                 f"got {_short(role)}")
         role, content = m["role"], m.get("content")
         if role != "user" or isinstance(content, str):
             text = content if isinstance(content, str) else _text_of(content, role, where)
@@ -265,7 +294,7 @@ def _normalize(messages: Any, root: str, media: Mapping[str, bytes] | None, wher
         items = []
         for item in content:
             if not isinstance(item, Mapping):
-                raise DataError("bad_record", where, f"turn {i}: content items must be objects, got {item!r:.80}")
+                raise DataError("bad_record", where, f"turn {i}: content items must be objects, got {_short(item)}")
             kind = "video" if item.get("type") == "video" or "video" in item else \
                 "image" if item.get("type") == "image" or "image" in item else item.get("type")
             if kind in ("image", "video"):
@@ -276,7 +305,7 @@ def _normalize(messages: Any, root: str, media: Mapping[str, bytes] | None, wher
                     raise DataError("bad_record", where, f"turn {i}: media placeholder token in the text")
                 items.append({"type": "text", "text": item["text"]})
             else:
-                raise DataError("bad_record", where, f"turn {i}: unsupported content item {item!r:.80}")
+                raise DataError("bad_record", where, f"turn {i}: unsupported content item {_short(item)}")
         out.append({**m, "content": items})
     last = max((i for i, m in enumerate(out) if m["role"] == "assistant"), default=None)
     if last is None:
@@ -291,7 +320,7 @@ def _label_ranges(piece: str, content: str, loss_on_thinking: bool, where: str) 
         return []
     start = piece.rfind(content)
     if start < 0:
-        raise ValueError(f"{where}: the chat template does not render an assistant message's content verbatim; "
+        raise DataConfigError(f"{where}: the chat template does not render an assistant message's content verbatim; "
                          "its labels cannot be located")
     end = start + len(content)
     if loss_on_thinking:
@@ -346,8 +375,8 @@ class ConversationEncoder:
         texts = [proc.apply_chat_template(msgs[:k], add_generation_prompt=False) for k in range(len(msgs) + 1)]
         for k in range(len(msgs)):
             if not texts[k + 1].startswith(texts[k]):
-                raise ValueError(f"{where}: the chat template is not turn-by-turn stable (rendering turn {k} changes "
-                                 "the text before it); assistant spans cannot be located")
+                raise DataConfigError(f"{where}: the chat template is not turn-by-turn stable (rendering turn {k} "
+                                      "changes the text before it); assistant spans cannot be located")
         pieces = [texts[0]] + [texts[k + 1][len(texts[k]):] for k in range(len(msgs))]
 
         ids: list[np.ndarray] = [np.asarray(tok.encode(pieces[0], add_special_tokens=False).ids, np.int64)]
@@ -389,11 +418,11 @@ class ConversationEncoder:
             raise DataError(first_fail, where, f"the first assistant turn does not fit in {what}; sample dropped")
         turns, n_vis = kept
         if sum(plain[: turns + 1], []) != tok.encode(texts[turns], add_special_tokens=False).ids:
-            raise ValueError(f"{where}: the tokenizer merges tokens across turn boundaries; labels cannot be aligned "
-                             "with the rendered conversation")
+            raise DataConfigError(f"{where}: the tokenizer merges tokens across turn boundaries; labels cannot be "
+                                  "aligned with the rendered conversation")
         eos = tok.token_to_id(EOS_TOKEN)
         if eos is None:
-            raise ValueError(f"the tokenizer of {self.checkpoint_dir} has no {EOS_TOKEN} token")
+            raise DataConfigError(f"the tokenizer of {self.checkpoint_dir} has no {EOS_TOKEN} token")
         input_ids = np.concatenate(ids[: turns + 1] + [np.asarray([eos])]).astype(np.int32)
         label_ids = np.concatenate(labels[: turns + 1] + [np.asarray([eos])]).astype(np.int32)
         if not (label_ids[:-1] != IGNORE).any():
@@ -432,26 +461,45 @@ class ConversationEncoder:
             raise DataError("media_error", where, str(e)) from e
 
     def __call__(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        """A source record -> sample (raises DataError)."""
+        """A source record -> sample. Every failure that the record causes raises DataError (RECORD_ERRORS)."""
         where = record.get("where", "<record>")
-        if "data" in record:
-            try:
-                obj = json.loads(record["data"])
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise DataError("malformed_json", where, f"malformed JSON line: {e}") from None
-            if not isinstance(obj, dict):
-                raise DataError("malformed_json", where, f"expected a JSON object, got {type(obj).__name__}")
-            if "messages" not in obj:
-                raise DataError("bad_record", where, "no 'messages' field")
-            messages = obj["messages"]
-        else:
-            messages = record["messages"]
-            if isinstance(messages, (bytes, str)):
-                try:
-                    messages = json.loads(messages)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise DataError("malformed_json", where, f"malformed 'messages' JSON: {e}") from None
-        return self.encode(messages, record.get("root", ""), record.get("media"), where)
+        if "error" in record:  # the source could not even read it (an oversized line)
+            raise DataError("bad_record", where, record["error"])
+        try:
+            if "data" in record:
+                messages = _parse(record["data"], where, "line")
+                if not isinstance(messages, dict):
+                    raise DataError("malformed_json", where, f"expected a JSON object, got {type(messages).__name__}")
+                if "messages" not in messages:
+                    raise DataError("bad_record", where, "no 'messages' field")
+                messages = messages["messages"]
+            else:
+                messages = record["messages"]
+                if isinstance(messages, (bytes, str)):
+                    messages = _parse(messages, where, "'messages'")
+            return self.encode(messages, record.get("root", ""), record.get("media"), where)
+        except RecursionError:
+            raise DataError("bad_record", where, "the record is nested too deeply") from None
+        except UnicodeError as e:
+            raise DataError("bad_record", where, f"the record's text is not valid Unicode ({_short(str(e))})") from None
+
+
+_SURROGATE_RE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _parse(data: bytes | str, where: str, what: str) -> Any:
+    """JSON text -> value; anything that is not JSON (bad syntax, not UTF-8, too deep) is `malformed_json`."""
+    try:
+        value = json.loads(data)
+        if _SURROGATE_RE.search(data.encode() if isinstance(data, str) else data):
+            # a \ud800-style escape: valid JSON, but a lone surrogate is not Unicode text (UnicodeEncodeError here)
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return value
+    except RecursionError:
+        raise DataError("malformed_json", where, f"malformed JSON {what}: nested too deeply") from None
+    except (ValueError, UnicodeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        msg = " ".join(str(e).split())
+        raise DataError("malformed_json", where, f"malformed JSON {what}: {msg[:200]}") from None
 
 
 class EncodeRecords(grain.transforms.Map):
@@ -473,6 +521,12 @@ class EncodeRecords(grain.transforms.Map):
 # The pipeline.
 
 
+def _source_name(cfg: DataConfig) -> str:
+    if cfg.jsonl:
+        return "data.jsonl " + ", ".join([cfg.jsonl] if isinstance(cfg.jsonl, str) else cfg.jsonl)
+    return f"data.tfds {cfg.tfds_dir or cfg.tfds_name}"
+
+
 def make_dataset(cfg: DataConfig, checkpoint_dir: str, shard_index: int | None = None,
                  shard_count: int | None = None, model_cfg: Any = None) -> grain.IterDataset:
     """The grain pipeline: an IterDataset of (batch, stats) pairs (see packing.py for both).
@@ -491,7 +545,8 @@ def make_dataset(cfg: DataConfig, checkpoint_dir: str, shard_index: int | None =
         model_cfg = Glm4vConfig.from_file(checkpoint_dir)
     m2 = model_cfg.vision.spatial_merge_size**2
     if cfg.max_patches % m2:
-        raise ValueError(f"data.max_patches ({cfg.max_patches}) must be a multiple of {m2}")
+        raise DataConfigError(f"data.max_patches ({cfg.max_patches}) must be a multiple of {m2} (spatial_merge_size^2 "
+                              "of the model)")
     encoder = ConversationEncoder(checkpoint_dir, cfg.seq_len, cfg.max_patches, cfg.loss_on_thinking)
     pad_id = encoder.processor.pad_token_id  # also checks the checkpoint's tokenizer loads, before any worker starts
     source = make_source(cfg)
@@ -499,8 +554,11 @@ def make_dataset(cfg: DataConfig, checkpoint_dir: str, shard_index: int | None =
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
     ds = ds[shard_index::shard_count]
+    if len(source) == 0:
+        raise DataConfigError(f"{_source_name(cfg)}: no records (the data is empty or only blank lines)")
     if len(ds) == 0:
-        raise ValueError(f"shard {shard_index} of {shard_count} has no records ({len(source)} in all)")
+        raise DataConfigError(f"{_source_name(cfg)}: shard {shard_index} of {shard_count} has no records "
+                              f"({len(source)} in all, fewer than the hosts)")
     ds = ds.repeat(cfg.num_epochs)
     ds = ds.map(EncodeRecords(encoder, cfg.on_error))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer))

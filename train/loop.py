@@ -6,7 +6,8 @@
 
 What one run does (every process runs the same code):
   1. `jax.distributed.initialize` when several processes take part (coordinator flags, or automatic on TPU VMs).
-  2. The mesh (`mesh: data=D,fsdp=F,tensor=T`), the jitted step (train/step.py), the checkpoint manager.
+  2. The run lock on output_dir (train/run_lock.py: one run per output_dir), the mesh (`mesh: data=D,fsdp=F,tensor=T`),
+     the jitted step (train/step.py), the checkpoint manager.
   3. Resume (`resume: auto`): the latest checkpoint in output_dir/checkpoints (or `resume_step`) restores params,
      optimizer state, step, the loop's PRNG key and this host's data-iterator state. Otherwise the model's weights
      (HF dir, converted dir or hub id) are read on every host as NumPy and placed, fp32, stacked, sharded.
@@ -19,7 +20,11 @@ What one run does (every process runs the same code):
   6. Checkpoints every `save_every` steps and at the end (asynchronous, keep-last-K, atomic; train/checkpoint.py).
      SIGTERM: the step in flight finishes, a checkpoint of it is written (synchronously), and the process exits 0.
   7. Metrics on process 0: metrics.jsonl (one line per step), TensorBoard, a tqdm bar (train/metrics.py).
-  8. At the end, the final weights in the converted format: output_dir/final (`glm41v generate --model`).
+  8. At the end, the final weights in the converted format: output_dir/final (`glm41v generate --model`), replaced
+     atomically when it holds another step (final/training.json names its step).
+Non-finite steps: the step does not apply them (train/step.py); the loop reads them from the metrics it fetches
+anyway (every log_every steps and before each checkpoint) and stops after `nonfinite_patience` in a row, with no
+checkpoint or final weights written from them (TrainingDivergedError, exit code 2).
 
 Multi-host batches. Host i holds rows [i*B, (i+1)*B) of the global batch and patches [i*P, (i+1)*P) of the global
 vision pack (P = max_patches, the same static bucket on every host). Text arrays need no change (rows are
@@ -41,7 +46,9 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Mapping
@@ -51,6 +58,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from glm41v_jax.errors import Glm41vError
 from glm41v_jax.loading import CheckpointError, load, resolve_model_dir
 from glm41v_jax.sharding import MeshError, make_mesh
 from glm41v_jax.weights import get_path
@@ -59,6 +67,7 @@ from .checkpoint import TrainCheckpointer, save_final
 from .config import TrainConfig, TrainConfigError
 from .loss import loss_and_count
 from .metrics import FlopCounter, MetricsWriter, device_peak_tflops
+from .run_lock import RunLock, RunLockedError
 from .step import TrainStep, stack_batches
 
 logger = logging.getLogger("glm41v_train.loop")
@@ -75,6 +84,24 @@ def _on_tpu_vm() -> bool:
         importlib.util.find_spec("libtpu") is not None
 
 
+def check_coordinator(address: str) -> None:
+    """`--coordinator` must be HOST:PORT (an IPv6 host in brackets: [::1]:1234), port in [1, 65535]."""
+    host, sep, port = address.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    bare = host[1:-1] if bracketed else host
+    why = None
+    if not sep:
+        why = "expected HOST:PORT"
+    elif not bare:
+        why = "the host is empty (expected HOST:PORT)"
+    elif any(c.isspace() for c in bare) or (":" in bare) != bracketed:
+        why = "the host part is not a host name or address (an IPv6 address goes in brackets: [::1]:1234)"
+    elif not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        why = f"the port {port!r} is not an integer in [1, 65535]"
+    if why:
+        raise TrainConfigError(f"--coordinator {address!r}: {why}")
+
+
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None, mode: str = "auto") -> None:
     """`jax.distributed.initialize` when several processes take part. Explicit: all three of coordinator
@@ -86,6 +113,9 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     if any(v is not None for v in explicit):
         if any(v is None for v in explicit):
             raise TrainConfigError("--coordinator, --num-processes and --process-id go together (all three or none)")
+        check_coordinator(coordinator)
+        if num_processes < 1:
+            raise TrainConfigError(f"--num-processes {num_processes}: expected an integer >= 1")
         if not 0 <= process_id < num_processes:
             raise TrainConfigError(f"--process-id {process_id} is not in [0, {num_processes})")
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
@@ -121,6 +151,13 @@ def batch_shards_per_host(mesh) -> int:
 def check_geometry(cfg: TrainConfig, mesh, model_cfg) -> None:
     """Shapes the multi-host assembly needs, checked before anything compiles (errors name the field)."""
     pc = jax.process_count()
+    sources = [("data", cfg.data)] + ([("eval", cfg.eval)] if cfg.eval is not None else [])
+    m2 = model_cfg.vision.spatial_merge_size ** 2
+    for name, src in sources:
+        p = src.max_patches or cfg.data.max_patches
+        if p % m2:
+            raise TrainConfigError(f"{name}.max_patches ({p}) must be a multiple of {m2} (the model's "
+                                   f"spatial_merge_size^2: each merged vision token takes {m2} patches)")
     if pc == 1:
         return
     n = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -136,8 +173,6 @@ def check_geometry(cfg: TrainConfig, mesh, model_cfg) -> None:
                 if dev.process_index != (d * devs.shape[1] + f) // per_host:
                     raise TrainConfigError("mesh: the device order does not give each host a contiguous block of "
                                            "batch shards; build the mesh from jax.devices() (process-major)")
-    sources = [("data", cfg.data)] + ([("eval", cfg.eval)] if cfg.eval is not None else [])
-    m2 = model_cfg.vision.spatial_merge_size ** 2
     for name, src in sources:
         b = src.batch_size or cfg.data.batch_size
         p = src.max_patches or cfg.data.max_patches
@@ -420,10 +455,104 @@ def _truncate_jsonl(path: str, last_step: int) -> None:
     os.replace(path + ".tmp", path)
 
 
+class TrainingDivergedError(Glm41vError):
+    """The loss or the gradient norm became non-finite for more steps in a row than `nonfinite_patience` allows."""
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """The config with its file paths made absolute against the working directory, as a user typing them expects
+    (not against the config file's folder): output_dir, model (when it names an existing local path; otherwise it is
+    a hub id, or missing and reported by the loader), the data and eval files, media_root, the TFDS folders."""
+
+    def absolute(p):
+        if p is None:
+            return None
+        if isinstance(p, (tuple, list)):
+            return tuple(absolute(x) for x in p)
+        return os.path.abspath(os.path.expanduser(p))
+
+    model = cfg.model
+    if os.path.exists(os.path.expanduser(model)):
+        model = absolute(model)
+    data = dataclasses.replace(cfg.data, jsonl=absolute(cfg.data.jsonl), media_root=absolute(cfg.data.media_root),
+                               tfds_dir=absolute(cfg.data.tfds_dir), tfds_data_dir=absolute(cfg.data.tfds_data_dir))
+    ev = None if cfg.eval is None else dataclasses.replace(cfg.eval, jsonl=absolute(cfg.eval.jsonl))
+    return dataclasses.replace(cfg, model=model, output_dir=absolute(cfg.output_dir), data=data, eval=ev)
+
+
+def _take_lock(out_dir: str, stack: contextlib.ExitStack, primary: bool) -> str | None:
+    """Process 0 locks output_dir for the job (train/run_lock.py); every process learns the outcome, so that all
+    start or all stop. Returns the dead holder taken over, if any."""
+    error, lock = None, None
+    if primary:
+        lock = RunLock(out_dir, processes=jax.process_count())
+        try:
+            lock.acquire()
+            stack.callback(lock.release)
+        except (RunLockedError, OSError) as e:
+            error = e
+    ok = _allgather(np.asarray([error is None], np.int32)).all()
+    if error is not None:
+        raise error
+    if not ok:
+        raise RunLockedError(f"output_dir {out_dir}: process 0 could not lock it (another training run uses it; "
+                             "process 0's error names that run)")
+    return lock.took_over if lock is not None else None
+
+
+FINAL_INFO = "training.json"  # in output_dir/final: the step (and status) the final weights are from
+
+
+def final_step(final: str) -> int | None:
+    """The step of the weights in output_dir/final, from its training.json (None: no final, or not recorded)."""
+    try:
+        with open(os.path.join(final, FINAL_INFO), encoding="utf-8") as f:
+            step = json.load(f).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def _recover_final(final: str) -> str | None:
+    """Leftovers of a final/ replacement cut by a kill (the run lock is held): the new copy in the making is removed;
+    if the kill fell between the two renames, the previous final/ is put back. Returns a note, or None."""
+    shutil.rmtree(final + ".tmp-new", ignore_errors=True)
+    old = final + ".old"
+    if os.path.isdir(old):
+        if os.path.isdir(final):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, final)
+            return f"restored {final} (a replacement was interrupted)"
+    return None
+
+
+def _write_final(params: Any, model_cfg: Any, final: str, *, source_dir: str, dtype: str, step: int,
+                 status: str) -> None:
+    """output_dir/final <- the weights of `step`, replaced atomically: written beside it, then swapped in with two
+    renames (a kill between them is repaired by `_recover_final` on the next start). All processes call it."""
+    from .checkpoint import _sync
+
+    new = final + ".tmp-new"
+    if jax.process_index() == 0:
+        shutil.rmtree(new, ignore_errors=True)
+    _sync("glm41v_final_tmp")
+    save_final(params, model_cfg, new, source_dir=source_dir, dtype=dtype)
+    if jax.process_index() == 0:
+        with open(os.path.join(new, FINAL_INFO), "w", encoding="utf-8") as f:
+            json.dump({"step": step, "status": status}, f)
+        if os.path.isdir(final):
+            os.rename(final, final + ".old")
+        os.rename(new, final)
+        shutil.rmtree(final + ".old", ignore_errors=True)
+    _sync("glm41v_final_swapped")
+
+
 def train(cfg: TrainConfig, *, coordinator: str | None = None, num_processes: int | None = None,
           process_id: int | None = None, distributed: str = "auto") -> dict[str, Any]:
     """Run (or continue) a training run. Returns {"status": "completed" | "preempted" | "exhausted", "step",
     "output_dir", "final"}."""
+    cfg = absolute_paths(cfg)
     with _Preemption() as preempt, contextlib.ExitStack() as stack:  # SIGTERM from the very start
         initialize_distributed(coordinator, num_processes, process_id, distributed)
         return _train(cfg, preempt, stack)
@@ -437,7 +566,10 @@ def _train(cfg: TrainConfig, preempt: _Preemption, stack: contextlib.ExitStack) 
     if not primary:
         logging.getLogger("glm41v_train").setLevel(logging.WARNING)
     out_dir = os.path.abspath(cfg.output_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise TrainConfigError(f"output_dir {out_dir}: exists and is not a directory")
     os.makedirs(out_dir, exist_ok=True)
+    took_over = _take_lock(out_dir, stack, primary)  # before anything in output_dir is read or written
     try:
         mesh = make_mesh(cfg.mesh)
     except MeshError as e:
@@ -458,6 +590,10 @@ def _train(cfg: TrainConfig, preempt: _Preemption, stack: contextlib.ExitStack) 
     it = make_iterator(cfg.data, model_dir, host, n_hosts, model_cfg)
     stack.callback(it.close)
     t0 = time.perf_counter()
+    if restore_step is not None and restore_step > cfg.steps:
+        raise TrainConfigError(f"steps ({cfg.steps}) is below the step of the checkpoint to resume "
+                               f"({ckpt.path(restore_step)}); raise steps, or set resume_step to a checkpoint at or "
+                               f"below {cfg.steps}")
     if restore_step is not None:
         a_params, a_opt = abstract_state(ts)
         r = ckpt.restore(restore_step, abstract_params=a_params, abstract_opt_state=a_opt)
@@ -481,6 +617,12 @@ def _train(cfg: TrainConfig, preempt: _Preemption, stack: contextlib.ExitStack) 
     writer = MetricsWriter(out_dir, total_steps=cfg.steps, start_step=start, enabled=primary,
                            tensorboard=cfg.tensorboard, progress=cfg.progress)
     stack.callback(writer.close)
+    if took_over:
+        writer.message(f"output_dir {out_dir}: took over the lock of a run that ended without releasing it "
+                       f"({took_over})")
+    note = _recover_final(cfg.final_dir) if primary else None
+    if note:
+        writer.message(note)
     writer.message(f"{how} at step {start} in {time.perf_counter() - t0:.1f}s; {n_hosts} process(es), "
                    f"{jax.device_count()} {jax.devices()[0].device_kind} device(s), mesh {dict(mesh.shape)}"
                    + ("" if peak else "; no peak FLOP/s for this device: MFU is null"))
@@ -504,10 +646,13 @@ def _train(cfg: TrainConfig, preempt: _Preemption, stack: contextlib.ExitStack) 
     records: list[dict[str, Any]] = []
     pending: list[tuple[dict[str, Any], Any]] = []  # (host-side record, device metrics) not yet fetched
     interval = {"t": None, "tokens": 0.0, "flops": 0.0, "steps": 0}
+    # Non-finite steps (their update is not applied: train/step.py), as the fetched metrics show them: the length of
+    # the current streak, its first step, and (step, loss, grad_norm) of the first step past the patience.
+    nonfinite: dict[str, Any] = {"run": 0, "first": None, "stop": None}
 
     def save(at: int) -> None:
-        if at in saved:
-            return
+        if at in saved or nonfinite["run"] or nonfinite["stop"] is not None:  # no checkpoint during a non-finite
+            return  # streak (its updates were skipped) or after the run stopped: the last one stays the good one
         ckpt.save(at, params=params, opt_state=opt_state, rng=rng, data_state=data_state, meta=meta)
         saved.add(at)
 
@@ -526,6 +671,14 @@ def _train(cfg: TrainConfig, preempt: _Preemption, stack: contextlib.ExitStack) 
         for (rec, _), m in zip(pending, fetched, strict=True):
             rec.update(loss=float(m["loss"]), grad_norm=float(m["grad_norm"]), lr=float(m["lr"]),
                        label_tokens=int(m["tokens"]), **tput)
+            if math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"]):
+                nonfinite.update(run=0, first=None)
+            else:
+                rec["update_skipped"] = True  # (metrics.jsonl writes the non-finite values as null)
+                nonfinite["run"] += 1
+                nonfinite["first"] = nonfinite["first"] or rec["step"]
+                if nonfinite["run"] > cfg.nonfinite_patience and nonfinite["stop"] is None:
+                    nonfinite["stop"] = (nonfinite["first"], rec["step"], rec["loss"], rec["grad_norm"])
             records.append(rec)
         pending = []
         interval.update(t=now, tokens=0.0, flops=0.0, steps=0)
@@ -580,9 +733,24 @@ def _train(cfg: TrainConfig, preempt: _Preemption, stack: contextlib.ExitStack) 
         writer.write(records)
         records = []
         if step % cfg.save_every == 0 or step == cfg.steps:
+            flush()  # a checkpoint is only written once the steps before it are known to be finite
+            writer.write(records)
+            records = []
             save(step)
+        if nonfinite["stop"] is not None:
+            break
     flush()
     writer.write(records)
+    if nonfinite["stop"] is not None:
+        ckpt.wait()  # the earlier (good) checkpoints are complete
+        first, at, loss, gnorm = nonfinite["stop"]
+        good = [s for s in ckpt.steps() if s < first]
+        raise TrainingDivergedError(
+            f"training stopped at step {at}: non-finite loss ({loss}) or gradient norm ({gnorm}) since step {first} "
+            f"({at - first + 1} step(s) in a row; nonfinite_patience is {cfg.nonfinite_patience}). Those updates "
+            f"were not applied, no checkpoint was written after step {first - 1} and no final weights; "
+            + (f"the last good checkpoint is {ckpt.path(good[-1])}" if good else "there is no checkpoint")
+            + ". Lower optim.peak_lr (or check the data), then rerun to resume from it")
     if status == "preempted":
         writer.message(f"SIGTERM: saving a checkpoint at step {step} and exiting")
     if status != "completed" or step not in saved:
@@ -591,13 +759,15 @@ def _train(cfg: TrainConfig, preempt: _Preemption, stack: contextlib.ExitStack) 
     final = None
     if status != "preempted":
         final = cfg.final_dir
-        if os.path.exists(final):
-            writer.message(f"final weights already in {final}; left as they are")
+        if final_step(final) == step:
+            writer.message(f"final weights of step {step} already in {final}")
         else:
-            save_final(params, model_cfg, final, source_dir=model_dir, dtype=cfg.final_dtype)
-            writer.message(f"final weights ({cfg.final_dtype}) in {final}")
+            _write_final(params, model_cfg, final, source_dir=model_dir, dtype=cfg.final_dtype, step=step,
+                         status=status)
+            writer.message(f"final weights ({cfg.final_dtype}) of step {step} in {final}")
     return {"status": status, "step": step, "output_dir": out_dir, "final": final}
 
 
-__all__ = ["HeldOutEval", "LossEvaluator", "abstract_state", "check_geometry", "empty_batch", "global_batch",
+__all__ = ["HeldOutEval", "LossEvaluator", "TrainingDivergedError", "abstract_state", "absolute_paths",
+           "check_geometry", "empty_batch", "final_step", "global_batch",
            "initialize_distributed", "load_params", "offset_vision", "place_unrolled", "sample_fingerprints", "train"]

@@ -38,6 +38,7 @@ update unbiased. The fp32 moments are the default (and what the parity tests use
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -77,10 +78,26 @@ class OptimConfig:
         if not 0 <= self.warmup_steps <= self.total_steps or self.total_steps < 1:
             raise ValueError(f"need 0 <= warmup_steps ({self.warmup_steps}) <= total_steps ({self.total_steps}), "
                              "total_steps >= 1")
+        # Ranges (written so that NaN fails them too; the config loader also rejects non-finite numbers).
+        ranges = {"peak_lr": (0.0, False), "end_lr": (0.0, False), "weight_decay": (0.0, False), "eps": (0.0, True),
+                  "clip_norm": (0.0, False)}
+        for name, (low, strict) in ranges.items():
+            v = getattr(self, name)
+            if name == "clip_norm" and v is None:
+                continue
+            if not (math.isfinite(v) and (v > low if strict else v >= low)):
+                raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {v!r}")
+        for name in ("b1", "b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
 
 
 def lr_schedule(oc: OptimConfig) -> optax.Schedule:
-    """0 -> peak_lr linearly over warmup_steps, then cosine to end_lr at total_steps (constant after)."""
+    """0 -> peak_lr linearly over warmup_steps, then cosine to end_lr at total_steps (constant after). With
+    warmup_steps == total_steps (the default for runs of up to 100 steps) there is no cosine: the rate rises to
+    peak_lr at the last step."""
+    if oc.warmup_steps >= oc.total_steps:
+        return optax.linear_schedule(0.0, oc.peak_lr, oc.warmup_steps)
     return optax.warmup_cosine_decay_schedule(0.0, oc.peak_lr, oc.warmup_steps, max(oc.total_steps, 1), oc.end_lr)
 
 

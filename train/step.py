@@ -180,8 +180,14 @@ def train_step(params: Any, opt_state: Any, batch: Mapping[str, Any], *, cfg: Gl
     full = jax.tree.map(lambda g, p: jnp.zeros(p.shape, p.dtype) if g is None else g, grads, params,
                         is_leaf=lambda x: x is None)
     with jax.named_scope("optimizer"):
-        updates, opt_state = tx.update(full, opt_state, params, grad_norm=grad_norm)  # one norm per step
-        params = optax.apply_updates(params, updates)
+        updates, new_opt_state = tx.update(full, opt_state, params, grad_norm=grad_norm)  # one norm per step
+        new_params = optax.apply_updates(params, updates)
+    # A non-finite loss or gradient norm: the update is not applied (params and optimizer state, its step count
+    # included, stay as they were), so params never turn non-finite; the loop stops after `nonfinite_patience` such
+    # steps (train/loop.py). The select fuses into the update's elementwise pass.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), (new_params, new_opt_state),
+                                     (params, opt_state))
     metrics = {"loss": loss, "tokens": count, "grad_norm": grad_norm, "lr": lr_schedule(oc)(step),
                "step": step + 1}
     return params, opt_state, metrics
