@@ -326,6 +326,18 @@ def plan_generate(cfg: Glm4vConfig, tpu: TpuType, *, batch: int = 1, max_context
                      "total_bytes": params_b + kv_b, "hbm_bytes": int(hbm)},
         "programs": [],
     }
+    report["analytic"] = {"prefill_flops": prefill_flops, "prefill_flops_per_chip": prefill_flops / len(devices),
+                          "decode_flops_per_step": decode_flops,
+                          "decode_min_bytes_per_chip": decode_min,
+                          "note": "prefill: 2*N*tokens (logits of the last slot only) + causal attention + vision; "
+                                  "decode minimum: text weights (embedding table excluded: B rows gathered) and the "
+                                  "KV cache, read once per step"}
+    report["roofline"] = {
+        "decode_tokens_per_s_bound": batch * bw / decode_min,
+        "decode_step_s_bound": decode_min / bw,
+        "prefill_s_at_peak": prefill_flops / (peak * len(devices)),
+        "prefill_tokens_per_s_at_peak": batch * n_prompt * peak * len(devices) / prefill_flops,
+    }
     try:
         eng.warmup([bucket])
     except Exception as e:  # the compiler's RESOURCE_EXHAUSTED; anything else is a bug and is re-raised
@@ -338,19 +350,8 @@ def plan_generate(cfg: Glm4vConfig, tpu: TpuType, *, batch: int = 1, max_context
     _record_programs(report, eng.programs())
     progs = {p["name"]: p for p in report["programs"]}
     dec = progs["decode"]
-    report["analytic"] = {"prefill_flops": prefill_flops, "prefill_flops_per_chip": prefill_flops / len(devices),
-                          "decode_flops_per_step": decode_flops,
-                          "decode_min_bytes_per_chip": decode_min,
-                          "note": "prefill: 2*N*tokens (logits of the last slot only) + causal attention + vision; "
-                                  "decode minimum: text weights (embedding table excluded: B rows gathered) and the "
-                                  "KV cache, read once per step"}
-    report["roofline"] = {
-        "decode_tokens_per_s_bound": batch * bw / decode_min,
-        "decode_step_s_bound": decode_min / bw,
-        "decode_tokens_per_s_at_compiled_bytes": batch * bw / dec["bytes_accessed"] if dec["bytes_accessed"] else None,
-        "prefill_s_at_peak": prefill_flops / (peak * len(devices)),
-        "prefill_tokens_per_s_at_peak": batch * n_prompt * peak * len(devices) / prefill_flops,
-    }
+    report["roofline"]["decode_tokens_per_s_at_compiled_bytes"] = \
+        batch * bw / dec["bytes_accessed"] if dec["bytes_accessed"] else None
     report["efficiency"] = {"decode_bytes_ratio": decode_min / dec["bytes_accessed"] if dec["bytes_accessed"] else None,
                             "prefill_flops_ratio": (prefill_flops / len(devices)) / progs["prefill"]["flops"]
                             if progs["prefill"]["flops"] else None,
@@ -386,8 +387,8 @@ def _not_fit(report: dict[str, Any], oom: Mapping[str, Any], program: str, advic
     report["compile_error"] = {"program": program, **oom}
     if oom.get("required_bytes"):
         report["per_chip"]["total_bytes"] = max(report["per_chip"]["total_bytes"], oom["required_bytes"])
-    report["roofline"] = {}
-    report["efficiency"] = {}
+    report.setdefault("roofline", {})  # the analytic bounds, as if it fitted
+    report["efficiency"] = {"decode_bytes_ratio" if report["kind"] == "generate" else "flops_ratio": None}
     report["advice"] = advice
     return report
 
@@ -474,6 +475,17 @@ def plan_train(train_config: Any, cfg: Glm4vConfig, tpu: TpuType, *, mesh: str |
                      "hbm_bytes": int(hbm)},
         "programs": [],
     }
+    n_dev = len(devices)
+    report["analytic"] = {
+        "model_flops_per_step": model_flops, "model_flops_per_chip": model_flops / n_dev,
+        "note": "6*N*tokens (trained groups; frozen ones 2x or 1x) + attention, every row one sequence of seq_len "
+                f"tokens, images of {FRAME_PATCHES} patches; the compiled figure counts the scanned layer once"}
+    at_peak = model_flops / (peak * n_dev)
+    report["roofline"] = {"step_s_at_peak": at_peak, "step_s_at_50pct_mfu": 2 * at_peak,
+                          "tokens_per_s_at_50pct_mfu": tokens / (2 * at_peak)}
+    if step_time is not None:
+        report["roofline"]["step_time_s"] = step_time
+        report["roofline"]["mfu_at_step_time"] = at_peak / step_time
     try:
         exe, secs = compile_step(ts, a)
     except Exception as e:  # the compiler's RESOURCE_EXHAUSTED; anything else is a bug and is re-raised
@@ -496,17 +508,6 @@ def plan_train(train_config: Any, cfg: Glm4vConfig, tpu: TpuType, *, mesh: str |
         return _not_fit(report, oom, "train_step", advice)
     report["programs"].append({"name": "train_step", "compile_s": round(secs, 2), **cost_figures(exe),
                                "memory": memory_figures(exe)})
-    n_dev = len(devices)
-    report["analytic"] = {
-        "model_flops_per_step": model_flops, "model_flops_per_chip": model_flops / n_dev,
-        "note": "6*N*tokens (trained groups; frozen ones 2x or 1x) + attention, every row one sequence of seq_len "
-                f"tokens, images of {FRAME_PATCHES} patches; the compiled figure counts the scanned layer once"}
-    at_peak = model_flops / (peak * n_dev)
-    report["roofline"] = {"step_s_at_peak": at_peak, "step_s_at_50pct_mfu": 2 * at_peak,
-                          "tokens_per_s_at_50pct_mfu": tokens / (2 * at_peak)}
-    if step_time is not None:
-        report["roofline"]["step_time_s"] = step_time
-        report["roofline"]["mfu_at_step_time"] = at_peak / step_time
     report["efficiency"] = {"flops_ratio": None}
     if count_flops:
         # The compiler counts a scanned body once: the per-layer count comes from the unrolled step at 1 and 2

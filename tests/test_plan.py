@@ -13,7 +13,6 @@ from glm41v_jax.config import Glm4vConfig
 from glm41v_jax.plan import PlanError, model_config, parse_image_size, parse_oom, parse_tpu
 from glm41v_jax.tiny import tiny_hf_config
 
-pytest.importorskip("libtpu", reason="the TPU compiler (pip install 'glm41v-jax[test]' installs libtpu)")
 
 
 @pytest.mark.parametrize("name, family, chips, hosts, topology, bounds", [

@@ -1,0 +1,88 @@
+"""The real programs of the real 9B config (40 + 24 layers, vocab 151552, bf16) compiled by the TPU compiler (libtpu)
+for Cloud TPU topologies, on this CPU machine: no TPU, no weights (abstract inputs with shardings).
+
+  * the Engine's prefill and decode on a v5e-8, `auto` attention, on a tensor-parallel and an fsdp x tensor mesh:
+    the splash kernel is in the compiled prefill (it must run under shard_map to be partitioned at all) and the
+    per-chip memory is below the chip's HBM;
+  * the train step of every TPU config in train/configs/ on its own slice (the pod config on 8 hosts);
+  * `glm41v plan` says that bf16 generation does not fit on one v5e chip, with the compiler's figures (exit 1).
+
+Each program is compiled once per module (fixtures); the tier takes a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from glm41v_jax.cli import main
+from glm41v_jax.generate import Engine
+from glm41v_jax.plan import memory_figures, model_config, parse_tpu, plan_train, topology_devices
+from glm41v_jax.sharding import make_mesh
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "train", "configs")
+# Each TPU training config and the slice it is written for (a new config must be added here).
+TRAIN_CONFIG_TPU = {"kaggle_v5e8.yaml": "v5e-8", "v5p_pod.yaml": "v5p-64"}
+CPU_CONFIGS = {"cpu_smoke.yaml"}
+
+
+@pytest.fixture(scope="module", params=["tensor=8", "fsdp=2,tensor=4"])
+def engine_programs(request):
+    """(mesh spec, TpuType, [(kind, compiled, seconds)]) of the 9B Engine on a v5e-8: batch 8, a 1024-token text
+    prompt, 128 new tokens (an image would add the 24 unrolled vision blocks: minutes of compile on 2 cores)."""
+    tpu = parse_tpu("v5e-8")
+    cfg = model_config(None, "9b").with_runtime(dtype="bfloat16", param_dtype="bfloat16", attention_impl="auto")
+    eng = Engine(None, cfg, mesh=make_mesh(request.param, topology_devices(tpu)), max_context=2048)
+    eng.warmup([{"batch": 8, "prompt_tokens": 1024, "max_new_tokens": 128}])
+    return request.param, tpu, eng.programs()
+
+
+def test_engine_prefill_runs_the_splash_kernel(engine_programs):
+    mesh, _, programs = engine_programs
+    kinds = [k for k, _, _ in programs]
+    assert kinds == ["prefill", "decode"], kinds
+    text = programs[0][1].as_text()
+    assert "tpu_custom_call" in text, f"{mesh}: no Mosaic kernel in the compiled prefill"
+    assert "splash" in text.lower(), f"{mesh}: the compiled prefill has a Mosaic kernel but not splash attention"
+
+
+def test_engine_memory_below_hbm(engine_programs):
+    mesh, tpu, programs = engine_programs
+    for kind, exe, _ in programs:
+        m = memory_figures(exe)
+        # 9B bf16 weights over 8 chips are ~2.4 GiB per chip: every program holds at least its share
+        assert 2 * 2**30 < m["total_bytes"] < tpu.spec.hbm_bytes, (mesh, kind, m)
+
+
+def test_every_tpu_train_config_is_mapped():
+    found = {f for f in os.listdir(CONFIGS) if f.endswith((".yaml", ".yml"))}
+    assert found - CPU_CONFIGS == set(TRAIN_CONFIG_TPU), "map each TPU training config to its slice above"
+
+
+@pytest.mark.parametrize("name", sorted(TRAIN_CONFIG_TPU))
+def test_train_config_step_compiles_on_its_slice(name):
+    from glm41v_train.config import load_config  # the train extra (pyyaml)
+
+    tpu = parse_tpu(TRAIN_CONFIG_TPU[name])
+    r = plan_train(load_config(os.path.join(CONFIGS, name)), model_config(None, "9b"), tpu,
+                   count_flops=name.startswith("kaggle"))
+    assert r["fits"], r
+    pc = r["per_chip"]
+    assert pc["total_bytes"] < tpu.spec.hbm_bytes
+    assert pc["params_bytes"] > 0 and pc["opt_state_bytes"] > 0
+    if tpu.family == "v5p":
+        assert r["hosts"] >= 2 and r["devices"] == 32
+    if r["efficiency"]["flops_ratio"] is not None:
+        # full remat recomputes each layer's forward: model / compiled FLOPs near 6/8 (below 1 in any case)
+        assert 0.5 < r["efficiency"]["flops_ratio"] < 1.0, r["efficiency"]
+
+
+def test_bf16_generation_does_not_fit_one_v5e_chip(capsys):
+    code = main(["plan", "--tpu", "v5e-1", "generate", "--batch", "1", "--max-context", "4096"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "DOES NOT FIT" in out and "exceeds available HBM" in out and "would fit: more chips: v5e-4" in out, out
