@@ -172,13 +172,13 @@ def _hostile_lines():
     ]
 
 
-@pytest.mark.parametrize("spaces", [True])
-def test_hostile_records_are_skipped(tmp_path, run_cli, spaces):
+def test_hostile_records_are_skipped(tmp_path, run_cli, monkeypatch):
     d = tmp_path / "data dir"
     d.mkdir()
     path = d / "bad data.jsonl"
     path.write_bytes(b"\n".join(_hostile_lines()) + b"\n")
-    rc, out, err = run_cli("loss", "--model", "tiny", "--data", str(path), "--seq-len", "64", "--mesh", "none",
+    monkeypatch.chdir(d)  # a relative path with a space, from the data's folder
+    rc, out, err = run_cli("loss", "--model", "tiny", "--data", "bad data.jsonl", "--seq-len", "64", "--mesh", "none",
                            "--json")
     assert rc == 0, err
     got = json.loads(out.strip().splitlines()[-1])
@@ -187,6 +187,9 @@ def test_hostile_records_are_skipped(tmp_path, run_cli, spaces):
                          "--on-error", "raise")
     line = _one_error_line(err)
     assert rc == 2 and f"{path}:2:" in line and "nested too deeply" in line, line
+    for flag, value in (("--seq-len", "0"), ("--batch-size", "1000000"), ("--max-patches", str(2**40))):
+        rc, _, err = run_cli("loss", "--model", "tiny", "--data", str(path), flag, value)
+        assert rc == 2 and f"{flag} {value}: expected an integer in [1, " in _one_error_line(err)
 
 
 def test_oversized_line_is_a_bad_record(tmp_path, monkeypatch):

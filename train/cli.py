@@ -26,6 +26,7 @@ import sys
 from typing import Any
 
 TINY = "tiny"  # `model: tiny` = the embedded tiny random checkpoint (smoke runs)
+INT_MAX = 2**31 - 1
 
 
 def _model_dir(model: str) -> str:
@@ -128,6 +129,10 @@ def _loss(args: argparse.Namespace) -> int:
     from .optim import OptimConfig
     from .step import StepConfig, TrainStep
 
+    for flag, value, top in (("--seq-len", args.seq_len, INT_MAX), ("--batch-size", args.batch_size, 65536),
+                             ("--max-patches", args.max_patches, INT_MAX)):
+        if value is not None and not 1 <= value <= top:
+            raise _cli_error(f"{flag} {value}: expected an integer in [1, {top}]")
     model_dir = _model_dir(args.model)
     cfg = Glm4vConfig.from_file(os.path.join(model_dir, "config.json"))
     m2 = cfg.vision.spatial_merge_size ** 2

@@ -752,7 +752,9 @@ def _train(cfg: TrainConfig, preempt: _Preemption, stack: contextlib.ExitStack) 
             + (f"the last good checkpoint is {ckpt.path(good[-1])}" if good else "there is no checkpoint")
             + ". Lower optim.peak_lr (or check the data), then rerun to resume from it")
     if status == "preempted":
-        writer.message(f"SIGTERM: saving a checkpoint at step {step} and exiting")
+        writer.message(f"SIGTERM: saving a checkpoint at step {step} and exiting" if not nonfinite["run"] else
+                       f"SIGTERM at step {step}, in a run of non-finite steps: no checkpoint of it (the last one "
+                       "stays); exiting")
     if status != "completed" or step not in saved:
         save(step)
     ckpt.wait()
