@@ -152,6 +152,13 @@ def test_values_that_crashed_later(tmp_path, run_cli):
     assert rc == 2 and "no records" in _one_error_line(err)
     rc, _, err = run_cli("train", "--config", SMOKE, "--set", f"output_dir={empty}", *QUIET)
     assert rc == 2 and "not a directory" in _one_error_line(err)
+    # every record bad, epochs repeating forever: an error once two epochs in a row gave nothing, not a spin
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"\n".join(_hostile_lines()[1:-1]) + b"\n")
+    rc, _, err = run_cli("train", "--config", SMOKE, "--set", f"output_dir={out}", "--set", f"data.jsonl={bad}",
+                         *QUIET)
+    line = _one_error_line(err)
+    assert rc == 2 and f"data.jsonl {bad}: no usable record" in line and "malformed_json: " in line, line
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ from glm41v_jax.processing import ProcessingError, Processor
 from glm41v_jax.processing.processor import IMAGE_TOKEN, VIDEO_TOKEN
 from glm41v_jax.rope import get_rope_index
 
-from .packing import PackedBatchDataset
+from .packing import DataConfigError, PackedBatchDataset
 
 logger = logging.getLogger("glm41v_train.data")
 
@@ -92,11 +92,6 @@ def _short(value: Any) -> str:
     """A bounded repr of a record value for messages (depth and length capped: never recurses into a hostile
     nesting, never builds a huge string)."""
     return _REPR.repr(value)
-
-
-class DataConfigError(Glm41vError, ValueError):
-    """A data configuration problem (not a bad record): an empty file or shard, a bad `max_patches`, a chat
-    template that cannot be split by turn. Always raised, whatever `on_error` says."""
 
 
 class DataError(Glm41vError, ValueError):
@@ -559,6 +554,7 @@ def make_dataset(cfg: DataConfig, checkpoint_dir: str, shard_index: int | None =
     if len(ds) == 0:
         raise DataConfigError(f"{_source_name(cfg)}: shard {shard_index} of {shard_count} has no records "
                               f"({len(source)} in all, fewer than the hosts)")
+    per_epoch = len(ds)
     ds = ds.repeat(cfg.num_epochs)
     ds = ds.map(EncodeRecords(encoder, cfg.on_error))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer))
@@ -570,7 +566,8 @@ def make_dataset(cfg: DataConfig, checkpoint_dir: str, shard_index: int | None =
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
                                                          per_worker_buffer_size=cfg.worker_buffer_size))
     return PackedBatchDataset(it, seq_len=cfg.seq_len, batch_size=cfg.batch_size, max_patches=cfg.max_patches,
-                              model_cfg=model_cfg, pad_id=pad_id, packing=cfg.packing, open_batches=cfg.open_batches)
+                              model_cfg=model_cfg, pad_id=pad_id, packing=cfg.packing, open_batches=cfg.open_batches,
+                              records_per_epoch=per_epoch, name=_source_name(cfg))
 
 
 class SftIterator(grain.DatasetIterator):

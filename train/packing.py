@@ -35,10 +35,19 @@ from typing import Any
 import grain
 import numpy as np
 
+from glm41v_jax.errors import Glm41vError
 from glm41v_jax.model import mm_token_types, pack_vision
 
 logger = logging.getLogger("glm41v_train.packing")
 IGNORE = -100
+
+
+class DataConfigError(Glm41vError, ValueError):
+    """A data configuration problem (not a bad record): an empty file or shard, a bad `max_patches`, a chat
+    template that cannot be split by turn, data of which no record is usable. Always raised, whatever `on_error`
+    says."""
+
+
 _READ_KEYS = ("records", "samples", "truncated", "skipped")
 _EMIT_KEYS = ("batches", "tokens", "slots", "label_tokens")
 
@@ -169,10 +178,12 @@ class PackedBatchDataset(grain.IterDataset):
     """samples (or {"skip": reason, ...} records) -> (batch, stats) pairs."""
 
     def __init__(self, parent: grain.IterDataset, *, seq_len: int, batch_size: int, max_patches: int, model_cfg: Any,
-                 pad_id: int, packing: bool = True, open_batches: int = 4) -> None:
+                 pad_id: int, packing: bool = True, open_batches: int = 4, records_per_epoch: int | None = None,
+                 name: str = "the data") -> None:
         super().__init__(parent)
         self.spec = dict(seq_len=seq_len, batch_size=batch_size, max_patches=max_patches, model_cfg=model_cfg,
-                         pad_id=pad_id, packing=packing, open_batches=open_batches)
+                         pad_id=pad_id, packing=packing, open_batches=open_batches,
+                         records_per_epoch=records_per_epoch, name=name)
 
     def __iter__(self) -> PackedBatchIterator:
         return PackedBatchIterator(self._parent.__iter__(), **self.spec)
@@ -185,9 +196,13 @@ class PackedBatchDataset(grain.IterDataset):
 
 class PackedBatchIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, *, seq_len: int, batch_size: int, max_patches: int,
-                 model_cfg: Any, pad_id: int, packing: bool, open_batches: int) -> None:
+                 model_cfg: Any, pad_id: int, packing: bool, open_batches: int, records_per_epoch: int | None = None,
+                 name: str = "the data") -> None:
         super().__init__(parent)
         self._seq_len, self._batch_size, self._max_patches = seq_len, batch_size, max_patches
+        # Consecutive skipped records. 2 x an epoch of them in a row means that no record is usable (any window of
+        # 2 epochs holds a whole one): with repeating epochs the reader would otherwise skip forever.
+        self._records_per_epoch, self._name, self._skip_run = records_per_epoch, name, 0
         self._model_cfg, self._pad_id = model_cfg, pad_id
         self._packer = FirstFitPacker(seq_len, batch_size, max_patches, packing, open_batches)
         self._reset(self._parent.get_state(), dict.fromkeys(_READ_KEYS, 0), dict.fromkeys(_EMIT_KEYS, 0))
@@ -212,6 +227,13 @@ class PackedBatchIterator(grain.DatasetIterator):
 
     def _count(self, elem: dict[str, Any]) -> None:
         self._read["records"] += 1
+        self._skip_run = self._skip_run + 1 if "skip" in elem else 0
+        if self._records_per_epoch and self._skip_run >= 2 * self._records_per_epoch:
+            why = ", ".join(f"{k.removeprefix('skipped_')}: {v}" for k, v in sorted(self._read.items())
+                            if k.startswith("skipped_"))
+            raise DataConfigError(f"{self._name}: no usable record; every record of this host's shard "
+                                  f"({self._records_per_epoch} per epoch) was skipped, twice over ({why}, then "
+                                  f"{elem.get('skip')}: {elem.get('message')}); see the skipped records logged above")
         if "skip" in elem:
             self._read["skipped"] += 1
             key = f"skipped_{elem['skip']}"
