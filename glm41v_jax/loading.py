@@ -538,7 +538,8 @@ def verify_converted(directory: str | os.PathLike, *, group_bytes: int = 256 << 
     t0 = time.perf_counter()
     directory = abs_path(directory)
     if not os.path.isdir(directory):
-        raise CheckpointError(f"{directory}: no such directory")
+        raise CheckpointError(f"{directory}: " + ("not a directory" if os.path.exists(directory) else
+                                                  "no such directory"))
     if not is_converted_dir(directory):
         raise CheckpointError(f"{directory}: not a converted directory (no {FORMAT_FILE}); `glm41v verify` checks the "
                               "output of `glm41v convert`")

@@ -221,6 +221,9 @@ def test_verify_refuses_what_it_cannot_check(converted, tmp_path, capsys):
                                "the output of `glm41v convert`"]
     rc, _, err = _verify(capsys, str(tmp_path / "nope"))
     assert rc == 2 and err == [f"error: {tmp_path / 'nope'}: no such directory"]
+    (tmp_path / "file").write_text("x")
+    rc, _, err = _verify(capsys, str(tmp_path / "file"))
+    assert rc == 2 and err == [f"error: {tmp_path / 'file'}: not a directory"]
     with pytest.raises(CheckpointError, match=r"cannot verify an HF checkpoint directory"):
         loading.load(hf, verify=True)
 
