@@ -666,9 +666,10 @@ def _verify_before_load(directory: str) -> None:
     if report.damaged:
         raise CheckpointError(f"{directory}: verification failed, {report.summary()}; convert again")
     if not report.has_checksums:
-        raise CheckpointError(f"{directory}: cannot verify: no checksums were recorded when it was converted (an older "
-                              "version); every array read back, but bit flips cannot be detected; convert again to "
-                              "record them, or load it without verifying")
+        raise CheckpointError(f"{directory}: cannot verify: no checksums were recorded when it was written (converted "
+                              "by an older version, or the final weights of a multi-host training run); every array "
+                              "read back, but bit flips cannot be detected; convert again to record them, or load it "
+                              "without verifying")
 
 
 def _stack(params: dict, cfg: Glm4vConfig, mesh: Any) -> dict:

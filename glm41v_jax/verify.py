@@ -53,9 +53,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {d}: verification failed, {report.summary()}; convert again", file=sys.stderr)
         return 1
     if not report.has_checksums:
-        print(f"error: {d}: no checksums were recorded when it was converted (an older version); all "
-              f"{report.arrays} arrays read back without error, but bit flips cannot be detected; convert again to "
-              "record them", file=sys.stderr)
+        print(f"error: {d}: no checksums were recorded when it was written (converted by an older "
+              f"version, or the final weights of a multi-host training run); all {report.arrays} arrays read back "
+              "without error, but bit flips cannot be detected; convert again to record them", file=sys.stderr)
         return 2
     if not args.json:
         print(f"OK {d}: {report.arrays} arrays ({report.bytes / 2**20:.1f} MiB) match the checksums recorded at "

@@ -180,7 +180,7 @@ def test_old_checkpoint_without_checksums(converted, tmp_path, capsys):
     assert len(list(iter_leaves(params))) == len(converted[2])
     rc, out, err = _verify(capsys, d)
     assert rc == 2 and out == ""
-    assert len(err) == 1 and "no checksums were recorded when it was converted" in err[0]
+    assert len(err) == 1 and "no checksums were recorded when it was written" in err[0]
     assert f"all {len(converted[2])} arrays read back without error" in err[0]
     with pytest.raises(CheckpointError, match=r"cannot verify: no checksums were recorded"):
         loading.load(d, verify=True)
