@@ -222,28 +222,41 @@ def _staging(dst: str) -> Iterator[str]:
     if os.path.lexists(dst):
         raise CheckpointError(f"{dst}: destination already exists; remove it or choose another path")
     parent = os.path.dirname(dst)
+    created = []  # the missing parent folders this run makes, deepest first: removed again if it fails
+    p = parent
+    while not os.path.lexists(p):
+        created.append(p)
+        p = os.path.dirname(p)
     try:
         os.makedirs(parent, exist_ok=True)
     except FileExistsError:
         raise CheckpointError(f"{dst}: cannot create it: {parent} is not a directory") from None
     if not os.path.isdir(parent):
         raise CheckpointError(f"{dst}: cannot create it: {parent} is not a directory")
-    lock = _DstLock(dst)
-    lock.acquire()
     try:
-        if os.path.lexists(dst):  # finished by the run that held the lock before us
-            raise CheckpointError(f"{dst}: destination already exists; remove it or choose another path")
-        _clear_stale_tmps(dst)
-        tmp = dst + f"{TMP_INFIX}{os.getpid()}"
-        with _on_sigterm_raise():
-            os.makedirs(tmp)
+        lock = _DstLock(dst)
+        lock.acquire()
+        try:
+            if os.path.lexists(dst):  # finished by the run that held the lock before us
+                raise CheckpointError(f"{dst}: destination already exists; remove it or choose another path")
+            _clear_stale_tmps(dst)
+            tmp = dst + f"{TMP_INFIX}{os.getpid()}"
+            with _on_sigterm_raise():
+                os.makedirs(tmp)
+                try:
+                    yield tmp
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+        finally:
+            lock.release()
+    except BaseException:
+        for d in created:
             try:
-                yield tmp
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-    finally:
-        lock.release()
+                os.rmdir(d)
+            except OSError:  # not empty (someone else's files) or gone: leave it
+                break
+        raise
 
 
 def _rename_noreplace(src: str, dst: str) -> None:

@@ -182,7 +182,7 @@ def test_full_disk_is_one_line(src, tmp_path, capsys, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     monkeypatch.setattr(partial, "finalize", full)
-    dst = str(tmp_path / "out")
+    dst = str(tmp_path / "new folder" / "deeper" / "out")  # the folders this run makes go too
     assert main(["convert", src, dst, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert _one_error(err) == (f"error: {dst}: no space left on device while writing the converted checkpoint (the "
