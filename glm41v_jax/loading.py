@@ -239,6 +239,9 @@ class HFCheckpoint:
             infos = read_safetensors_header(single)
         else:
             refuse_pickles(d)
+            if any(f == PARAMS_SUBDIR or f.startswith(PARAMS_SUBDIR + ".") for f in os.listdir(d)):
+                raise CheckpointError(f"{d}: an unfinished conversion (params/ but no {FORMAT_FILE}: the converter "
+                                      "was stopped before the end); delete it and convert again")
             raise CheckpointError(f"{d}: no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} found")
         self.infos = infos
         self.rules = build_rules(self.cfg)

@@ -151,6 +151,8 @@ def test_sigkill_leftover_is_cleared_by_the_next_run(src, tmp_path, caplog):
     assert p.wait(timeout=300) == -signal.SIGKILL
     tmp = f"{dst}.tmp-{p.pid}"
     assert len(os.listdir(tmp)) > 1  # what kill -9 leaves behind: side files and partial saves
+    with pytest.raises(CheckpointError, match=r"an unfinished conversion \(params/ but no glm41v_jax\.json"):
+        loading.load(tmp)
     live = subprocess.Popen(["sleep", "60"])  # a folder named after a running process is kept
     alive = f"{dst}.tmp-{live.pid}"
     os.makedirs(alive)
