@@ -325,3 +325,18 @@ def test_broken_chat_templates(tmp_path, template, needle):
     tiny.write_tokenizer_files(tmp_path)
     with pytest.raises(ProcessingError, match="lone surrogate"):
         Processor.from_dir(tmp_path)("bad \ud800 text")
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("image_mean", ["a", "b", "c"], "field 'image_mean' must be 3 finite numbers"),
+    ("image_std", [0, 0, 0], "field 'image_std' must be 3 finite numbers > 0"),
+    ("rescale_factor", "x", "field 'rescale_factor' must be a finite number > 0"),
+    ("do_resize", "no", "field 'do_resize' must be true or false"),
+    ("merge_size", 10**30, "field 'merge_size' must be a positive integer"),
+    ("size", {"longest_edge": "big"}, "field 'max_pixels' must be a positive integer"),
+])
+def test_processor_config_fields(tmp_path, field, value, needle):
+    tiny.write_tokenizer_files(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**tiny.TINY_PREPROCESSOR, field: value}))
+    with pytest.raises(ProcessingError, match=f"preprocessor_config.json: {needle}"):
+        Processor.from_dir(tmp_path)

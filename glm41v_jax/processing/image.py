@@ -383,21 +383,31 @@ def _fields_from_dict(cfg: dict[str, Any], source: str, default_min: int, defaul
     for k in ints + bools + ("rescale_factor", "image_mean", "image_std"):
         if cfg.get(k) is not None:
             out[k] = cfg[k]
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
     for k in ("min_pixels", "max_pixels", *ints):
-        if k in out and (not isinstance(out[k], (int, float)) or isinstance(out[k], bool) or out[k] <= 0
-                         or int(out[k]) != out[k]):
-            raise ProcessingError(f"{source}: field {k!r} must be a positive integer, got {out[k]!r}")
+        if k in out and (not number(out[k]) or not 0 < out[k] <= 2**31 - 1 or int(out[k]) != out[k]):
+            raise ProcessingError(f"{source}: field {k!r} must be a positive integer, got {str(out[k])[:40]!r}")
         if k in out:
             out[k] = int(out[k])
+    for k in bools:
+        if k in out and not isinstance(out[k], bool):
+            raise ProcessingError(f"{source}: field {k!r} must be true or false, got {str(out[k])[:40]!r}")
     for k in ("image_mean", "image_std"):
         if k in out:
             v = out[k]
-            if isinstance(v, (int, float)):
+            if number(v):
                 v = [v] * 3
-            if not isinstance(v, (list, tuple)) or len(v) != 3:
-                raise ProcessingError(f"{source}: field {k!r} must be 3 numbers, got {out[k]!r}")
+            if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(number(x) for x in v) or (
+                    k == "image_std" and not all(x > 0 for x in v)):
+                what = "3 finite numbers" + (" > 0" if k == "image_std" else "")
+                raise ProcessingError(f"{source}: field {k!r} must be {what}, got {str(out[k])[:60]}")
             out[k] = tuple(float(x) for x in v)
     if "rescale_factor" in out:
+        if not number(out["rescale_factor"]) or out["rescale_factor"] <= 0:
+            raise ProcessingError(f"{source}: field 'rescale_factor' must be a finite number > 0, got "
+                                  f"{str(out['rescale_factor'])[:40]!r}")
         out["rescale_factor"] = float(out["rescale_factor"])
     if out["min_pixels"] > out["max_pixels"]:
         raise ProcessingError(
