@@ -185,7 +185,7 @@ def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams,
 # ---------------------------------------------------------------------------------------------------------------
 # generation_config.json: the checkpoint's sampling defaults.
 
-GENERATION_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+GENERATION_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id")
 
 
 def read_generation_config(directory: str | os.PathLike | None) -> tuple[dict[str, Any], str | None]:
@@ -214,6 +214,9 @@ def read_generation_config(directory: str | os.PathLike | None) -> tuple[dict[st
         "top_k": (lambda v: _is_int(v) and 0 <= v <= INT32_MAX, f"an integer in [0, {INT32_MAX}]"),
         "top_p": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
         "repetition_penalty": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+        "eos_token_id": (lambda v: (_is_int(v) and 0 <= v <= INT32_MAX) or (
+            isinstance(v, list) and len(v) > 0 and all(_is_int(x) and 0 <= x <= INT32_MAX for x in v)),
+            "a token id or a non-empty list of token ids"),
     }
     out: dict[str, Any] = {}
     for name, (ok, expected) in checks.items():

@@ -226,6 +226,8 @@ def _model_copy(tiny_cache_dir, dest) -> str:
     ("generation_config.json", json.dumps({"do_sample": "yes"}).encode(),
      ["field 'do_sample': expected true or false"]),
     ("generation_config.json", b"[1, 2]", ["generation_config.json: expected a JSON object, got list"]),
+    ("generation_config.json", json.dumps({"eos_token_id": ["x"]}).encode(),
+     ["field 'eos_token_id': expected a token id or a non-empty list of token ids, got a list"]),
     ("generation_config.json", b"{\"top_k\": \xff}", ["generation_config.json: not UTF-8 (byte 0xff at offset 10)"]),
     ("generation_config.json", b"[" * 100000, ["generation_config.json: JSON nested too deeply"]),
     ("tokenizer_config.json", b"[]", ["tokenizer_config.json", "expected a JSON object, got list"]),
