@@ -201,3 +201,17 @@ def test_stream_reads_one_batch_at_a_time(tiny_cache_dir, monkeypatch, tmp_path)
         Request("x", max_new_tokens=10**30)
     with pytest.raises(GenerationError, match="seed must be an integer"):
         list(pipe.stream([Request("x")], seed=2**63))
+
+
+def test_batch_file_relative_path_with_spaces_from_elsewhere(cli, tmp_path, monkeypatch):
+    """`--batch-file "my requests/r.jsonl"` typed from another directory: media paths resolve against the file's
+    folder, not the working directory."""
+    folder = tmp_path / "my requests"
+    (folder / "pics dir").mkdir(parents=True)
+    _image(folder / "pics dir" / "a b.png", 40, 50, 4)
+    (folder / "r.jsonl").write_text(json.dumps({"prompt": "Look.", "images": ["pics dir/a b.png"]}) + "\n")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    rc, recs, err = cli("--batch-file", "../my requests/r.jsonl", "--max-new-tokens", "2")
+    assert rc == 0, err
+    assert recs[0]["line"] == 1 and 151343 in recs[0]["prompt_token_ids"]
