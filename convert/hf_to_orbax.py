@@ -141,7 +141,8 @@ class _DstLock:
         self.path = dst + LOCK_SUFFIX
         self.fd: int | None = None
 
-    def acquire(self) -> None:
+    def acquire(self) -> bool:
+        """Take the lock (True), or return False on a filesystem without file locks."""
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -157,7 +158,7 @@ class _DstLock:
                 if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     log.warning("%s: this filesystem has no file locks; not guarding against a concurrent "
                                 "conversion to the same destination", self.path)
-                    return
+                    return False
                 raise
             try:  # the file we locked must still be the one at the path (a finishing run unlinks it)
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
@@ -167,7 +168,7 @@ class _DstLock:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
                 self.fd = fd
-                return
+                return True
             os.close(fd)
 
     def release(self) -> None:
@@ -178,8 +179,9 @@ class _DstLock:
             self.fd = None
 
 
-def _clear_stale_tmps(dst: str) -> None:
-    """Remove `DST.tmp-<pid>` folders whose pid no longer runs (killed runs); say what was removed or left."""
+def _clear_stale_tmps(dst: str, locked: bool) -> None:
+    """Remove `DST.tmp-<pid>` folders whose pid no longer runs (killed runs); say what was removed or left. Without
+    the lock (a filesystem without flock, maybe shared by several hosts) they are only reported."""
     parent, base = os.path.split(dst)
     for name in sorted(os.listdir(parent)):
         pid_text = name[len(base) + len(TMP_INFIX):]
@@ -188,6 +190,10 @@ def _clear_stale_tmps(dst: str) -> None:
         path, pid = os.path.join(parent, name), int(pid_text)
         if pid != os.getpid() and _pid_running(pid):
             log.warning("note: %s belongs to process %d, which is still running; left in place", path, pid)
+            continue
+        if not locked and pid != os.getpid():
+            log.warning("note: %s looks like the partial output of an interrupted conversion (pid %d is not running "
+                        "here); remove it unless another host is converting to %s", path, pid, dst)
             continue
         shutil.rmtree(path, ignore_errors=True)
         if pid != os.getpid():
@@ -235,11 +241,11 @@ def _staging(dst: str) -> Iterator[str]:
         raise CheckpointError(f"{dst}: cannot create it: {parent} is not a directory")
     try:
         lock = _DstLock(dst)
-        lock.acquire()
+        locked = lock.acquire()
         try:
             if os.path.lexists(dst):  # finished by the run that held the lock before us
                 raise CheckpointError(f"{dst}: destination already exists; remove it or choose another path")
-            _clear_stale_tmps(dst)
+            _clear_stale_tmps(dst, locked)
             tmp = dst + f"{TMP_INFIX}{os.getpid()}"
             with _on_sigterm_raise():
                 os.makedirs(tmp)

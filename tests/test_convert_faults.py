@@ -229,3 +229,28 @@ def test_converted_output_loads_after_faults(src, tmp_path):
     """The same source converts and loads normally after all of the above (no state left anywhere)."""
     params, _ = loading.load(convert(src, str(tmp_path / "ok"), progress=False), as_numpy=True, verify=True)
     assert params["lm_head"]["kernel"].shape == (64, 512)
+
+
+def test_filesystem_without_locks(src, tmp_path, monkeypatch, caplog):
+    """flock unsupported (some network filesystems, simulated: such a filesystem is not available here): the run
+    says it cannot guard against a concurrent conversion, and a dead run's folder is reported, not removed (it may
+    belong to a live run on another host)."""
+    import glm41v_convert.hf_to_orbax as h
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(h.fcntl, "flock", no_locks)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    dst = str(tmp_path / "out")
+    os.makedirs(f"{dst}.tmp-{dead.pid}")
+    with caplog.at_level(logging.WARNING, logger="glm41v_convert"):
+        convert(src, dst, progress=False)
+    notes = [r.getMessage() for r in caplog.records]
+    assert f"{dst}.lock: this filesystem has no file locks; not guarding against a concurrent conversion to the " \
+           "same destination" in notes
+    assert (f"note: {dst}.tmp-{dead.pid} looks like the partial output of an interrupted conversion (pid {dead.pid} "
+            f"is not running here); remove it unless another host is converting to {dst}") in notes
+    assert os.path.isdir(f"{dst}.tmp-{dead.pid}")
+    _complete(dst)
