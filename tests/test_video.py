@@ -157,6 +157,12 @@ def test_header_count_wrong_two_passes(vdir, vp):
     frames, meta = _decode_all(cut)
     assert header == 90 and 10 < meta.total_num_frames < 90
     _check_file_vs_reference(cut, vp)
+    every, every_meta = load_video(cut)  # every frame, no resize: fewer frames than the header's count
+    np.testing.assert_array_equal(every, frames)
+    assert every_meta.total_num_frames == meta.total_num_frames and every_meta.frames_indices is None
+    unsampled = vp(str(cut), do_sample_frames=False)
+    np.testing.assert_array_equal(unsampled["pixel_values_videos"],
+                                  vp((frames, meta), do_sample_frames=False)["pixel_values_videos"])
 
 
 @pytest.mark.parametrize("codec,gop,bframes", [("mpeg4", 12, 0), ("libx264", 10, 2), ("libx264", 25, 3)])
@@ -194,6 +200,27 @@ def test_seeking_matches_front_to_back(vdir, monkeypatch, codec, gop, bframes):
     assert got["video_metadata"][0].total_num_frames == 400
     np.testing.assert_array_equal(got["pixel_values_videos"], seq["pixel_values_videos"])
     np.testing.assert_array_equal(got["pixel_values_videos"], ref["pixel_values_videos"])
+
+
+def test_header_count_too_low(vdir, vp, monkeypatch):
+    """A header that claims fewer frames than the file holds. No container written here keeps such a count (mp4 and
+    avi take it from their index), so the probe's count is lowered by a wrapper around the real probe."""
+    path = write_video(vdir / "more.mp4", _pattern(30, 56, 84), 10)
+    frames, meta = _decode_all(path)
+    real = video_mod._probe_video
+
+    def low_count(*a):
+        m, packets = real(*a)
+        return VideoMetadata(7, m.fps, 7 / m.fps, width=m.width, height=m.height), packets
+
+    monkeypatch.setattr(video_mod, "_probe_video", low_count)
+    every, every_meta = load_video(path)
+    np.testing.assert_array_equal(every, frames)
+    assert every_meta.total_num_frames == 30
+    _check_file_vs_reference(path, vp)  # sampled from 7 frames first, then again from the 30 decoded
+    got = vp(path, do_sample_frames=False)
+    np.testing.assert_array_equal(got["pixel_values_videos"],
+                                  vp((frames, meta), do_sample_frames=False)["pixel_values_videos"])
 
 
 def test_unsampled_file_is_bounded_by_budget(vdir):

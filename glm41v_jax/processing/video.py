@@ -278,7 +278,7 @@ class _Keeper:
         for pos, i in enumerate(idx or ()):
             self.slots.setdefault(i, []).append(pos)
         self.out: np.ndarray | None = None
-        self.kept: list[np.ndarray] = []
+        self.kept: list[np.ndarray] = []  # idx=None: frames past num_kept
         self.hw: tuple[int, int] | None = None
         self.target: tuple[int, int] | None = None
 
@@ -296,12 +296,21 @@ class _Keeper:
                 f"{arr.shape[0]}x{arr.shape[1]}), which is not supported"
             )
         arr = pil_resize(arr, *self.target, self.resample)
-        if self.idx is None:
+        if self.out is None:  # one array for the expected frames: no list + stack copy at the end
+            self.out = np.empty((self.num_kept if self.idx is None else len(self.idx), *arr.shape), np.uint8)
+        if self.idx is not None:
+            self.out[self.slots[i]] = arr
+        elif i < len(self.out):
+            self.out[i] = arr
+        else:  # more frames than the stream's header said
             self.kept.append(arr)
-            return
-        if self.out is None:
-            self.out = np.empty((len(self.idx), *arr.shape), np.uint8)
-        self.out[self.slots[i]] = arr
+
+    def all_frames(self, n: int) -> np.ndarray:
+        """The n frames kept with idx=None (the expected count was num_kept)."""
+        assert self.out is not None
+        if n == len(self.out):
+            return self.out
+        return np.concatenate([self.out[:n], *(f[None] for f in self.kept)])
 
 
 def _decode(
@@ -338,7 +347,7 @@ def _decode(
     if keeper.hw is None:
         return None, n, (0, 0)
     if idx is None:
-        return np.stack(keeper.kept), n, keeper.hw
+        return keeper.all_frames(n), n, keeper.hw
     if n <= max(idx):  # the stream was shorter than its header said (the caller samples again), or a bad index
         return None, n, keeper.hw
     return keeper.out, n, keeper.hw
