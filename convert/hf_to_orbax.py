@@ -368,6 +368,8 @@ def convert(
     out_dtype = parse_dtype(dtype)
     if not isinstance(flush_bytes, int) or isinstance(flush_bytes, bool) or flush_bytes <= 0:
         raise CheckpointError(f"flush_bytes must be a positive number of bytes, got {flush_bytes!r}")
+    if not os.fspath(dst).strip():
+        raise CheckpointError("the destination path is empty")
     dst = abs_path(dst)  # orbax and tensorstore take absolute paths only
     src_dir = resolve_model_dir(src)
     if is_converted_dir(src_dir):

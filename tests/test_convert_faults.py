@@ -217,6 +217,13 @@ def test_flush_gb_out_of_range(src, tmp_path, capsys, value):
         convert(src, str(tmp_path / "o"), flush_bytes=0)
 
 
+def test_empty_destination(src, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", src, ""]) == 2
+    assert _one_error(capsys.readouterr().err) == "error: the destination path is empty"
+    assert _left(tmp_path) == []
+
+
 def test_destination_under_a_file(src, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["convert", src, str(tmp_path / "file" / "out")]) == 2
