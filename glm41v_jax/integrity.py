@@ -60,23 +60,24 @@ def file_sizes(directory: str) -> dict[str, int]:
     return out
 
 
-def damaged_files(directory: str, recorded: Mapping[str, int]) -> list[str]:
-    """The recorded files (relative to `directory`) that are missing or not of their recorded size, described."""
-    bad = []
+def damaged_files(directory: str, recorded: Mapping[str, int]) -> dict[str, str]:
+    """{file: what is wrong} for the recorded files (relative to `directory`) that are missing or not of their
+    recorded size."""
+    bad = {}
     for rel, size in recorded.items():
         path = os.path.join(directory, *rel.split("/"))
         try:
             got = os.stat(path).st_size
         except FileNotFoundError:
-            bad.append(f"{rel} (missing)")
+            bad[rel] = "missing"
             continue
         except OSError as e:
-            bad.append(f"{rel} (unreadable: {e.strerror})")
+            bad[rel] = f"unreadable: {e.strerror}"
             continue
         if not os.path.isfile(path):
-            bad.append(f"{rel} (not a file)")
+            bad[rel] = "not a file"
         elif got != size:
-            bad.append(f"{rel} ({'truncated' if got < size else 'grown'} to {got} bytes, {size} written)")
+            bad[rel] = f"{'truncated' if got < size else 'grown'} to {got} bytes, {size} written"
     return bad
 
 

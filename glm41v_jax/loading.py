@@ -409,7 +409,7 @@ def read_format(directory: str) -> dict[str, Any]:
 
 def check_files(directory: str, fmt: dict[str, Any]) -> None:
     """Every file recorded under params/ exists with its recorded size (one stat each). Raises CheckpointError."""
-    bad = damaged_files(directory, fmt.get("files") or {})
+    bad = [f"{rel} ({why})" for rel, why in damaged_files(directory, fmt.get("files") or {}).items()]
     if bad:
         raise CheckpointError(f"{directory}: damaged converted checkpoint: {len(bad)} data file(s) missing or "
                               f"changed: {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}; convert again")
@@ -549,8 +549,7 @@ def verify_converted(directory: str | os.PathLike, *, group_bytes: int = 256 << 
     fmt = read_format(directory)
     sums = (fmt.get("checksums") or {}).get("arrays")
     report = VerifyReport(directory, has_checksums=sums is not None)
-    for bad in damaged_files(directory, fmt.get("files") or {}):
-        report.damaged[bad.split(" (")[0]] = bad.split(" (", 1)[1].rstrip(")")
+    report.damaged.update(damaged_files(directory, fmt.get("files") or {}))
     for name, want in (fmt.get("side_files") or {}).items():
         path = os.path.join(directory, name)
         try:
