@@ -223,6 +223,24 @@ def test_header_count_too_low(vdir, vp, monkeypatch):
                                   vp((frames, meta), do_sample_frames=False)["pixel_values_videos"])
 
 
+def test_seek_failure_falls_back_to_front_to_back(vdir, vp, monkeypatch):
+    """A format that cannot seek: stood in for by a seek pass that raises FFmpeg's error (every container written
+    here can seek)."""
+    path = write_video(vdir / "noseek.mp4", _pattern(400, 28, 28), 10)
+    calls = []
+
+    def failing(*a, **k):
+        calls.append(1)
+        raise av.FFmpegError(1, "seek not supported")
+
+    monkeypatch.setattr(video_mod, "_decode_seeking", failing)
+    frames, meta = _decode_all(path)
+    got = VideoProcessor(min_pixels=VMIN, max_pixels=VMAX, max_duration=4)(path)
+    ref = VideoProcessor(min_pixels=VMIN, max_pixels=VMAX, max_duration=4)((frames, meta))
+    assert calls == [1]
+    np.testing.assert_array_equal(got["pixel_values_videos"], ref["pixel_values_videos"])
+
+
 def test_unsampled_file_is_bounded_by_budget(vdir):
     path = write_video(vdir / "all.mp4", _pattern(12, 56, 84), 10)
     frames, meta = _decode_all(path)

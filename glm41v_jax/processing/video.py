@@ -328,7 +328,7 @@ def _decode(
             keeper = _Keeper(path, idx, num_kept, size, resample)
             _decode_seeking(av, path, plan, keeper, max_frame_pixels)
             return keeper.out, len(plan.pts), keeper.hw or (0, 0)
-        except _SeekMismatch:
+        except (_SeekMismatch, av.FFmpegError):  # a format that cannot seek, or a decoder error: front to back
             pass
     keeper = _Keeper(path, idx, num_kept, size, resample)
     n = 0
