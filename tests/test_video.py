@@ -278,6 +278,8 @@ def test_user_metadata_with_a_path(vdir, vp):
     np.testing.assert_array_equal(got["pixel_values_videos"], ref["pixel_values_videos"])
     with pytest.raises(ProcessingError, match=r"meta\.mp4.*total_num_frames=41.*file has 40 frames"):
         vp((path, VideoMetadata(41, 20.0, 2.05)))
+    with pytest.raises(ProcessingError, match=r"video metadata: .*'frames'.*fields: total_num_frames, fps"):
+        vp((path, {"frames": 40, "fps": 20.0}))
 
 
 def _rotate_tkhd(data: bytes, degrees: int) -> bytes:

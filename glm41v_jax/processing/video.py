@@ -520,7 +520,11 @@ class VideoProcessor:
         if isinstance(video, tuple) and len(video) == 2 and isinstance(video[1], (VideoMetadata, dict)):
             video, metadata = video
         if isinstance(metadata, dict):
-            metadata = VideoMetadata(**metadata)
+            try:
+                metadata = VideoMetadata(**metadata)
+            except TypeError as e:
+                fields = ", ".join(VideoMetadata.__annotations__)
+                raise ProcessingError(f"video metadata: {e} (fields: {fields})") from e
         if isinstance(video, (str, os.PathLike)):
             frames, metadata = self.load(video, metadata, do_sample_frames)
             return frames, metadata, os.fspath(video), True
