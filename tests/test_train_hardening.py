@@ -161,6 +161,18 @@ def test_values_that_crashed_later(tmp_path, run_cli):
     assert rc == 2 and f"data.jsonl {bad}: no usable record" in line and "malformed_json: " in line, line
 
 
+@pytest.mark.parametrize("override,why", [("resume_step=5", "resume_step 5: no such checkpoint"),
+                                          ("resume=required", "resume is 'required'")])
+def test_early_error_is_the_whole_stderr(tmp_path, tiny_cache_dir, override, why):
+    """An error right after the checkpoint manager opened: nothing of orbax's background work may print after the
+    line (its temporary-directory cleanup thread used to outlive the run and print a traceback at exit)."""
+    r = subprocess.run([sys.executable, "-m", "glm41v_jax", "train", "--config", SMOKE, "--set",
+                        f"output_dir={tmp_path / 'o'}", "--set", override, *QUIET], cwd=REPO,
+                       env=_env(tiny_cache_dir, str(tmp_path / "jc")), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [_one_error_line(r.stderr)], r.stderr[-3000:]
+    assert why in r.stderr
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad records: whatever a record holds, it is a bad record under the policy.
 

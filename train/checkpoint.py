@@ -6,9 +6,10 @@ Layout of `output_dir/checkpoints/<step>/` (one orbax composite checkpoint per s
     meta/    JSON: step, process count, mesh, the whole training config
 
 Atomicity is orbax's: a save is written into `<step>.orbax-checkpoint-tmp` and renamed to `<step>` once every host
-has finished, so a kill at any moment leaves the previous checkpoints intact (the manager removes the unfinished
-temporary directory when it next opens). Saves are asynchronous: `save` returns once the arrays are copied to host
-memory; the files are written in the background while training goes on. `keep_last` checkpoints are kept.
+has finished, so a kill at any moment leaves the previous checkpoints intact (`TrainCheckpointer` removes the
+unfinished temporary directory when it next opens). Saves are asynchronous: `save` returns once the arrays are
+copied to host memory; the files are written in the background while training goes on. `keep_last` checkpoints are
+kept.
 
 A checkpoint that cannot be restored (files removed or damaged, a different parameter tree or process count) raises
 `CheckpointCorruptError` naming its directory. Nothing falls back silently: remove the checkpoint (the previous one
@@ -117,8 +118,15 @@ class TrainCheckpointer:
 
         self._ocp, self._gc = ocp, gc
         self.directory = os.path.abspath(directory)
+        # Unfinished saves (a kill during a save) are removed here, synchronously, by process 0 (the run lock is
+        # held): orbax's own cleanup runs in a thread that can outlive a run stopping at once on a config error.
+        if jax.process_index() == 0 and os.path.isdir(self.directory):
+            for name in os.listdir(self.directory):
+                if ".orbax-checkpoint-tmp" in name:
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        _sync("glm41v_checkpoint_tmp_cleanup")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep_last, enable_async_checkpointing=async_save,
-                                               create=True, cleanup_tmp_directories=True)
+                                               create=True, cleanup_tmp_directories=False)
         self._quiet = _QuietOrbaxErrors()
         logging.getLogger("absl").addFilter(self._quiet)
         self._writing: int | None = None  # the step of the save in flight

@@ -184,7 +184,7 @@ def train_step(params: Any, opt_state: Any, batch: Mapping[str, Any], *, cfg: Gl
         new_params = optax.apply_updates(params, updates)
     # A non-finite loss or gradient norm: the update is not applied (params and optimizer state, its step count
     # included, stay as they were), so params never turn non-finite; the loop stops after `nonfinite_patience` such
-    # steps (train/loop.py). The select fuses into the update's elementwise pass.
+    # steps (train/loop.py). An elementwise select in the same program: no host sync.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     params, opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), (new_params, new_opt_state),
                                      (params, opt_state))
