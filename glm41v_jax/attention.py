@@ -62,6 +62,11 @@ from .sharding import logical_to_spec
 
 NEG_INF = -2.3819763e38  # a large finite negative: fully masked rows stay NaN-free
 
+# Decode attention (T == 1, the XLA math) on a multi-device mesh runs per shard under shard_map, like the kernels.
+# Left to GSPMD, the einsum over the KV cache (2 KV heads replicated over tensor=8) was partitioned along the cache
+# and every layer all-gathered its K and V (plus a re-layout copy) each step: 40 x 2 x the cache per chip
+# (BENCHMARKS.md "TPU decode efficiency"). Per shard, each device reads its own rows and KV head in place.
+SHARD_XLA_DECODE = True
 # Run the Pallas kernels through the Pallas interpreter (CPU tests). Read at trace time; False on TPU.
 PALLAS_INTERPRET = False
 # Largest splash tile along T and along S (a multiple of 128); 512 is the usual sweet spot on v4/v5 TPUs.
@@ -115,14 +120,17 @@ def attention(
     kind = resolve_impl(check_impl(impl), q, k, v, platform)
     kw = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal, q_positions=q_positions,
               kv_positions=kv_positions, scale=scale)
+    mesh = current_mesh()
+    sharded = mesh is not None and mesh.size > 1
     if kind == "pallas":
         fn = functools.partial(pallas_attention, interpret=PALLAS_INTERPRET if interpret is None else interpret)
     elif kind == "cudnn":
         fn = cudnn_attention
+    elif sharded and q.shape[1] == 1 and SHARD_XLA_DECODE:
+        fn = xla_attention  # decode on a mesh: per shard too (no KV-cache all-gather, see SHARD_XLA_DECODE)
     else:
         return xla_attention(q, k, v, **kw)
-    mesh = current_mesh()
-    if mesh is not None and mesh.size > 1:
+    if sharded:
         return shard_heads(fn, q, k, v, mesh=mesh, **kw)
     return fn(q, k, v, **kw)
 

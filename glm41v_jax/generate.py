@@ -544,11 +544,11 @@ class Engine:
         return jax.sharding.NamedSharding(self.mesh, logical_to_spec(names, shape, self.mesh))
 
     def cache_shardings(self, cache: Any) -> Any:
-        """KV-cache shardings: (B, S, K, H) per layer (L, B, S, K, H stacked) -> batch, length, kv_heads, head_dim."""
+        """KV-cache shardings: (B, K, S, H) per layer (L, B, K, S, H stacked) -> batch, kv_heads, length, head_dim."""
         from .sharding import logical_to_spec
 
         def one(x):
-            names = ("batch", "length", "kv_heads", "head_dim")
+            names = ("batch", "kv_heads", "length", "head_dim")
             names = names if len(np.shape(x)) == 4 else ("layers", *names)
             return jax.sharding.NamedSharding(self.mesh, logical_to_spec(names, np.shape(x), self.mesh))
 

@@ -92,10 +92,14 @@ class Glm4v(nn.Module):
 
 
 def init_cache(cfg: Glm4vConfig, batch: int, max_len: int, dtype: Any = None) -> dict[str, Any]:
-    """Zeroed KV cache: per layer (B, S, K, H) (stacked (L, B, S, K, H) when scan_layers)."""
+    """Zeroed KV cache: per layer (B, K, S, H) (stacked (L, B, K, S, H) when scan_layers).
+
+    Heads before slots: each (row, KV head) is one contiguous (S, H) matrix, the operand layout attention reads.
+    With slots before heads, the TPU compiler re-laid out the whole cache of every layer on every decode step
+    (K = 2 heads as the minor tile dimension; BENCHMARKS.md "TPU decode efficiency")."""
     t = cfg.text
     dtype = jnp.dtype(dtype or cfg.runtime.dtype)
-    shape = (batch, max_len, t.num_key_value_heads, t.head_dim)
+    shape = (batch, t.num_key_value_heads, max_len, t.head_dim)
     if cfg.runtime.scan_layers:
         z = jnp.zeros((t.num_hidden_layers, *shape), dtype)
         return {"k": z, "v": z}

@@ -5,10 +5,10 @@ pre-norms), q/k/v biases but no o bias, grouped-query attention (32 q / 2 kv hea
 interleaved-pair 3-D M-RoPE on the first half of each head. The same layer code runs scanned over stacked
 weights (training) or unrolled over per-layer weights (decoding), with or without a KV cache.
 
-KV cache: per layer k, v (B, S, K, H) written at slot `cache_index`; one shared `kv_segment_ids` (B, S) says which
-slots hold real tokens (0 = empty or padding). Slots double as causal positions. With a cache but no kv segment ids
-(a prefill into an empty cache) the new tokens are written and attend only to each other, not to the S - T empty
-slots.
+KV cache: per layer k, v (B, K, S, H) (heads before slots: see model.init_cache) written at slot `cache_index`; one
+shared `kv_segment_ids` (B, S) says which slots hold real tokens (0 = empty or padding). Slots double as causal
+positions. With a cache but no kv segment ids (a prefill into an empty cache) the new tokens are written and attend
+only to each other, not to the S - T empty slots.
 
 Axis legend: B batch, T new tokens, S cache slots, D width, N q heads, K kv heads, H head dim, F mlp width.
 """
@@ -46,11 +46,11 @@ class TextAttention(nn.Module):
         new_cache = None
         k_all, v_all = kk, v
         if kv_cache is not None:
-            ck, cv = kv_cache
-            new_cache = (jax.lax.dynamic_update_slice(ck, kk.astype(ck.dtype), (0, cache_index, 0, 0)),
-                         jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0)))
+            ck, cv = kv_cache  # (B, K, S, H)
+            new_cache = tuple(jax.lax.dynamic_update_slice(c, x.transpose(0, 2, 1, 3).astype(c.dtype),
+                                                           (0, 0, cache_index, 0)) for c, x in ((ck, kk), (cv, v)))
             if kv_seg is not None:  # attend to the whole cache; None: a fresh cache, the new tokens are all of it
-                k_all, v_all = new_cache
+                k_all, v_all = (c.transpose(0, 2, 1, 3) for c in new_cache)  # (B, S, K, H) views
         if kv_seg is None:
             kv_seg, kv_slots = q_seg, q_slots
         o = attention(q, k_all.astype(self.dtype), v_all.astype(self.dtype), q_segment_ids=q_seg,

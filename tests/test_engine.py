@@ -195,8 +195,8 @@ def test_mesh_gives_the_same_tokens(gqa, spec):
     assert q.sharding.spec[0] == ("tensor" if t > 1 else None)
     assert k.sharding.spec[0] == ("tensor" if 1 < t <= 2 else None)
     # The KV cache follows the same table.
-    cache = eng.cache_shardings({"k": [jax.ShapeDtypeStruct((2, 128, 2, 16), np.float32)]})["k"][0]
-    assert cache.spec[2] == ("tensor" if 1 < t <= 2 else None)
+    cache = eng.cache_shardings({"k": [jax.ShapeDtypeStruct((2, 2, 128, 16), np.float32)]})["k"][0]  # (B, K, S, H)
+    assert cache.spec[1] == ("tensor" if 1 < t <= 2 else None)
     assert cache.spec[0] == ("data" if mesh.shape["data"] == 2 else None)  # 2 rows: split over data=2 only
 
 

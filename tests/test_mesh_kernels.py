@@ -88,6 +88,21 @@ def test_cudnn_call_under_shard_map_equals_xla(name, spec):
     np.testing.assert_allclose(np.asarray(out, np.float32)[rows], np.asarray(ref, np.float32)[rows], atol=3e-2)
 
 
+@pytest.mark.parametrize("spec", ["tensor=8", "data=2,fsdp=2,tensor=2", "fsdp=8"])
+def test_xla_decode_runs_per_shard(spec, monkeypatch):
+    """Decode (T = 1) on a mesh runs the XLA math per shard (SHARD_XLA_DECODE): the reference's numbers; turned
+    off, GSPMD partitions it (no shard_map)."""
+    q, k, v, kw = _case("cache")
+    q, kw = q[:, -1:], {**kw, "q_segment_ids": kw["q_segment_ids"][:, -1:], "q_positions": kw["q_positions"][:, -1:]}
+    ref = A.attention(q, k, v, **kw, impl="auto")
+    out, jaxpr = _sharded(lambda q, k, v: A.attention(q, k, v, **kw, impl="auto"), make_mesh(spec), q, k, v)
+    assert "shard_map" in jaxpr
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
+    monkeypatch.setattr(A, "SHARD_XLA_DECODE", False)
+    _, jaxpr = _sharded(lambda q, k, v: A.attention(q, k, v, **kw, impl="auto"), make_mesh(spec), q, k, v)
+    assert "shard_map" not in jaxpr
+
+
 @pytest.mark.parametrize("n,kh,spec", [(6, 3, "fsdp=4,tensor=2"), (8, 2, "tensor=8"), (8, 4, "fsdp=2,tensor=4"),
                                        (12, 2, "data=2,tensor=4")])
 def test_kv_head_selection_for_every_group_split(n, kh, spec):
@@ -229,3 +244,23 @@ def test_sharded_splash_compiles_for_a_tpu_v5e_8():
     # An abstract Engine for this mesh takes the TPU entry of the backend table.
     eng = Engine(None, Glm4vConfig.from_hf(_gqa_dict()), mesh=mesh)
     assert eng.platform == "tpu" and eng.cfg.runtime.kernel_layout == BACKEND_TUNING["tpu"]["engine_kernel_layout"]
+
+
+def test_train_step_takes_attention_impl():
+    """`step.attention_impl` is validated where the config is read (one error naming the field), reaches the
+    model config of the step, and the TPU example configs use the splash kernel."""
+    import os
+
+    from glm41v_train.config import TrainConfigError, load_config
+    from glm41v_train.step import StepConfig, train_config
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    smoke = os.path.join(repo, "train", "configs", "cpu_smoke.yaml")
+    assert load_config(smoke, ["step.attention_impl=xla"]).step.attention_impl == "xla"
+    with pytest.raises(TrainConfigError, match=r"step.*attention_impl.*'flash'"):
+        load_config(smoke, ["step.attention_impl=flash"])
+    for name in ("kaggle_v5e8.yaml", "v5p_pod.yaml"):
+        assert load_config(os.path.join(repo, "train", "configs", name)).step.attention_impl == "pallas"
+    cfg = Glm4vConfig.from_hf(_gqa_dict())
+    assert StepConfig().attention_impl == "auto"
+    assert train_config(cfg, StepConfig(attention_impl="pallas")).runtime.attention_impl == "pallas"
