@@ -346,7 +346,8 @@ def plan_generate(cfg: Glm4vConfig, tpu: TpuType, *, batch: int = 1, max_context
             raise
         failed = "prefill" if not eng.programs() else "decode"
         _record_programs(report, eng.programs())
-        return _not_fit(report, oom, failed, _generate_advice(tpu, batch, kv_b, params_b, hbm, oom))
+        return _not_fit(report, oom, failed, _generate_advice(tpu, batch, kv_b, params_b, hbm, oom, mesh_obj,
+                                                              cfg.text.num_key_value_heads))
     _record_programs(report, eng.programs())
     progs = {p["name"]: p for p in report["programs"]}
     dec = progs["decode"]
@@ -394,7 +395,7 @@ def _not_fit(report: dict[str, Any], oom: Mapping[str, Any], program: str, advic
 
 
 def _generate_advice(tpu: TpuType, batch: int, kv_b: float, params_b: float, hbm: float,
-                     oom: Mapping[str, Any]) -> list[str]:
+                     oom: Mapping[str, Any], mesh: Any, kv_heads: int) -> list[str]:
     need = max(oom.get("required_bytes") or 0, params_b + kv_b)
     out = []
     bigger = _next_size(tpu, need)
@@ -404,7 +405,13 @@ def _generate_advice(tpu: TpuType, batch: int, kv_b: float, params_b: float, hbm
     if free > 0 and kv_b > 0:
         rows = int(batch * free / max(need - params_b, 1))
         out.append(f"a smaller batch or context: the weights alone take {format_bytes(params_b)} of "
-                   f"{format_bytes(hbm)}; about {max(rows, 0)} row(s) of this context fit beside them")
+                   f"{format_bytes(hbm)}; at least ~{max(rows, 1)} row(s) of this context fit beside them (the "
+                   "compiler's total scaled linearly with the batch)")
+        tensor = mesh.shape["tensor"]
+        if tensor > kv_heads and batch > 1:
+            out.append(f"a mesh that splits the batch: {kv_heads} KV heads cannot be split {tensor} ways, so "
+                       f"each chip holds 1/{kv_heads} of the KV cache instead of 1/{tensor}; e.g. --mesh "
+                       f"fsdp={mesh.devices.size // kv_heads},tensor={kv_heads}")
     else:
         out.append(f"the weights alone ({format_bytes(params_b)} per chip) exceed the chip's {format_bytes(hbm)}: "
                    "a smaller batch or context cannot help")
@@ -455,7 +462,10 @@ def plan_train(train_config: Any, cfg: Glm4vConfig, tpu: TpuType, *, mesh: str |
         exe = ts.jitted(batch).lower(params, opt, batch).compile()
         return exe, time.perf_counter() - t0
 
-    ts = TrainStep(cfg, oc, mesh_obj, sc)
+    # Built under the slice's mesh: tracing the model (abstract params) with a TPU kernel as the attention backend
+    # must see the TPU platform, not this host's CPU.
+    with jax.sharding.use_abstract_mesh(mesh_obj.abstract_mesh):
+        ts = TrainStep(cfg, oc, mesh_obj, sc)
     a_params, a_opt = abstract_state(ts)
     counter = FlopCounter(ts.cfg, ts.abstract_params, oc.freeze)
     patches = dc.max_patches * tpu.hosts * a
@@ -516,7 +526,8 @@ def plan_train(train_config: Any, cfg: Glm4vConfig, tpu: TpuType, *, mesh: str |
         for n_layers in (1, 2):
             small = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_hidden_layers=n_layers),
                                         vision=dataclasses.replace(cfg.vision, depth=1))
-            sts = TrainStep(small, oc, mesh_obj, dataclasses.replace(sc, accum_steps=1, scan_layers=False))
+            with jax.sharding.use_abstract_mesh(mesh_obj.abstract_mesh):
+                sts = TrainStep(small, oc, mesh_obj, dataclasses.replace(sc, accum_steps=1, scan_layers=False))
             exe_n, secs_n = compile_step(sts, 1)
             counts.append(cost_figures(exe_n)["flops"])
             report["programs"].append({"name": f"train_step_unrolled_{n_layers}_layer", "compile_s": round(secs_n, 2),
