@@ -3,8 +3,9 @@
 Each plan compiles the real programs (the Engine's prefill and decode; the train step of a train/configs/ file) for
 the slice's devices with the TPU compiler (libtpu), on this machine, with no TPU and no weights. Printed: one
 Markdown table for generation (per-chip memory, the decode tokens/s bound at the HBM bandwidth, prefill FLOPs, the
-compiled decode step's bytes against the minimum) and one for training (per-chip memory, model FLOPs per step,
-step time at 50% MFU, the decoder-layer FLOPs ratio). `--json DIR` also writes each plan's JSON object there.
+compiled decode step's HBM bytes, `tpu_cost.calibrated_bytes`, against the minimum) and one for training (per-chip
+memory, model FLOPs per step, step time at 50% MFU, the decoder-layer FLOPs ratio). `--json DIR` also writes each
+plan's JSON object there.
 
     JAX_PLATFORMS=cpu python benchmarks/tpu_plans.py [--only generate|train] [--json /tmp/plans]
 
@@ -25,7 +26,8 @@ from common import print_table  # noqa: E402
 from glm41v_jax.plan import model_config, parse_tpu, plan_generate, plan_train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GENERATE = [("v5e-8", 1), ("v5e-8", 8), ("v5e-8", 32), ("v6e-1", 1), ("v6e-8", 8), ("v5e-1", 1)]
+GENERATE = [("v5e-1", 1, None), ("v5e-8", 1, None), ("v5e-8", 8, None), ("v5e-8", 32, None),
+            ("v5e-8", 32, "fsdp=4,tensor=2"), ("v6e-1", 1, None), ("v6e-8", 8, None)]
 TRAIN = [("v5e-8", "kaggle_v5e8.yaml"), ("v5p-64", "v5p_pod.yaml")]
 GiB = 2**30
 
@@ -51,20 +53,21 @@ def main() -> None:
 
     if args.only in (None, "generate"):
         rows = []
-        for tpu_name, batch in GENERATE:
-            r = plan_generate(cfg, parse_tpu(tpu_name), batch=batch, max_context=args.max_context)
-            save(f"generate_{tpu_name}_b{batch}", r)
+        for tpu_name, batch, mesh in GENERATE:
+            r = plan_generate(cfg, parse_tpu(tpu_name), batch=batch, max_context=args.max_context, mesh=mesh)
+            save(f"generate_{tpu_name}_b{batch}{'' if mesh is None else '_' + mesh.replace(',', '_')}", r)
             pc, ro, ef = r["per_chip"], r["roofline"], r["efficiency"]
             dec = next((p for p in r["programs"] if p["name"] == "decode"), None)
             rows.append({
-                "cmd": f"`glm41v plan --tpu {tpu_name} generate --batch {batch} --max-context {args.max_context}`",
+                "cmd": f"`glm41v plan --tpu {tpu_name} generate --batch {batch} --max-context {args.max_context}"
+                       f"{'' if mesh is None else ' --mesh ' + mesh}`",
                 "mesh": r["mesh"], "fits": "yes" if r["fits"] else "**no** (exit 1)",
                 "params": _gib(pc["params_bytes"]), "kv": _gib(pc["kv_cache_bytes"]),
                 "temp": _gib(pc["temp_bytes"]), "total": _gib(pc["total_bytes"]), "hbm": _gib(pc["hbm_bytes"]),
                 "tok_s": f"{ro['decode_tokens_per_s_bound']:.0f}",
                 "prefill": f"{r['analytic']['prefill_flops'] / 1e12:.0f}",
                 "prefill_ms": f"{ro['prefill_s_at_peak'] * 1e3:.0f}",
-                "dec_gib": "-" if dec is None else f"{dec['bytes_accessed'] / GiB:.2f}",
+                "dec_gib": "-" if dec is None else f"{dec['hbm_bytes'] / GiB:.2f}",
                 "min_gib": f"{r['analytic']['decode_min_bytes_per_chip'] / GiB:.2f}",
                 "ratio": "-" if ef.get("decode_bytes_ratio") is None else f"{ef['decode_bytes_ratio']:.2f}",
                 "compile": " + ".join(f"{p['compile_s']:.0f}" for p in r["programs"]) or "-",

@@ -50,6 +50,7 @@ from .generate import Engine, bucket_length, cache_length, format_bytes, synthet
 from .model import init_cache
 from .pipeline import auto_mesh_spec
 from .sharding import make_mesh
+from .tpu_cost import calibrated_bytes, decode_minimum_bytes
 
 GiB = 1 << 30
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "configs")
@@ -259,11 +260,6 @@ def _per_device(tpu: TpuType, n_devices: int) -> tuple[float, float, float]:
     return tpu.spec.hbm_bytes * share, tpu.spec.peak_flops * share, tpu.spec.hbm_bandwidth * share
 
 
-def _is_text_weight(path: tuple[Any, ...]) -> bool:
-    names = [str(getattr(k, "key", k)) for k in path]
-    return names[0] != "visual" and "embed_tokens" not in names
-
-
 def plan_generate(cfg: Glm4vConfig, tpu: TpuType, *, batch: int = 1, max_context: int = 8192,
                   max_new_tokens: int = 1024, images: Sequence[tuple[int, int]] = (), dtype: str = "bfloat16",
                   mesh: str | None = None, attention: str = "auto", chunk_size: int = 16,
@@ -300,12 +296,9 @@ def plan_generate(cfg: Glm4vConfig, tpu: TpuType, *, batch: int = 1, max_context
 
     # Analytic per-device figures.
     params_b = shard_bytes(eng.params)
-    flat = jax.tree_util.tree_flatten_with_path(eng.params)[0]
-    text_b = sum(shard_bytes(x) for p, x in flat if _is_text_weight(p))
-    itemsize = np.dtype(dtype).itemsize
     cache = jax.eval_shape(lambda: init_cache(eng.cfg, batch, slots))
     kv_b = shard_bytes(cache, eng.cache_shardings(cache))
-    decode_min = text_b + kv_b + batch * cfg.text.hidden_size * itemsize  # + the B embedding rows gathered
+    decode_min = decode_minimum_bytes(eng.params, cache, eng.cache_shardings(cache), batch)["minimum_bytes"]
     patches = sum((h // cfg.vision.patch_size) * (w // cfg.vision.patch_size) for h, w in sizes)  # one frame each
     counter = FlopCounter(eng.cfg, eng.params, freeze=("vision", "projector", "decoder"))  # forward only
     prefill_flops = counter.step_flops({"tokens": batch * n_prompt, "attn_s2": batch * n_prompt * (n_prompt + 1),
@@ -351,20 +344,23 @@ def plan_generate(cfg: Glm4vConfig, tpu: TpuType, *, batch: int = 1, max_context
     _record_programs(report, eng.programs())
     progs = {p["name"]: p for p in report["programs"]}
     dec = progs["decode"]
-    report["roofline"]["decode_tokens_per_s_at_compiled_bytes"] = \
-        batch * bw / dec["bytes_accessed"] if dec["bytes_accessed"] else None
-    report["efficiency"] = {"decode_bytes_ratio": decode_min / dec["bytes_accessed"] if dec["bytes_accessed"] else None,
-                            "prefill_flops_ratio": (prefill_flops / len(devices)) / progs["prefill"]["flops"]
-                            if progs["prefill"]["flops"] else None,
-                            "note": "decode: minimum bytes / the compiled step's 'bytes accessed' (uncalibrated: the "
-                                    "compiler also counts intermediate values); prefill: model FLOPs / compiled"}
+    dec_hbm = dec["hbm_bytes"]
+    report["roofline"]["decode_tokens_per_s_at_compiled_bytes"] = batch * bw / dec_hbm if dec_hbm else None
+    report["efficiency"] = {
+        "decode_bytes_ratio": decode_min / dec_hbm if dec_hbm else None,
+        "decode_bytes_ratio_uncalibrated": decode_min / dec["bytes_accessed"] if dec["bytes_accessed"] else None,
+        "prefill_flops_ratio": (prefill_flops / len(devices)) / progs["prefill"]["flops"]
+        if progs["prefill"]["flops"] else None,
+        "note": "decode: minimum bytes / the HBM bytes of one step of the compiled decode loop (tpu_cost."
+                "calibrated_bytes; the compiler's own 'bytes accessed' also counts on-chip copies: the "
+                "uncalibrated ratio); prefill: model FLOPs / compiled FLOPs"}
     return _finish(report, hbm)
 
 
 def _record_programs(report: dict[str, Any], programs: Sequence[tuple[str, Any, float]]) -> None:
     for name, exe, seconds in programs:
         report["programs"].append({"name": name, "compile_s": round(seconds, 2), **cost_figures(exe),
-                                   "memory": memory_figures(exe)})
+                                   "hbm_bytes": calibrated_bytes(exe), "memory": memory_figures(exe)})
 
 
 def _finish(report: dict[str, Any], hbm: float) -> dict[str, Any]:
@@ -517,7 +513,7 @@ def plan_train(train_config: Any, cfg: Glm4vConfig, tpu: TpuType, *, mesh: str |
             advice.append("optim.freeze: [vision] (no vision moments, gradients or backward)")
         return _not_fit(report, oom, "train_step", advice)
     report["programs"].append({"name": "train_step", "compile_s": round(secs, 2), **cost_figures(exe),
-                               "memory": memory_figures(exe)})
+                               "hbm_bytes": calibrated_bytes(exe), "memory": memory_figures(exe)})
     report["efficiency"] = {"flops_ratio": None}
     if count_flops:
         # The compiler counts a scanned body once: the per-layer count comes from the unrolled step at 1 and 2
@@ -531,7 +527,8 @@ def plan_train(train_config: Any, cfg: Glm4vConfig, tpu: TpuType, *, mesh: str |
             exe_n, secs_n = compile_step(sts, 1)
             counts.append(cost_figures(exe_n)["flops"])
             report["programs"].append({"name": f"train_step_unrolled_{n_layers}_layer", "compile_s": round(secs_n, 2),
-                                       **cost_figures(exe_n), "memory": memory_figures(exe_n)})
+                                       **cost_figures(exe_n), "hbm_bytes": calibrated_bytes(exe_n),
+                                       "memory": memory_figures(exe_n)})
         layer_compiled = (counts[1] - counts[0]) * n_dev
         t = cfg.text
         flat = jax.tree_util.tree_flatten_with_path(ts.abstract_params)[0]
@@ -589,7 +586,7 @@ def format_report(r: Mapping[str, Any]) -> str:
         lines.append("programs (per chip; the compiler counts a loop body once):")
         for p in r["programs"]:
             lines.append(f"  {p['name']:<30} compile {p['compile_s']:7.2f} s  {_fmt_flops(p['flops']):>12}  "
-                         f"{format_bytes(p['bytes_accessed']):>11} accessed  "
+                         f"HBM {format_bytes(p.get('hbm_bytes', p['bytes_accessed'])):>11}  "
                          f"total {format_bytes(p['memory']['total_bytes'])}")
     an = r.get("analytic", {})
     ro = r.get("roofline", {})
@@ -600,8 +597,9 @@ def format_report(r: Mapping[str, Any]) -> str:
         lines.append(f"decode: minimum {format_bytes(an['decode_min_bytes_per_chip'])} per chip per step -> at most "
                      f"{ro['decode_tokens_per_s_bound']:.0f} tokens/s ({ro['decode_step_s_bound'] * 1e3:.2f} ms/step)")
         if ef.get("decode_bytes_ratio") is not None:
-            lines.append(f"efficiency: decode bytes ratio {ef['decode_bytes_ratio']:.2f} (minimum / compiled bytes "
-                         "accessed, uncalibrated)")
+            lines.append(f"efficiency: decode bytes ratio {ef['decode_bytes_ratio']:.2f} (minimum / the compiled "
+                         f"step's HBM bytes; {ef['decode_bytes_ratio_uncalibrated']:.2f} against the compiler's "
+                         "'bytes accessed')")
     if r["kind"] == "train" and ro:
         lines.append(f"model FLOPs per step: {_fmt_flops(an['model_flops_per_step'])} "
                      f"({_fmt_flops(an['model_flops_per_chip'])} per chip); step {ro['step_s_at_peak']:.2f} s at peak, "
