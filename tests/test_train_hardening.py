@@ -148,6 +148,13 @@ def test_values_that_crashed_later(tmp_path, run_cli):
                          *QUIET)
     line = _one_error_line(err)
     assert rc == 2 and str(empty) in line and "no records" in line, line
+    rc, _, err = run_cli("train", "--config", SMOKE, "--set", f"output_dir={out}", "--set", f"eval.jsonl={empty}",
+                         "--set", "progress=false")
+    line = _one_error_line(err)
+    assert rc == 2 and f"eval.jsonl {empty}: no records" in line, line
+    rc, _, err = run_cli("train", "--config", SMOKE, "--set", f"output_dir={out}", "--set", f"data.jsonl={tmp_path}",
+                         *QUIET)
+    assert rc == 2 and f"{tmp_path}: is a directory" in _one_error_line(err)
     rc, _, err = run_cli("loss", "--model", "tiny", "--data", str(empty), "--seq-len", "64", "--mesh", "none")
     assert rc == 2 and "no records" in _one_error_line(err)
     rc, _, err = run_cli("train", "--config", SMOKE, "--set", f"output_dir={empty}", *QUIET)

@@ -161,6 +161,9 @@ class JsonlSource:
     def __init__(self, paths: str | Sequence[str], media_root: str | None = None) -> None:
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         self._paths = [os.path.abspath(os.fspath(p)) for p in paths]
+        for p in self._paths:
+            if os.path.isdir(p):
+                raise DataConfigError(f"{p}: is a directory, expected a JSONL file")
         self._roots = [os.path.abspath(media_root) if media_root else os.path.dirname(p) for p in self._paths]
         files, lines, offsets, lengths = [], [], [], []
         for fi, path in enumerate(self._paths):
@@ -516,15 +519,16 @@ class EncodeRecords(grain.transforms.Map):
 # The pipeline.
 
 
-def _source_name(cfg: DataConfig) -> str:
+def _source_name(cfg: DataConfig, section: str = "data") -> str:
     if cfg.jsonl:
-        return "data.jsonl " + ", ".join([cfg.jsonl] if isinstance(cfg.jsonl, str) else cfg.jsonl)
-    return f"data.tfds {cfg.tfds_dir or cfg.tfds_name}"
+        return f"{section}.jsonl " + ", ".join([cfg.jsonl] if isinstance(cfg.jsonl, str) else cfg.jsonl)
+    return f"{section}.tfds {cfg.tfds_dir or cfg.tfds_name}"
 
 
 def make_dataset(cfg: DataConfig, checkpoint_dir: str, shard_index: int | None = None,
-                 shard_count: int | None = None, model_cfg: Any = None) -> grain.IterDataset:
-    """The grain pipeline: an IterDataset of (batch, stats) pairs (see packing.py for both).
+                 shard_count: int | None = None, model_cfg: Any = None, section: str = "data") -> grain.IterDataset:
+    """The grain pipeline: an IterDataset of (batch, stats) pairs (see packing.py for both). `section` names the
+    config section in error messages ("data", "eval").
 
     Shards default to (jax.process_index(), jax.process_count()): host i reads records i, i + n, ... of each epoch's
     shuffled order."""
@@ -550,9 +554,9 @@ def make_dataset(cfg: DataConfig, checkpoint_dir: str, shard_index: int | None =
         ds = ds.shuffle(seed=cfg.seed)
     ds = ds[shard_index::shard_count]
     if len(source) == 0:
-        raise DataConfigError(f"{_source_name(cfg)}: no records (the data is empty or only blank lines)")
+        raise DataConfigError(f"{_source_name(cfg, section)}: no records (the data is empty or only blank lines)")
     if len(ds) == 0:
-        raise DataConfigError(f"{_source_name(cfg)}: shard {shard_index} of {shard_count} has no records "
+        raise DataConfigError(f"{_source_name(cfg, section)}: shard {shard_index} of {shard_count} has no records "
                               f"({len(source)} in all, fewer than the hosts)")
     per_epoch = len(ds)
     ds = ds.repeat(cfg.num_epochs)
@@ -567,7 +571,7 @@ def make_dataset(cfg: DataConfig, checkpoint_dir: str, shard_index: int | None =
                                                          per_worker_buffer_size=cfg.worker_buffer_size))
     return PackedBatchDataset(it, seq_len=cfg.seq_len, batch_size=cfg.batch_size, max_patches=cfg.max_patches,
                               model_cfg=model_cfg, pad_id=pad_id, packing=cfg.packing, open_batches=cfg.open_batches,
-                              records_per_epoch=per_epoch, name=_source_name(cfg))
+                              records_per_epoch=per_epoch, name=_source_name(cfg, section))
 
 
 class SftIterator(grain.DatasetIterator):
@@ -592,6 +596,6 @@ class SftIterator(grain.DatasetIterator):
 
 
 def make_iterator(cfg: DataConfig, checkpoint_dir: str, shard_index: int | None = None,
-                  shard_count: int | None = None, model_cfg: Any = None) -> SftIterator:
+                  shard_count: int | None = None, model_cfg: Any = None, section: str = "data") -> SftIterator:
     """`make_dataset(...)` as an iterator of batches; see SftIterator."""
-    return SftIterator(iter(make_dataset(cfg, checkpoint_dir, shard_index, shard_count, model_cfg)))
+    return SftIterator(iter(make_dataset(cfg, checkpoint_dir, shard_index, shard_count, model_cfg, section)))

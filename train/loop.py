@@ -349,8 +349,9 @@ class LossEvaluator:
 
 
 class HeldOutEval:
-    """The `eval:` section: every host reads its shard of the eval file once (kept in memory), hosts pad to the
-    same number of batches with empty ones, and the loss is the token-weighted mean over the whole file."""
+    """The `eval:` section: every host reads its shard of the eval file once, at the start (kept in memory), hosts
+    pad to the same number of batches with empty ones, and the loss is the token-weighted mean over the whole
+    file."""
 
     def __init__(self, cfg: TrainConfig, model_cfg: Any, model_dir: str, mesh) -> None:
         ec = cfg.eval
@@ -363,12 +364,14 @@ class HeldOutEval:
         self.model_cfg, self.model_dir = model_cfg, model_dir
         self.ts = TrainStep(model_cfg, cfg.optim, mesh, dataclasses.replace(cfg.step, accum_steps=1))
         self.evaluator = LossEvaluator(self.ts, self.data_cfg.max_patches)
-        self._batches: list[dict[str, Any]] | None = None
+        # Read now, not at the first eval: a problem with the eval file stops the run before it trains.
+        self._batches: list[dict[str, Any]] | None = self._load()
 
     def _load(self) -> list[dict[str, Any]]:
         from .data import make_iterator
 
-        it = make_iterator(self.data_cfg, self.model_dir, jax.process_index(), jax.process_count(), self.model_cfg)
+        it = make_iterator(self.data_cfg, self.model_dir, jax.process_index(), jax.process_count(), self.model_cfg,
+                           section="eval")
         batches = []
         for b in it:
             batches.append(b)
