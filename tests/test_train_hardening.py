@@ -108,6 +108,26 @@ def test_warmup_equal_to_steps_trains(tmp_path):
     np.testing.assert_allclose(lrs, [1e-5 * i / 5 for i in range(5)], rtol=1e-6)
 
 
+def test_paths_are_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """`model` (when it names a local path), output_dir, the data and eval files and media_root are taken relative to
+    the working directory, not to the config file's folder; a hub id stays as it is."""
+    from glm41v_train.loop import absolute_paths
+
+    (tmp_path / "my model").mkdir()
+    (tmp_path / "conf").mkdir()
+    cfg_path = _yaml(tmp_path / "conf", "model: my model\noutput_dir: runs/a b\nsteps: 5\n"
+                     "data: {jsonl: [d 1.jsonl, sub/d2.jsonl], media_root: media, seq_len: 64}\n"
+                     "eval: {jsonl: v.jsonl}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = absolute_paths(load_config(os.path.join("conf", "c.yaml")))
+    assert cfg_path.startswith(str(tmp_path))
+    assert cfg.model == str(tmp_path / "my model") and cfg.output_dir == str(tmp_path / "runs" / "a b")
+    assert cfg.data.jsonl == (str(tmp_path / "d 1.jsonl"), str(tmp_path / "sub" / "d2.jsonl"))
+    assert cfg.data.media_root == str(tmp_path / "media") and cfg.eval.jsonl == str(tmp_path / "v.jsonl")
+    hub = absolute_paths(load_config(os.path.join("conf", "c.yaml"), ["model=THUDM/GLM-4.1V-9B-Thinking"]))
+    assert hub.model == "THUDM/GLM-4.1V-9B-Thinking"
+
+
 def test_config_file_hostile(tmp_path, run_cli):
     bad = tmp_path / "latin1.yaml"
     bad.write_bytes(BASE.encode() + b"# caf\xe9\n")

@@ -69,21 +69,38 @@ class _QuietOrbaxErrors(logging.Filter):
         return not (exc is not None and _storage_failure(exc))
 
 
-def _drop_closed_loop_errors() -> None:
-    """After a failed restore, orbax has closed its event loop while TensorStore still completes the reads it had
-    in flight; each completion then reports "Event loop is closed" through sys.unraisablehook. Those reads belong
-    to the restore that already failed (and is reported as one line): drop just these reports."""
+def _drop_closed_loop_errors() -> Any:
+    """When a restore fails, orbax closes its event loop while TensorStore still completes the reads it had in
+    flight; each completion then reports "Event loop is closed" through sys.unraisablehook, during the failing call
+    and after it. Those reads belong to a restore that failed (and is reported as one line): installed before a
+    restore, this hook drops just those reports (and asyncio's log of the failed sibling tasks); the returned
+    function removes both (after a success)."""
     previous = sys.unraisablehook
-    if getattr(previous, "_glm41v_drops_closed_loop", False):
-        return
 
     def hook(u) -> None:
         if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
             return
         previous(u)
 
-    hook._glm41v_drops_closed_loop = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+    # The sibling reads that failed too are garbage-collected unretrieved: asyncio logs each one with a traceback.
+    tasks = _OrbaxTaskErrors()
+    logging.getLogger("asyncio").addFilter(tasks)
+
+    def undo() -> None:
+        if sys.unraisablehook is hook:
+            sys.unraisablehook = previous
+        logging.getLogger("asyncio").removeFilter(tasks)
+
+    return undo
+
+
+class _OrbaxTaskErrors(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" reports of orbax's own tasks (see above)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Task exception was never retrieved") and "orbax" in msg)
 
 
 class DataState:
@@ -191,13 +208,14 @@ class TrainCheckpointer:
 
     def read_meta(self, step: int) -> dict[str, Any]:
         path = os.path.join(self.path(step), "meta")
+        undo = _drop_closed_loop_errors()
         try:
             meta = self.manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # noqa: BLE001  (any failure to read it: one clear error)
-            _drop_closed_loop_errors()
             raise CheckpointCorruptError(f"checkpoint {self.path(step)}: its metadata ({path}) cannot be read "
                                          f"({_one_line(e)}); the checkpoint is corrupt or incomplete. Remove it to "
                                          "resume from the previous one, or set resume_step") from None
+        undo()
         if not isinstance(meta, dict) or meta.get("step") != step:
             raise CheckpointCorruptError(f"checkpoint {self.path(step)}: its metadata says step "
                                          f"{meta.get('step') if isinstance(meta, dict) else meta!r}, not {step}")
@@ -216,14 +234,15 @@ class TrainCheckpointer:
                 f"{meta.get('process_count')} processes")
         target = {"params": abstract_params, "opt_state": abstract_opt_state, "step": np.zeros((), np.int64),
                   "rng": np.zeros((2,), np.uint32)}
+        undo = _drop_closed_loop_errors()
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                      data=gc.CheckpointRestore(DataState())))
         except Exception as e:  # noqa: BLE001  (any failure to read it: one clear error)
-            _drop_closed_loop_errors()
             raise CheckpointCorruptError(f"checkpoint {self.path(step)} cannot be restored ({_one_line(e)}); it is "
                                          "corrupt, incomplete or from a different model/optimizer. Remove it to "
                                          "resume from the previous one, or set resume_step") from None
+        undo()
         state = out["state"]
         if int(state["step"]) != step:
             raise CheckpointCorruptError(f"checkpoint {self.path(step)} holds step {int(state['step'])}, not {step}")
