@@ -468,3 +468,55 @@ def test_cli_hostile_video_one_line(tmp_path, run_cli):
         lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
         assert len(lines) == 1 and "Traceback" not in err, (name, err)
         assert os.path.basename(path) in lines[0], (name, lines[0])
+
+
+def test_hostile_sampling_numbers_one_error(tmp_path):
+    """fps / max_duration that are not finite, <= 0, or ask for more than VIDEO_MAX_SAMPLES frame indices (fps 1e308
+    used to overflow in sample_frames, fps 1e9 to build a list of 6e10 indices) are one ProcessingError naming the
+    file and field; so are metadata with fps 0, NaN or a NaN duration; do_sample_frames must be a JSON bool and size
+    an object."""
+    src = "video_preprocessor_config.json"
+    for cfg, field in (({"fps": 1e308}, "fps x max_duration"), ({"fps": 1e9}, "fps x max_duration"),
+                       ({"max_duration": 1e12}, "fps x max_duration"), ({"fps": float("inf")}, "'fps'"),
+                       ({"fps": float("nan")}, "'fps'"), ({"max_duration": -1}, "'max_duration'"),
+                       ({"do_sample_frames": "yes"}, "'do_sample_frames'"), ({"size": []}, "'size'")):
+        with pytest.raises(ProcessingError, match=rf"{src}.*{field}") as e:
+            VideoProcessor.from_dict(cfg, source=src)
+        assert "\n" not in str(e.value), cfg
+    ok = VideoProcessor.from_dict({"fps": 4, "max_duration": 10})
+    assert (ok.fps, ok.max_duration) == (4.0, 10)
+    meta = VideoMetadata(total_num_frames=60, fps=30.0, duration=2.0)
+    assert sample_frames(meta, fps=2, max_duration=300).tolist() == [0, 15, 30, 45]
+    for fps, dur in ((float("inf"), 300), (2, float("nan")), (1e9, 300), (0, 300)):
+        with pytest.raises(ProcessingError, match="fps|max_duration"):
+            sample_frames(meta, fps=fps, max_duration=dur)
+    for bad in (VideoMetadata(total_num_frames=60, fps=0.0), VideoMetadata(total_num_frames=60, fps=float("nan")),
+                VideoMetadata(total_num_frames=60, fps=30.0, duration=float("nan"))):
+        with pytest.raises(ProcessingError, match="video metadata"):
+            sample_frames(bad)
+
+
+def test_cli_hostile_sampling_config_one_line(tmp_path, run_cli):
+    """`glm41v generate --video` with fps 1e308 in the model's video_preprocessor_config.json: exit 2, one line
+    naming the file (was an OverflowError traceback), the model and clip given as relative paths."""
+    import json
+
+    from glm41v_jax import tiny
+
+    model = tmp_path / "my model"
+    tiny.materialize_tiny_checkpoint(str(model))
+    cfg_path = model / "video_preprocessor_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["fps"] = 1e308
+    cfg_path.write_text(json.dumps(cfg))
+    clip = write_video(tmp_path / "clip.mp4", _pattern(4, 56, 84), 10)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        rc, out, err = run_cli("generate", "--model", "my model", "--video", os.path.basename(clip), "--prompt", "x",
+                               "--max-new-tokens", "2")
+    finally:
+        os.chdir(cwd)
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and "Traceback" not in err, err
+    assert len(lines) == 1 and "video_preprocessor_config.json" in lines[0] and "fps" in lines[0], lines

@@ -372,7 +372,7 @@ def read_processor_config(
 
 def _fields_from_dict(cfg: dict[str, Any], source: str, default_min: int, default_max: int) -> dict[str, Any]:
     """Common image/video processor fields from an HF config dict (unknown keys go to `extra`)."""
-    size = cfg.get("size") or {}
+    size = {} if cfg.get("size") is None else cfg["size"]
     if not isinstance(size, dict):
         raise ProcessingError(f"{source}: field 'size' must be an object, got {size!r}")
     min_px = size.get("shortest_edge", size.get("min_pixels", cfg.get("min_pixels", default_min)))

@@ -73,6 +73,9 @@ VideoInput = str | os.PathLike | np.ndarray | Sequence[Any] | tuple[Any, VideoMe
 # 600 frames is the most that HF's default sampling keeps (2 fps x 300 s); 8K UHD is the largest common frame.
 VIDEO_MAX_FRAMES = 1024
 VIDEO_MAX_FRAME_PIXELS = 7680 * 4320
+# The most frame indices `fps` x `max_duration` may ask the sampler for, before duplicates are dropped and before the
+# `max_frames` budget is checked (HF's defaults ask for 600): past it, building the index list itself would hang.
+VIDEO_MAX_SAMPLES = 1 << 20
 
 # ffmpeg demuxers of single still images: such a file is refused as a video (give it as an image instead).
 _IMAGE_DEMUXERS = ("image2", "_pipe")
@@ -376,12 +379,20 @@ def _decode_seeking(av: Any, path: str, plan: _SeekPlan, keeper: _Keeper, max_fr
 
 
 def sample_frames(metadata: VideoMetadata, fps: float = 2, max_duration: float = 300) -> np.ndarray:
-    """Frame indices to keep, exactly like `Glm4vVideoProcessor.sample_frames` (dedupe, odd count -> repeat last)."""
+    """Frame indices to keep, exactly like `Glm4vVideoProcessor.sample_frames` (dedupe, odd count -> repeat last).
+
+    `fps` and `max_duration` must be finite and > 0 with `fps * max_duration <= VIDEO_MAX_SAMPLES`, and the
+    metadata's fps finite and > 0 (duration, when given, finite and >= 0); otherwise ProcessingError."""
+    check_sampling(fps, max_duration, "video sampling")
     if metadata is None or metadata.fps is None:
         raise ProcessingError(
             "sampling video frames needs VideoMetadata with fps (pass (frames, VideoMetadata) or a file path), "
             "or disable sampling with do_sample_frames=False"
         )
+    if not _finite(metadata.fps) or metadata.fps <= 0:
+        raise ProcessingError(f"video metadata fps must be a finite number > 0, got {metadata.fps!r}")
+    if metadata.duration is not None and (not _finite(metadata.duration) or metadata.duration < 0):
+        raise ProcessingError(f"video metadata duration must be a finite number >= 0, got {metadata.duration!r}")
     total = int(metadata.total_num_frames)
     if total <= 0:
         raise ProcessingError(f"video has no frames (total_num_frames={total})")
@@ -401,6 +412,21 @@ def sample_frames(metadata: VideoMetadata, fps: float = 2, max_duration: float =
     if len(uniq) & 1:
         uniq.append(uniq[-1])
     return np.array(uniq, dtype=np.int64)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_sampling(fps: Any, max_duration: Any, source: str) -> None:
+    """ProcessingError unless fps and max_duration are finite numbers > 0 asking for at most VIDEO_MAX_SAMPLES
+    frame indices (fps x max_duration)."""
+    for name, v in (("fps", fps), ("max_duration", max_duration)):
+        if not _finite(v) or v <= 0:
+            raise ProcessingError(f"{source}: field {name!r} must be a finite number > 0, got {v!r}")
+    if fps * max_duration > VIDEO_MAX_SAMPLES:
+        raise ProcessingError(f"{source}: fps x max_duration = {fps:g} x {max_duration:g} asks for "
+                              f"{fps * max_duration:.4g} frame samples, more than {VIDEO_MAX_SAMPLES}; lower one")
 
 
 @dataclass
@@ -440,9 +466,10 @@ class VideoProcessor:
         for k in ("fps", "max_duration"):
             v = extra.pop(k, None)
             if v is not None:
-                if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-                    raise ProcessingError(f"{source}: field {k!r} must be a positive number, got {v!r}")
+                if not _finite(v) or v <= 0:
+                    raise ProcessingError(f"{source}: field {k!r} must be a finite number > 0, got {v!r}")
                 out[k] = float(v) if k == "fps" else v
+        check_sampling(out.get("fps", cls.fps), out.get("max_duration", cls.max_duration), source)
         for k in ("max_frames", "max_frame_pixels"):
             v = extra.pop(k, None)
             if v is not None:
@@ -450,7 +477,10 @@ class VideoProcessor:
                     raise ProcessingError(f"{source}: field {k!r} must be a positive integer, got {v!r}")
                 out[k] = v
         if extra.get("do_sample_frames") is not None:
-            out["do_sample_frames"] = bool(extra.pop("do_sample_frames"))
+            v = extra.pop("do_sample_frames")
+            if not isinstance(v, bool):
+                raise ProcessingError(f"{source}: field 'do_sample_frames' must be true or false, got {v!r}")
+            out["do_sample_frames"] = v
         return cls(**out)
 
     @classmethod
