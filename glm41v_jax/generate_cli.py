@@ -184,7 +184,8 @@ def _sampling_from(args: argparse.Namespace, directory: str | None) -> Any:
 def _check_media(paths: list[str], kind: str) -> None:
     for p in paths:
         if not os.path.exists(p):
-            raise CliError(f"{kind} file not found: {p}")
+            what = "is a broken symbolic link or a symbolic link loop" if os.path.lexists(p) else "not found"
+            raise CliError(f"{kind} file {what}: {p}")
         if not os.path.isfile(p):
             raise CliError(f"{kind} path is not a file: {p}")
 
@@ -291,8 +292,11 @@ def _generate(args: argparse.Namespace) -> int:
     _check_args(args)
     lines = None
     if args.batch_file:
-        if not os.path.isfile(args.batch_file):
-            what = "is a directory" if os.path.isdir(args.batch_file) else "not found"
+        # Anything readable but a directory: a file, a pipe (`--batch-file <(...)`, /dev/stdin), /dev/null.
+        if os.path.isdir(args.batch_file) or not os.path.exists(args.batch_file):
+            what = "is a directory" if os.path.isdir(args.batch_file) else (
+                "is a broken symbolic link or a symbolic link loop" if os.path.lexists(args.batch_file)
+                else "not found")
             raise CliError(f"batch file {what}: {args.batch_file}")
         lines = iter_batch_file(args.batch_file)
         first = next(lines, None)  # read before the model loads: an empty file is refused at once

@@ -150,7 +150,10 @@ class Request:
         for kind, items in (("image", self.images), ("video", self.videos)):
             for p in items:
                 if isinstance(p, (str, os.PathLike)) and not os.path.isfile(p):
-                    raise RequestError(f"{kind} file not found: {p}")
+                    what = ("is a directory" if os.path.isdir(p) else "is not a regular file" if os.path.exists(p)
+                            else "is a broken symbolic link or a symbolic link loop" if os.path.lexists(p)
+                            else "not found")
+                    raise RequestError(f"{kind} file {what}: {p}")
         content: list[dict[str, Any]] = [{"type": "image", "image": p} for p in self.images]
         content += [{"type": "video", "video": p} for p in self.videos]
         content.append({"type": "text", "text": self.prompt})

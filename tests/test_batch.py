@@ -7,6 +7,7 @@ line is reported with its line number while the others still run, and the summar
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -215,3 +216,37 @@ def test_batch_file_relative_path_with_spaces_from_elsewhere(cli, tmp_path, monk
     rc, recs, err = cli("--batch-file", "../my requests/r.jsonl", "--max-new-tokens", "2")
     assert rc == 0, err
     assert recs[0]["line"] == 1 and 151343 in recs[0]["prompt_token_ids"]
+
+
+def test_batch_file_paths_that_are_not_regular_files(cli, tmp_path, monkeypatch):
+    """A pipe (`--batch-file <(...)`) is read like a file (it used to be 'batch file not found'), /dev/null has no
+    requests, a symlink loop and a directory are named as such; an image path that is a folder says so in its line's
+    record (not 'not found'). Relative paths from the batch file's folder."""
+    import threading
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs dir").mkdir()
+    fifo = tmp_path / "requests pipe"
+    os.mkfifo(fifo)
+    lines = [{"prompt": "From a pipe.", "max_new_tokens": 2}, {"prompt": "A folder.", "images": ["imgs dir"]}]
+
+    def feed() -> None:
+        with open(fifo, "w", encoding="utf-8") as f:
+            f.write("".join(json.dumps(d) + "\n" for d in lines))
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    rc, results, err = cli("--batch-file", "requests pipe", "--max-new-tokens", "2")
+    writer.join(timeout=30)
+    assert rc == 2 and "Traceback" not in err, err
+    by_line = {r["line"]: r for r in results if "line" in r}
+    assert by_line[1]["token_ids"] and "error" not in by_line[1]
+    assert "image file is a directory" in by_line[2]["error"], by_line[2]
+    rc, _, err = cli("--batch-file", os.devnull)
+    assert rc == 2 and "has no requests" in err and "not found" not in err
+    os.symlink("loop b", tmp_path / "loop a")
+    os.symlink("loop a", tmp_path / "loop b")
+    rc, _, err = cli("--batch-file", "loop a")
+    assert rc == 2 and "symbolic link loop" in err and len(err.strip().splitlines()) == 1, err
+    rc, _, err = cli("--prompt", "x", "--image", "loop a")
+    assert rc == 2 and "image file is a broken symbolic link or a symbolic link loop: loop a" in err, err
