@@ -93,7 +93,7 @@ class ChatSession:
 
     def __init__(self, engine: Any, processor: Any, *, sampling: Any, eos_ids: Any, max_new_tokens: int, seed: int,
                  system: str | None, out: TextIO, err: TextIO, no_thinking: bool = False,
-                 max_thinking_tokens: int | None = None, log: TextIO | None = None,
+                 max_thinking_tokens: int | None = None, log: TextIO | RecordLog | None = None,
                  text_special_tokens: bool = False) -> None:
         from .thinking import FORCED_ANSWER
 
@@ -348,15 +348,51 @@ def _undecodable(err: TextIO, n: int, e: UnicodeDecodeError) -> None:
     err.flush()
 
 
+class RecordLog:
+    """`--log-jsonl PATH`: one JSON line per turn, appended whole or not at all. The file is opened before the model
+    loads (a bad path fails at once); a failed write (full disk...) is cut back off the file and reported as one
+    CliError naming the file, the earlier records kept."""
+
+    def __init__(self, path: str) -> None:
+        self.name = path
+        try:
+            self._f = open(path, "ab", buffering=0)  # noqa: SIM115  (closed by close())
+        except OSError as e:
+            raise CliError(f"--log-jsonl {path}: cannot open it for appending ({e.strerror or e})") from None
+
+    def write(self, text: str) -> None:
+        data = memoryview(text.encode("utf-8"))
+        start = self._f.seek(0, os.SEEK_END)
+        try:
+            while data:
+                data = data[self._f.write(data):]
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                self._f.truncate(start)
+            raise CliError(f"--log-jsonl {self.name}: cannot append this turn's record ({e.strerror or e}); the file "
+                           "keeps the records of the earlier turns") from None
+
+    def flush(self) -> None:
+        """Writes are unbuffered: nothing to flush."""
+
+    def close(self) -> None:
+        self._f.close()
+
+
 def _chat(args: argparse.Namespace) -> int:
     _configure_jax()
     from .generate_cli import load_pipeline
 
-    pipe, load_s, sampling = load_pipeline(args)
+    log = RecordLog(args.log_jsonl) if args.log_jsonl else None
+    try:
+        pipe, load_s, sampling = load_pipeline(args)
+    except BaseException:
+        if log is not None:
+            log.close()
+        raise
     engine, processor = pipe.engine, pipe.processor
     print(f"[model loaded in {load_s:.2f}s; {HELP}]", file=sys.stderr)
 
-    log = open(args.log_jsonl, "a", encoding="utf-8") if args.log_jsonl else None  # noqa: SIM115
     try:
         session = ChatSession(engine, processor, sampling=sampling, eos_ids=pipe.eos_ids,
                               max_new_tokens=args.max_new_tokens, seed=args.seed, system=args.system,

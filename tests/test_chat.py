@@ -271,3 +271,53 @@ def test_closed_stdout_ends_the_session_quietly(tiny_cache_dir, monkeypatch, cap
     rc = main(["chat", "--max-new-tokens", "4"])
     err = capsys.readouterr().err
     assert rc == 141 and "Traceback" not in err and "error:" not in err
+
+
+def test_log_jsonl_bad_paths_and_failed_writes(tiny_cache_dir, monkeypatch, capsys, tmp_path):
+    """`--log-jsonl` naming a folder fails at once, before the model loads, in one line naming it (was a bare
+    '[Errno 21] Is a directory' after loading); a write that fails (a full device: /dev/full) is one line naming the
+    file instead of '[Errno 28] No space left on device'; a failed append is cut back off, so earlier records stay
+    whole (RecordLog with a write that fails half-way)."""
+    from glm41v_jax.chat_cli import RecordLog
+    from glm41v_jax.generate_cli import CliError
+
+    monkeypatch.setenv("GLM41V_CACHE", tiny_cache_dir)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "logs dir").mkdir()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello.\n"))
+    rc = main(["chat", "--max-new-tokens", "2", "--log-jsonl", "logs dir"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "model loaded" not in err and "Traceback" not in err, err
+    assert err.strip().splitlines() == ["error: --log-jsonl logs dir: cannot open it for appending (Is a directory)"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello.\n"))
+    rc = main(["chat", "--max-new-tokens", "2", "--log-jsonl", "/dev/full"])
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and errors == ["error: --log-jsonl /dev/full: cannot append this turn's record (No space left on "
+                                  "device); the file keeps the records of the earlier turns"], errors
+
+    path = tmp_path / "turns.jsonl"
+    log = RecordLog("turns.jsonl")
+    log.write('{"turn": 1}\n')
+
+    class HalfThenFull:  # a raw file whose second write fails after part of the record went out, as on a full disk
+        def __init__(self, f):
+            self.f, self.calls = f, 0
+
+        def seek(self, *a):
+            return self.f.seek(*a)
+
+        def truncate(self, n):
+            return self.f.truncate(n)
+
+        def write(self, data):
+            self.calls += 1
+            if self.calls > 1:
+                raise OSError(28, "No space left on device")
+            return self.f.write(data[:5])
+
+    log._f = HalfThenFull(log._f)
+    with pytest.raises(CliError, match="turns.jsonl: cannot append"):
+        log.write('{"turn": 2, "text": "long enough to need two writes"}\n')
+    log._f = log._f.f
+    log.close()
+    assert path.read_text() == '{"turn": 1}\n'
