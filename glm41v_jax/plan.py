@@ -49,6 +49,7 @@ from .errors import Glm41vError
 from .generate import Engine, bucket_length, cache_length, format_bytes, synthetic_inputs
 from .model import init_cache
 from .pipeline import auto_mesh_spec
+from .processing.image import ImageProcessor
 from .sharding import make_mesh
 from .tpu_cost import calibrated_bytes, decode_minimum_bytes
 
@@ -263,11 +264,11 @@ def _per_device(tpu: TpuType, n_devices: int) -> tuple[float, float, float]:
 def plan_generate(cfg: Glm4vConfig, tpu: TpuType, *, batch: int = 1, max_context: int = 8192,
                   max_new_tokens: int = 1024, images: Sequence[tuple[int, int]] = (), dtype: str = "bfloat16",
                   mesh: str | None = None, attention: str = "auto", chunk_size: int = 16,
-                  kernel_layout: str = "out_in") -> dict[str, Any]:
+                  kernel_layout: str | None = None) -> dict[str, Any]:
     """Compile the Engine's prefill and decode for one bucket: `batch` rows, `max_new_tokens` new tokens after the
     longest prompt whose KV cache (prompt bucket + new tokens, rounded up) fits in `max_context` slots (8192 and
-    1024: a 7168-token prompt); images ((width, height) in pixels, resized as the processor does) are part of it."""
-    from .processing.image import ImageProcessor
+    1024: a 7168-token prompt); images ((width, height) in pixels, resized as the processor does) are part of it.
+    `kernel_layout` None: the Engine's own choice for the slice's platform."""
 
     if batch < 1:
         raise PlanError(f"--batch must be >= 1, got {batch}")
@@ -312,7 +313,7 @@ def plan_generate(cfg: Glm4vConfig, tpu: TpuType, *, batch: int = 1, max_context
     report: dict[str, Any] = {
         "kind": "generate", "tpu": tpu.name, "topology": tpu.topology, "chips": tpu.chips, "hosts": tpu.hosts,
         "devices": len(devices), "mesh": mesh_desc, "model": _model_desc(cfg), "dtype": dtype,
-        "attention_impl": attention, "kernel_layout": kernel_layout,
+        "attention_impl": attention, "kernel_layout": eng.cfg.runtime.kernel_layout,
         "bucket": {"batch": batch, "prompt_tokens": n_prompt, "max_new_tokens": max_new_tokens, "cache_slots": slots,
                    "images": [list(s) for s in sizes], "vision_patches": patches},
         "per_chip": {"params_bytes": params_b, "opt_state_bytes": 0, "kv_cache_bytes": kv_b, "temp_bytes": 0,
