@@ -64,8 +64,9 @@ def _get(d: Mapping[str, Any], key: str, where: str, default: Any = _MISSING, al
 
 def _int(d: Mapping[str, Any], key: str, where: str, default: Any = _MISSING, aliases: Sequence[str] = ()) -> int:
     v = _get(d, key, where, default, aliases)
-    if isinstance(v, bool) or not isinstance(v, int | float) or int(v) != v or v <= 0:
-        raise ConfigError(f"{where}: field '{key}' must be a positive integer, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or int(v) != v or not (
+            0 < v <= 2**31 - 1):
+        raise ConfigError(f"{where}: field '{key}' must be a positive integer (at most 2147483647), got {v!r}")
     return int(v)
 
 
@@ -74,6 +75,39 @@ def _float(d: Mapping[str, Any], key: str, where: str, default: Any = _MISSING) 
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
         raise ConfigError(f"{where}: field '{key}' must be a positive number, got {v!r}")
     return float(v)
+
+
+def _number(v: Any, key: str, where: str, hi: float = math.inf) -> float:
+    """A finite number in (0, hi]: ConfigError naming the field otherwise (not a float() traceback)."""
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or not 0 < v <= hi:
+        bound = "" if hi == math.inf else f" and <= {hi:g}"
+        raise ConfigError(f"{where}: field '{key}' must be a finite number > 0{bound}, got {v!r}")
+    return float(v)
+
+
+def _mapping(v: Any, key: str, where: str) -> dict[str, Any]:
+    """An optional JSON object field (absent or null: {})."""
+    if v is None:
+        return {}
+    if not isinstance(v, Mapping):
+        raise ConfigError(f"{where}: field '{key}' must be an object, got {type(v).__name__}")
+    return dict(v)
+
+
+def _bool(v: Any, key: str, where: str) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{where}: field '{key}' must be true or false, got {str(v)[:40]!r}")
+    return v
+
+
+def _token_ids(v: Any, key: str, where: str) -> tuple[int, ...]:
+    """A token id (an integer >= 0) or a non-empty list of them."""
+    ids = [v] if isinstance(v, int) and not isinstance(v, bool) else v
+    if not isinstance(ids, list | tuple) or not ids or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ConfigError(f"{where}: field '{key}' must be a token id (an integer >= 0) or a non-empty list of them, "
+                          f"got {str(v)[:60]}")
+    return tuple(ids)
 
 
 def _size2(v: Any, key: str, where: str) -> int:
@@ -122,7 +156,7 @@ class VisionConfig:
         w = "config.json vision_config"
         if not isinstance(d, Mapping):
             raise ConfigError(f"{w}: expected an object, got {type(d).__name__}")
-        rope = d.get("rope_parameters") or {}
+        rope = _mapping(d.get("rope_parameters"), "rope_parameters", w)
         rope_type = rope.get("rope_type", "axial")
         if rope_type != "axial":
             raise ConfigError(f"{w}: field 'rope_parameters.rope_type' must be 'axial', got {rope_type!r}")
@@ -141,8 +175,8 @@ class VisionConfig:
             out_hidden_size=_int(d, "out_hidden_size", w),
             intermediate_size=_int(d, "intermediate_size", w),
             rms_norm_eps=_float(d, "rms_norm_eps", w, 1e-5),
-            attention_bias=bool(_get(d, "attention_bias", w, False)),
-            rope_theta=float(rope.get("rope_theta", 10000.0)),
+            attention_bias=_bool(_get(d, "attention_bias", w, False), "attention_bias", w),
+            rope_theta=_number(rope.get("rope_theta", 10000.0), "rope_parameters.rope_theta", w),
             hidden_act=act,
         )
         if cfg.hidden_size % cfg.num_heads:
@@ -185,8 +219,8 @@ class TextConfig:
             raise ConfigError(f"{w}: expected an object, got {type(d).__name__}")
         top = top or {}
         # transformers 5: everything in rope_parameters; published: rope_theta/partial_rotary_factor/rope_scaling.
-        rope = dict(d.get("rope_parameters") or {})
-        legacy = dict(d.get("rope_scaling") or {})
+        rope = _mapping(d.get("rope_parameters"), "rope_parameters", w)
+        legacy = _mapping(d.get("rope_scaling"), "rope_scaling", w)
         theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
         prf = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", _MISSING))
         if prf is _MISSING:
@@ -198,14 +232,20 @@ class TextConfig:
         if section is None:
             raise ConfigError(f"{w}: required field 'rope_parameters.mrope_section' (or 'rope_scaling.mrope_section') "
                               "is missing")
+        if not isinstance(section, list | tuple) or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in section):
+            raise ConfigError(f"{w}: field 'mrope_section' must be a list of positive integers, got "
+                              f"{str(section)[:60]}")
         rope_type = rope.get("rope_type", legacy.get("rope_type", legacy.get("type", "default")))
         if rope_type not in ("default", "mrope"):
             raise ConfigError(f"{w}: field 'rope_type' must be 'default', got {rope_type!r}")
         eos = d.get("eos_token_id", top.get("eos_token_id"))
         if eos is None:
             eos = list(cls.eos_token_ids)
-        eos = (eos,) if isinstance(eos, int) else tuple(int(e) for e in eos)
+        eos = _token_ids(eos, "eos_token_id", w)
         pad = d.get("pad_token_id", top.get("pad_token_id"))
+        if pad is not None:
+            pad = _token_ids([pad], "pad_token_id", w)[0]  # one id, not a list
         cfg = cls(
             vocab_size=_int(d, "vocab_size", w),
             hidden_size=_int(d, "hidden_size", w),
@@ -214,8 +254,8 @@ class TextConfig:
             num_attention_heads=_int(d, "num_attention_heads", w),
             num_key_value_heads=_int(d, "num_key_value_heads", w, d.get("num_attention_heads")),
             rms_norm_eps=_float(d, "rms_norm_eps", w, 1e-5),
-            rope_theta=float(theta),
-            partial_rotary_factor=float(prf),
+            rope_theta=_number(theta, "rope_theta", w),
+            partial_rotary_factor=_number(prf, "partial_rotary_factor", w, hi=1.0),
             mrope_section=tuple(int(s) for s in section),
             max_position_embeddings=_int(d, "max_position_embeddings", w, 65536),
             pad_token_id=int(pad) if pad is not None else eos[0],

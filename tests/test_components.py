@@ -157,6 +157,39 @@ def test_config_errors_name_the_field(field, mutate, msg):
         Glm4vConfig.from_hf(d)
 
 
+@pytest.mark.parametrize("where,key,value,msg", [
+    ("text_config", "rope_theta", float("nan"), "'rope_theta' must be a finite number > 0"),
+    ("text_config", "rope_theta", "abc", "'rope_theta' must be a finite number > 0"),
+    ("text_config", "partial_rotary_factor", "abc", "'partial_rotary_factor' must be a finite number > 0 and <= 1"),
+    ("text_config", "rope_parameters", [1, 2], "'rope_parameters' must be an object, got list"),
+    ("text_config", "rope_scaling", "x", "'rope_scaling' must be an object, got str"),
+    ("text_config", "eos_token_id", ["x"], "'eos_token_id' must be a token id"),
+    ("text_config", "eos_token_id", [-5], "'eos_token_id' must be a token id"),
+    ("text_config", "pad_token_id", "x", "'pad_token_id' must be a token id"),
+    ("text_config", "hidden_size", float("inf"), "'hidden_size' must be a positive integer"),
+    ("text_config", "vocab_size", float("nan"), "'vocab_size' must be a positive integer"),
+    ("text_config", "num_hidden_layers", 2**40, "'num_hidden_layers' must be a positive integer"),
+    ("vision_config", "rope_parameters", "x", "'rope_parameters' must be an object"),
+    ("vision_config", "attention_bias", "no", "'attention_bias' must be true or false"),
+])
+def test_config_hostile_values_are_config_errors(where, key, value, msg):
+    """Wrong types and non-finite numbers in config.json are one ConfigError naming the field (they were float()/
+    int()/dict() tracebacks, or NaN rope_theta accepted)."""
+    d = R.hf_config_dict("a")
+    d[where][key] = value
+    with pytest.raises(ConfigError, match=msg):
+        Glm4vConfig.from_hf(d)
+
+
+def test_config_hostile_mrope_section():
+    for section in (["a", 1, 1], 5, [1.5, 1, 1]):
+        d = R.hf_config_dict("a")
+        d["text_config"]["rope_scaling"] = {"type": "default", "mrope_section": section}
+        d["text_config"].pop("rope_parameters", None)
+        with pytest.raises(ConfigError, match="'mrope_section' must be a list of positive integers"):
+            Glm4vConfig.from_hf(d)
+
+
 def test_load_tied_checkpoint_dir(tmp_path):
     """A save_pretrained dir with tied embeddings (no lm_head tensor) loads and matches transformers."""
     from glm41v_jax import load
