@@ -7,6 +7,7 @@ One test compiles the sharded splash call with the real TPU compiler (libtpu, fo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -264,3 +265,27 @@ def test_train_step_takes_attention_impl():
     cfg = Glm4vConfig.from_hf(_gqa_dict())
     assert StepConfig().attention_impl == "auto"
     assert train_config(cfg, StepConfig(attention_impl="pallas")).runtime.attention_impl == "pallas"
+
+
+@pytest.mark.slow
+def test_sharded_train_step_with_the_kernel_equals_xla(monkeypatch):
+    """The train step on fsdp=4 x tensor=2 with attention_impl="pallas" (splash forward and backward kernels in the
+    interpreter, under shard_map through the step's trace-time mesh) gives the "xla" step's loss and gradients."""
+    from test_train_step import FP32, OC, _batch_rows
+    from test_train_step import small as small_fixture
+
+    from glm41v_train.step import TrainStep
+
+    monkeypatch.setattr(A, "PALLAS_INTERPRET", True)
+    cfg, params = small_fixture.__wrapped__()
+    batch, _ = _batch_rows(cfg, 13, 4, 40, 64)
+    mesh = make_mesh({"fsdp": 4, "tensor": 2})
+    out = {}
+    for impl in ("xla", "pallas"):
+        ts = TrainStep(cfg, OC, mesh, dataclasses.replace(FP32, attention_impl=impl))
+        out[impl] = ts.grads(ts.place_params(params), ts.shard_batch(batch))
+    (loss_x, n_x, g_x), (loss_p, n_p, g_p) = out["xla"], out["pallas"]
+    assert float(n_x) == float(n_p) > 0
+    np.testing.assert_allclose(float(loss_p), float(loss_x), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_x), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5 * (1 + float(jnp.abs(b).max())))
