@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--only", choices=("generate", "train"), default=None)
     ap.add_argument("--json", default=None, metavar="DIR", help="write each plan's JSON object into DIR")
     ap.add_argument("--max-context", type=int, default=8192)
+    ap.add_argument("--tpu", action="append", default=None, help="only the plans for these TPU types (repeatable)")
     args = ap.parse_args()
     cfg = model_config(None, "9b")
     if args.json:
@@ -54,6 +55,8 @@ def main() -> None:
     if args.only in (None, "generate"):
         rows = []
         for tpu_name, batch, mesh in GENERATE:
+            if args.tpu and tpu_name not in args.tpu:
+                continue
             r = plan_generate(cfg, parse_tpu(tpu_name), batch=batch, max_context=args.max_context, mesh=mesh)
             save(f"generate_{tpu_name}_b{batch}{'' if mesh is None else '_' + mesh.replace(',', '_')}", r)
             pc, ro, ef = r["per_chip"], r["roofline"], r["efficiency"]
@@ -82,6 +85,8 @@ def main() -> None:
     if args.only in (None, "train"):
         rows = []
         for tpu_name, config in TRAIN:
+            if args.tpu and tpu_name not in args.tpu:
+                continue
             from glm41v_train.config import load_config  # the train extra (pyyaml)
 
             r = plan_train(load_config(os.path.join(ROOT, "train", "configs", config)), cfg, parse_tpu(tpu_name))

@@ -14,7 +14,6 @@ from glm41v_jax.plan import PlanError, model_config, parse_image_size, parse_oom
 from glm41v_jax.tiny import tiny_hf_config
 
 
-
 @pytest.mark.parametrize("name, family, chips, hosts, topology, bounds", [
     ("v5e-1", "v5e", 1, 1, "v5e:1x1", (1, 1, 1)),
     ("v5e-8", "v5e", 8, 1, "v5e:2x4", (2, 4, 1)),

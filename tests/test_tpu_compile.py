@@ -18,7 +18,7 @@ import pytest
 
 from glm41v_jax.cli import main
 from glm41v_jax.generate import Engine
-from glm41v_jax.plan import memory_figures, model_config, parse_tpu, plan_train, topology_devices
+from glm41v_jax.plan import format_report, memory_figures, model_config, parse_tpu, plan_train, topology_devices
 from glm41v_jax.sharding import make_mesh
 
 pytestmark = pytest.mark.slow
@@ -70,7 +70,7 @@ def test_train_config_step_compiles_on_its_slice(name):
     tpu = parse_tpu(TRAIN_CONFIG_TPU[name])
     r = plan_train(load_config(os.path.join(CONFIGS, name)), model_config(None, "9b"), tpu,
                    count_flops=name.startswith("kaggle"))
-    assert r["fits"], r
+    assert r["fits"], format_report(r)
     pc = r["per_chip"]
     assert pc["total_bytes"] < tpu.spec.hbm_bytes
     assert pc["params_bytes"] > 0 and pc["opt_state_bytes"] > 0
