@@ -62,11 +62,18 @@ def _get(d: Mapping[str, Any], key: str, where: str, default: Any = _MISSING, al
     return default
 
 
-def _int(d: Mapping[str, Any], key: str, where: str, default: Any = _MISSING, aliases: Sequence[str] = ()) -> int:
+# Counts that the code walks in Python (one weight-name rule per layer, one module per layer): a config.json that
+# asks for a billion layers must fail here, before anything is built. The 9B has 40 layers, 24 blocks, 32 heads.
+MAX_LAYERS = 1024
+MAX_HEADS = 4096
+
+
+def _int(d: Mapping[str, Any], key: str, where: str, default: Any = _MISSING, aliases: Sequence[str] = (),
+         hi: int = 2**31 - 1) -> int:
     v = _get(d, key, where, default, aliases)
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or int(v) != v or not (
-            0 < v <= 2**31 - 1):
-        raise ConfigError(f"{where}: field '{key}' must be a positive integer (at most 2147483647), got {v!r}")
+            0 < v <= hi):
+        raise ConfigError(f"{where}: field '{key}' must be a positive integer (at most {hi}), got {v!r}")
     return int(v)
 
 
@@ -164,9 +171,9 @@ class VisionConfig:
         if act != "silu":
             raise ConfigError(f"{w}: field 'hidden_act' must be 'silu', got {act!r}")
         cfg = cls(
-            depth=_int(d, "depth", w, aliases=("num_hidden_layers",)),
+            depth=_int(d, "depth", w, aliases=("num_hidden_layers",), hi=MAX_LAYERS),
             hidden_size=_int(d, "hidden_size", w),
-            num_heads=_int(d, "num_heads", w, aliases=("num_attention_heads",)),
+            num_heads=_int(d, "num_heads", w, aliases=("num_attention_heads",), hi=MAX_HEADS),
             in_channels=_int(d, "in_channels", w, 3),
             patch_size=_size2(_get(d, "patch_size", w, 14), "patch_size", w),
             temporal_patch_size=_size2(_get(d, "temporal_patch_size", w, 2), "temporal_patch_size", w),
@@ -250,9 +257,9 @@ class TextConfig:
             vocab_size=_int(d, "vocab_size", w),
             hidden_size=_int(d, "hidden_size", w),
             intermediate_size=_int(d, "intermediate_size", w),
-            num_hidden_layers=_int(d, "num_hidden_layers", w),
-            num_attention_heads=_int(d, "num_attention_heads", w),
-            num_key_value_heads=_int(d, "num_key_value_heads", w, d.get("num_attention_heads")),
+            num_hidden_layers=_int(d, "num_hidden_layers", w, hi=MAX_LAYERS),
+            num_attention_heads=_int(d, "num_attention_heads", w, hi=MAX_HEADS),
+            num_key_value_heads=_int(d, "num_key_value_heads", w, d.get("num_attention_heads"), hi=MAX_HEADS),
             rms_norm_eps=_float(d, "rms_norm_eps", w, 1e-5),
             rope_theta=_number(theta, "rope_theta", w),
             partial_rotary_factor=_number(prf, "partial_rotary_factor", w, hi=1.0),

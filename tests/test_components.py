@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +11,8 @@ import pytest
 import reference as R
 import torch
 
+from glm41v_jax import load, rope, sharding, weights
 from glm41v_jax import model as M
-from glm41v_jax import rope, sharding, weights
 from glm41v_jax.config import GLM41V_9B, ConfigError, Glm4vConfig
 
 
@@ -188,6 +190,20 @@ def test_config_hostile_mrope_section():
         d["text_config"].pop("rope_parameters", None)
         with pytest.raises(ConfigError, match="'mrope_section' must be a list of positive integers"):
             Glm4vConfig.from_hf(d)
+
+
+@pytest.mark.parametrize("where,key", [("text_config", "num_hidden_layers"), ("vision_config", "depth"),
+                                       ("text_config", "num_attention_heads"), ("text_config", "num_key_value_heads")])
+def test_config_absurd_counts_fail_before_anything_is_built(tmp_path, where, key):
+    """A config.json asking for a billion layers (or heads) is one ConfigError at parse time, through `load` too;
+    it used to build per-layer weight rules until the machine ran out of memory."""
+    d = R.hf_config_dict("a")
+    d[where][key] = 1_000_000_000
+    with pytest.raises(ConfigError, match=f"'{key}' must be a positive integer \\(at most"):
+        Glm4vConfig.from_hf(d)
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match=key):
+        load(str(tmp_path))
 
 
 def test_load_tied_checkpoint_dir(tmp_path):
