@@ -150,8 +150,14 @@ class _DropUnretrievedStorageErrors(logging.Filter):
         return not (exc is not None and "never retrieved" in str(record.msg) and storage_error(exc) is not None)
 
 
-def _is_closed_loop_callback(u: Any) -> bool:
-    return isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
+def is_failed_restore_noise(u: Any) -> bool:
+    """A `sys.unraisablehook` report left by a failed Orbax restore: a read callback finding the event loop closed,
+    or one of Orbax's own read coroutines finalised after its restore was abandoned ("Exception ignored in:
+    <coroutine object _read_array_index_and_device_put>")."""
+    if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+        return True
+    code = getattr(u.object, "cr_code", None)
+    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
 
 
 _installed: list[Any] = []
@@ -166,7 +172,7 @@ def _install_after_failure_filters() -> None:
     previous = sys.unraisablehook
 
     def hook(u: Any) -> None:
-        if not _is_closed_loop_callback(u):
+        if not is_failed_restore_noise(u):
             previous(u)
 
     sys.unraisablehook = hook
@@ -188,5 +194,5 @@ def quiet_storage_threads() -> Iterator[None]:
         log.removeFilter(f)
 
 
-__all__ = ["CHECKSUM_ALGORITHM", "abs_path", "array_crc32", "damaged_files", "file_sizes", "is_no_space",
-           "quiet_storage_threads", "storage_error"]
+__all__ = ["CHECKSUM_ALGORITHM", "abs_path", "array_crc32", "damaged_files", "file_sizes", "is_failed_restore_noise",
+           "is_no_space", "quiet_storage_threads", "storage_error"]

@@ -234,3 +234,22 @@ def test_side_file_damage_is_named(converted, tmp_path, capsys):
         f.write(" ")
     rc, out, _ = _verify(capsys, d)
     assert rc == 1 and out.startswith("DAMAGED config.json: checksum mismatch")
+
+
+def test_data_file_overwritten_in_place_is_one_line(converted, tmp_path):
+    """A data file overwritten with garbage of the same size passes the size check and fails inside Orbax's
+    restore: one error line naming the array, in a fresh process, with none of the abandoned reads' reports
+    ("Exception ignored in: <coroutine object ...>", "Event loop is closed") after it at exit."""
+    d = _copy(converted, tmp_path)
+    path = _data_files(d)[0]
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.write(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+    code = ("import sys\nfrom glm41v_jax import loading\nfrom glm41v_jax.errors import one_line\n"
+            "try:\n    loading.load(sys.argv[1], as_numpy=True)\nexcept loading.CheckpointError as e:\n"
+            "    print('error:', one_line(e), file=sys.stderr)\n")
+    p = subprocess.run([sys.executable, "-c", code, d], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 0 and len(lines) == 1, p.stderr[-3000:]
+    assert lines[0].startswith(f"error: {d}: damaged converted checkpoint: array '"), lines[0]

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glm41v_jax.integrity import is_failed_restore_noise
 from glm41v_jax.loading import CheckpointError
 
 ITEMS = ("state", "data", "meta")
@@ -78,9 +79,8 @@ def _drop_closed_loop_errors() -> Any:
     previous = sys.unraisablehook
 
     def hook(u) -> None:
-        if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
-            return
-        previous(u)
+        if not is_failed_restore_noise(u):
+            previous(u)
 
     sys.unraisablehook = hook
     # The sibling reads that failed too are garbage-collected unretrieved: asyncio logs each one with a traceback.
