@@ -327,9 +327,14 @@ def _read_lines(stdin: TextIO, stdout: TextIO, err: TextIO) -> Iterator[str]:
                 _undecodable(err, n, e)
                 continue
         elif raw_in is not None:
-            raw = raw_in.readline()
+            raw = raw_in.readline(MAX_LINE_BYTES + 1)
             if not raw:
                 return
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while (rest := raw_in.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass  # drop the rest of the line without holding it
+                _too_long(err, n)
+                continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -339,7 +344,21 @@ def _read_lines(stdin: TextIO, stdout: TextIO, err: TextIO) -> Iterator[str]:
             line = stdin.readline()
             if not line:
                 return
+        if len(line) > MAX_LINE_BYTES:  # characters: at most as many as the UTF-8 bytes
+            _too_long(err, n)
+            continue
         yield line
+
+
+# One chat line is at most 1 MiB. Tokenising costs a few hundred bytes of memory per character, and 1 MiB of text
+# is far more than the 65536-token context at any plausible characters per token, so nothing usable is refused.
+MAX_LINE_BYTES = 1 << 20
+
+
+def _too_long(err: TextIO, n: int) -> None:
+    err.write(f"error: input line {n} is longer than {MAX_LINE_BYTES} bytes; it was ignored, the conversation "
+              "goes on\n")
+    err.flush()
 
 
 def _undecodable(err: TextIO, n: int, e: UnicodeDecodeError) -> None:

@@ -219,6 +219,22 @@ def test_non_utf8_stdin_keeps_the_session(tiny_cache_dir, monkeypatch, capsys, t
     assert r2["prompt_token_ids"][:len(r1["prompt_token_ids"])] == r1["prompt_token_ids"]
 
 
+def test_overlong_stdin_line_is_dropped_and_the_session_goes_on(tiny_cache_dir, monkeypatch, capsys, tmp_path):
+    """A line over MAX_LINE_BYTES (here 3 MiB piped in) is refused before tokenising, read past in bounded pieces,
+    and the next line is still answered with the history intact."""
+    from glm41v_jax.chat_cli import MAX_LINE_BYTES
+
+    monkeypatch.setenv("GLM41V_CACHE", tiny_cache_dir)
+    log = tmp_path / "log.jsonl"
+    raw = b"Hello.\n" + b"x" * (3 * MAX_LINE_BYTES) + b"\nStill here?\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8"))
+    rc = main(["chat", "--max-new-tokens", "2", "--log-jsonl", str(log)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert f"error: input line 2 is longer than {MAX_LINE_BYTES} bytes; it was ignored" in err
+    assert [json.loads(ln)["user"] for ln in log.read_text().splitlines()] == ["Hello.", "Still here?"]
+
+
 def test_deleted_earlier_image_message(chat, tmp_path, capsys, monkeypatch):
     pic = png(tmp_path, "old picture.png")
 
