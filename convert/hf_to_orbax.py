@@ -39,10 +39,10 @@ import ctypes
 import errno
 import fcntl
 import json
-import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import zlib
@@ -83,7 +83,6 @@ CHUNK_BYTES = 64 << 20  # storage chunk: parallel writes, and sub-shard reads wh
 TMP_INFIX = ".tmp-"
 LOCK_SUFFIX = ".lock"
 
-log = logging.getLogger("glm41v_convert")
 
 
 class ConversionTerminated(KeyboardInterrupt):
@@ -156,8 +155,8 @@ class _DstLock:
             except OSError as e:
                 os.close(fd)
                 if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    log.warning("%s: this filesystem has no file locks; not guarding against a concurrent "
-                                "conversion to the same destination", self.path)
+                    _note(f"{self.path}: this filesystem has no file locks; not guarding against a concurrent "
+                          "conversion to the same destination")
                     return False
                 raise
             try:  # the file we locked must still be the one at the path (a finishing run unlinks it)
@@ -179,6 +178,11 @@ class _DstLock:
             self.fd = None
 
 
+def _note(text: str) -> None:
+    """One `note: ...` line on stderr (not a logging record: no 'WARNING:logger:' prefix)."""
+    print(f"note: {text}", file=sys.stderr, flush=True)
+
+
 def _clear_stale_tmps(dst: str, locked: bool) -> None:
     """Remove `DST.tmp-<pid>` folders whose pid no longer runs (killed runs); say what was removed or left. Without
     the lock (a filesystem without flock, maybe shared by several hosts) they are only reported."""
@@ -189,16 +193,16 @@ def _clear_stale_tmps(dst: str, locked: bool) -> None:
             continue
         path, pid = os.path.join(parent, name), int(pid_text)
         if pid != os.getpid() and _pid_running(pid):
-            log.warning("note: %s belongs to process %d, which is still running; left in place", path, pid)
+            _note(f"{path} belongs to process {pid}, which is still running; left in place")
             continue
         if not locked and pid != os.getpid():
-            log.warning("note: %s looks like the partial output of an interrupted conversion (pid %d is not running "
-                        "here); remove it unless another host is converting to %s", path, pid, dst)
+            _note(f"{path} looks like the partial output of an interrupted conversion (pid {pid} is not running "
+                  f"here); remove it unless another host is converting to {dst}")
             continue
         shutil.rmtree(path, ignore_errors=True)
         if pid != os.getpid():
-            log.warning("note: removed %s, the partial output of an interrupted conversion (pid %d is no longer "
-                        "running)", path, pid)
+            _note(f"removed {path}, the partial output of an interrupted conversion (pid {pid} is no longer "
+                  "running)")
 
 
 @contextlib.contextmanager
