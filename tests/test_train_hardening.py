@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from test_train_loop import SMOKE, _committed, _env, _finish, _metrics, _start, _tail, _yaml
 
-from glm41v_train.config import INT_MAX, TrainConfig, TrainConfigError, _section_types, load_config
+from glm41v_train.config import INT_MAX, TrainConfig, TrainConfigError, _section_types, config_from_dict, load_config
 from glm41v_train.run_lock import LOCK_NAME, RunLock, RunLockedError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -499,3 +499,13 @@ def test_corrupt_checkpoint_prints_one_line(finished, tmp_path, tiny_cache_dir, 
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [_one_error_line(r.stderr)], r.stderr[-3000:]
     assert f"checkpoint {bad} cannot be restored" in r.stderr and "Event loop" not in r.stderr
+
+
+@pytest.mark.parametrize("steps,message", [(-1, "steps: expected an integer in [0, 2147483647], got -1"),
+                                           (0, "steps must be a positive integer, got 0")])
+def test_bad_steps_is_named_as_steps(steps, message):
+    """`steps` is copied into optim.total_steps only when it is valid: a bad value is reported under the name the
+    user wrote, not under optim.total_steps."""
+    with pytest.raises(TrainConfigError) as e:
+        config_from_dict({"model": "m", "output_dir": "o", "data": {"jsonl": "a.jsonl"}, "steps": steps})
+    assert str(e.value) == message

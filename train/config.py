@@ -286,7 +286,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
 def config_from_dict(raw: Mapping[str, Any]) -> TrainConfig:
     raw = dict(raw)
     optim = raw.get("optim")
-    if isinstance(raw.get("steps"), int) and not isinstance(raw.get("steps"), bool) and (
+    # (a bad `steps` is reported under its own name, not through the optim.total_steps copied from it)
+    if isinstance(raw.get("steps"), int) and not isinstance(raw.get("steps"), bool) and raw["steps"] > 0 and (
             optim is None or (isinstance(optim, Mapping) and "total_steps" not in optim)):
         raw["optim"] = {**(optim or {}), "total_steps": raw["steps"]}
         if "warmup_steps" not in raw["optim"]:
