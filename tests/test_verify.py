@@ -75,6 +75,16 @@ def _verify(capsys, *argv: str) -> tuple[int, str, list[str]]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _load_in_a_fresh_process(d: str) -> subprocess.CompletedProcess:
+    """`loading.load(d)` in a new interpreter, a CheckpointError printed as the CLI does: whatever Orbax's
+    abandoned reads print at exit shows up in its stderr."""
+    code = ("import sys\nfrom glm41v_jax import loading\nfrom glm41v_jax.errors import one_line\n"
+            "try:\n    loading.load(sys.argv[1], as_numpy=True)\nexcept loading.CheckpointError as e:\n"
+            "    print('error:', one_line(e), file=sys.stderr)\n")
+    return subprocess.run([sys.executable, "-c", code, d], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
 def test_checksums_and_sizes_recorded(converted):
     _, dst, arrays = converted
     fmt = _fmt(dst)
@@ -164,11 +174,7 @@ def test_damage_without_a_files_record_names_the_array(converted, tmp_path, caps
         loading.load(d, as_numpy=True)
     rc, out, err = _verify(capsys, d)
     assert rc == 1 and out.startswith("DAMAGED ") and ": unreadable: DATA_LOSS" in out
-    code = ("import sys\nfrom glm41v_jax import loading\nfrom glm41v_jax.errors import one_line\n"
-            "try:\n    loading.load(sys.argv[1], as_numpy=True)\nexcept loading.CheckpointError as e:\n"
-            "    print('error:', one_line(e), file=sys.stderr)\n")
-    p = subprocess.run([sys.executable, "-c", code, d], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    p = _load_in_a_fresh_process(d)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 0 and len(lines) == 1 and lines[0].startswith(f"error: {d}: damaged"), p.stderr[-2000:]
 
@@ -245,11 +251,7 @@ def test_data_file_overwritten_in_place_is_one_line(converted, tmp_path):
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
         f.write(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
-    code = ("import sys\nfrom glm41v_jax import loading\nfrom glm41v_jax.errors import one_line\n"
-            "try:\n    loading.load(sys.argv[1], as_numpy=True)\nexcept loading.CheckpointError as e:\n"
-            "    print('error:', one_line(e), file=sys.stderr)\n")
-    p = subprocess.run([sys.executable, "-c", code, d], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    p = _load_in_a_fresh_process(d)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 0 and len(lines) == 1, p.stderr[-3000:]
     assert lines[0].startswith(f"error: {d}: damaged converted checkpoint: array '"), lines[0]
