@@ -207,6 +207,20 @@ def random_hf_state_dict(hf_config: dict[str, Any], seed: int = 0, dtype=np.floa
 TINY_SEED = 20250701
 
 
+def write_random_hf_dir(directory: str | os.PathLike, seed: int = 0, **text_overrides: Any) -> str:
+    """A weights-only HF checkpoint folder (config.json + model.safetensors, no tokenizer) of the tiny config with
+    random fp32 weights: what the converter and loader tests feed. Returns the folder."""
+    from safetensors.numpy import save_file  # (as in materialize_tiny_checkpoint)
+
+    d = os.fspath(directory)
+    os.makedirs(d, exist_ok=True)
+    cfg = tiny_hf_config(**text_overrides)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    save_file(random_hf_state_dict(cfg, seed), os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
 def default_cache_dir() -> str:
     base = os.environ.get("GLM41V_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")), "glm41v_jax"

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import signal
 import subprocess
 import sys
 
 import pytest
-from safetensors.numpy import save_file
 
 from glm41v_convert.hf_to_orbax import convert
 from glm41v_jax import loading, tiny
@@ -26,13 +24,7 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 @pytest.fixture(scope="module")
 def src(tmp_path_factory) -> str:
     """A small-vocab fp32 HF dir (56 tensors, 1.4 MB)."""
-    d = str(tmp_path_factory.mktemp("faults") / "hf")
-    os.makedirs(d)
-    cfg = tiny.tiny_hf_config(vocab_size=512)
-    with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump(cfg, f)
-    save_file(tiny.random_hf_state_dict(cfg, 11), os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
-    return d
+    return tiny.write_random_hf_dir(tmp_path_factory.mktemp("faults") / "hf", 11, vocab_size=512)
 
 
 def _left(parent) -> list[str]:

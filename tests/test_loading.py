@@ -78,13 +78,7 @@ def hf_ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def small_ckpt(tmp_path_factory):
     """A small-vocab fp32 HF dir (no torch) for the error cases: config.json + model.safetensors."""
-    d = str(tmp_path_factory.mktemp("small") / "hf")
-    os.makedirs(d)
-    cfg_dict = tiny.tiny_hf_config(vocab_size=512)
-    with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump(cfg_dict, f)
-    save_file(tiny.random_hf_state_dict(cfg_dict, 1), os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
-    return d
+    return tiny.write_random_hf_dir(tmp_path_factory.mktemp("small") / "hf", 1, vocab_size=512)
 
 
 def _variant(small_ckpt: str, tmp_path, mutate=None) -> str:

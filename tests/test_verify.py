@@ -13,7 +13,6 @@ import zlib
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 from glm41v_convert.hf_to_orbax import convert
 from glm41v_jax import loading, tiny
@@ -26,12 +25,7 @@ from glm41v_jax.weights import iter_leaves
 def converted(tmp_path_factory):
     """(HF dir, converted dir, the converted arrays as NumPy) of a small-vocab fp32 checkpoint."""
     root = tmp_path_factory.mktemp("verify")
-    hf = str(root / "hf")
-    os.makedirs(hf)
-    cfg = tiny.tiny_hf_config(vocab_size=512)
-    with open(os.path.join(hf, "config.json"), "w") as f:
-        json.dump(cfg, f)
-    save_file(tiny.random_hf_state_dict(cfg, 7), os.path.join(hf, "model.safetensors"), metadata={"format": "pt"})
+    hf = tiny.write_random_hf_dir(root / "hf", 7, vocab_size=512)
     dst = convert(hf, str(root / "conv"), progress=False)
     params, _ = loading.load(dst, as_numpy=True)
     return hf, dst, {"/".join(p): a for p, a in iter_leaves(params)}
