@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import Glm41vError
+from .errors import Glm41vError, one_line
 from .generate import Engine, GenerationError, collate, read_eos_ids
 from .sampling import SamplingParams, read_generation_config
 from .thinking import FORCED_ANSWER, NO_THINKING_PREFIX, parse_response
@@ -314,7 +314,7 @@ class Pipeline:
             if errors == "raise":
                 raise e
             counts["failed"] += 1
-            return {"error": " ".join(str(e).split()) or type(e).__name__}
+            return {"error": one_line(e)}
 
         def run(pad_to: int) -> None:
             idx = [c[0] for c in batch]
