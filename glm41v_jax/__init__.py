@@ -10,7 +10,7 @@ Public API:
   Glm4vConfig, Glm4v (the Linen module)
 """
 
-from . import _xla_cpu  # noqa: F401  (first: adds an XLA:CPU flag before JAX's backend starts)
+from . import backend  # noqa: F401  (first: adds the XLA:CPU flag before JAX starts its backend; see backend.py)
 from .config import ConfigError, Glm4vConfig, RuntimeConfig, TextConfig, VisionConfig
 from .generate import Engine, GenerationError, generate, generate_batch
 from .loading import load, load_config

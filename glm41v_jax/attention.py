@@ -57,6 +57,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from . import backend
+from .backend import target_platform
 from .config import ATTENTION_IMPLS
 from .sharding import logical_to_spec
 
@@ -84,15 +86,6 @@ def current_mesh() -> jax.sharding.AbstractMesh | None:
     """The (abstract) mesh the program is being traced for (`jax.set_mesh`), or None when none is set."""
     mesh = jax.sharding.get_abstract_mesh()
     return None if mesh.empty else mesh
-
-
-def target_platform() -> str:
-    """The platform the traced program is compiled for: that of the context mesh's devices ("tpu" when compiling
-    for a TPU topology from a CPU host), else `jax.default_backend()`."""
-    mesh = current_mesh()
-    dev = None if mesh is None else getattr(mesh, "abstract_device", None)
-    platform = getattr(dev, "platform", None)
-    return str(platform) if platform else jax.default_backend()
 
 
 def attention(
@@ -139,14 +132,14 @@ def resolve_impl(impl: str, q: jax.Array, k: jax.Array, v: jax.Array, platform: 
     """The backend one call runs on ("xla" | "pallas" | "cudnn"), from static shapes/dtypes and the platform
     (default: `target_platform()`)."""
     t, h = q.shape[1], q.shape[-1]
-    backend = target_platform() if platform is None else platform
+    platform = target_platform() if platform is None else platform
     if impl == "xla":
         return "xla"
     if impl == "pallas":
         return "xla" if t == 1 else "pallas"  # decode: no kernel (see the module docstring)
     if impl == "cudnn":
-        if backend != "gpu":
-            raise ValueError(f"attention impl 'cudnn' needs a GPU; the program is compiled for {backend!r} "
+        if platform != "gpu":
+            raise ValueError(f"attention impl 'cudnn' needs a GPU; the program is compiled for {platform!r} "
                              "(use 'xla', or 'auto' to pick per platform)")
         bad = _cudnn_unsupported(q, k, v, strict=False)
         if bad:
@@ -155,9 +148,9 @@ def resolve_impl(impl: str, q: jax.Array, k: jax.Array, v: jax.Array, platform: 
     # auto
     if t == 1:
         return "xla"
-    if backend == "tpu" and h % 128 == 0:
+    if platform == "tpu" and h % 128 == 0:
         return "pallas"
-    if backend == "gpu" and not _cudnn_unsupported(q, k, v, strict=True):
+    if platform == "gpu" and not _cudnn_unsupported(q, k, v, strict=True):
         return "cudnn"
     return "xla"
 
@@ -242,20 +235,16 @@ def segment_mask(q_segment_ids, kv_segment_ids, causal, q_positions, kv_position
     return mask
 
 
-# XLA:CPU: prefill-sized attention runs in blocks whose fp32 logits stay within this many bytes (blocked_attention).
-CPU_BLOCK_BYTES = 1 << 20
-
-
 def xla_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal, q_positions=None, kv_positions=None,
                   scale=None) -> jax.Array:
     """The reference. Logits and softmax in fp32; probabilities cast to v's dtype (as HF).
 
-    On the CPU backend, calls with many queries (prefill, vision) run `blocked_attention`, the same math over
-    cache-sized query chunks (3-4x faster there, BENCHMARKS.md "Attention on XLA:CPU").
+    Where `backend.use_blocked_attention` says so (CPU, prefill and vision sizes), it runs `blocked_attention`,
+    the same math over cache-sized query chunks.
     """
     kw = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal, q_positions=q_positions,
               kv_positions=kv_positions, scale=scale)
-    if q.shape[1] >= 32 and target_platform() == "cpu":
+    if backend.use_blocked_attention(q.shape[1]):
         return blocked_attention(q, k, v, **kw)
     return dense_attention(q, k, v, **kw)
 
@@ -280,16 +269,16 @@ def dense_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal, q_positio
 def blocked_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal, q_positions=None, kv_positions=None,
                       scale=None, block_bytes: int | None = None) -> jax.Array:
     """`xla_attention`'s math as a loop (`lax.map`) over (batch row, KV head, query chunk) blocks, each a plain
-    (cq * G, H) x (H, S) matrix product whose fp32 logits stay within `block_bytes` (default CPU_BLOCK_BYTES),
-    in cache. The softmax is normalised after the PV product (the unnormalised probabilities, cast to v's dtype,
-    times v, over their fp32 row sums). Rows are independent, so blocking changes no result beyond rounding.
-    Differentiated, the blocks are rematerialised (`jax.checkpoint`), so the backward pass keeps no per-block
-    logits or K/V copies (on the 2 x 512-token train benchmark: 17.05 -> 15.96 s per step, A/B)."""
+    (cq * G, H) x (H, S) matrix product whose fp32 logits stay within `block_bytes` (default
+    `backend.ATTENTION_BLOCK_BYTES`), in cache. The softmax is normalised after the PV product (the unnormalised
+    probabilities, cast to v's dtype, times v, over their fp32 row sums). Rows are independent, so blocking changes
+    no result beyond rounding. Differentiated, the blocks are rematerialised (`jax.checkpoint`), so the backward
+    pass keeps no per-block logits or K/V copies (which also makes the train step faster on CPU)."""
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
     scale = h**-0.5 if scale is None else scale
-    budget = CPU_BLOCK_BYTES if block_bytes is None else block_bytes
+    budget = backend.ATTENTION_BLOCK_BYTES if block_bytes is None else block_bytes
     cq = max(min(budget // (4 * g * s), t), min(16, t))
     nc = -(-t // cq)
     cq = -(-t // nc)  # balanced chunks: padding < nc rows

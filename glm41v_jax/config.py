@@ -19,31 +19,12 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .backend import BACKEND_TUNING, backend_default  # noqa: F401  (old import path, until the engine imports backend)
 from .errors import Glm41vError
 
 # Attention backends (glm41v_jax.attention): the XLA reference, TPU splash (Pallas), GPU cuDNN, or per-call choice.
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 KERNEL_LAYOUTS = ("in_out", "out_in")  # RuntimeConfig.kernel_layout (see layers.Dense)
-
-# Per-platform tuning: the one place that says which choice each backend gets by default, each from a measurement.
-#   engine_kernel_layout: the Engine's decode weight layout (layers.Dense).
-#     cpu  "out_in": XLA:CPU streams W . x^T at 13-30 GB/s at batch 1-8 where x . W drops to 5-9 GB/s
-#          (benchmarks/cpu_kernels.py, BENCHMARKS.md "Decode weight layout").
-#     tpu  "in_out": compiled for v5e-8 (9B, bf16, tensor=8 and fsdp=8, batch 1 and 8), the two layouts read the
-#          same HBM bytes per decode step (BENCHMARKS.md "TPU decode efficiency"); the TPU compiler picks the
-#          tiled layout of each weight itself, so the checkpoint layout costs nothing and needs no re-layout.
-#     gpu  "in_out": not measured on a GPU here; like TPU, the checkpoint layout (cuBLAS takes either transpose).
-BACKEND_TUNING: dict[str, dict[str, str]] = {
-    "cpu": {"engine_kernel_layout": "out_in"},
-    "tpu": {"engine_kernel_layout": "in_out"},
-    "gpu": {"engine_kernel_layout": "in_out"},
-}
-
-
-def backend_default(platform: str, key: str) -> str:
-    """`BACKEND_TUNING[platform][key]`; platforms not in the table ("cuda", "rocm" -> gpu) fall back to "cpu"."""
-    platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
-    return BACKEND_TUNING.get(platform, BACKEND_TUNING["cpu"])[key]
 
 
 class ConfigError(Glm41vError, ValueError):

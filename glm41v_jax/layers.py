@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import backend
 from .attention import NEG_INF, attention  # noqa: F401  (re-exported: the one attention lives in attention.py)
 from .config import KERNEL_LAYOUTS
 
@@ -27,19 +28,16 @@ def _init(scale_fan_in: int):
     return nn.initializers.normal(stddev=std)
 
 
-SMALL_ROWS = 16  # Embed.attend: up to this many rows E . x^T (decode), above it x . E^T
-
-
 class Dense(nn.Module):
     """x[..., *in] . kernel (+ bias[*out]). The only matmul-with-weights in the model.
 
     `features` is the output shape (e.g. (N, H) for a q projection); `n_in` is how many trailing input axes are
     contracted (2 for an o projection over (N, H)); `axes` names the kernel axes, in axes then out axes.
 
-    `layout` is how the kernel is stored: "in_out" = (*in, *out), the checkpoint and training layout; "out_in" =
-    (*out, *in), the Engine's layout, contracted as W . x^T (then the output transposed): XLA:CPU streams it at
-    ~13-30 GB/s at batch 1-8, where x . W drops to 5-9 GB/s at batch 4-8; at prefill sizes it costs the engine ~3%,
-    where x . W^T would copy the kernel before every matmul (BENCHMARKS.md, "Decode weight layout").
+    `layout` is how the kernel is stored (`RuntimeConfig.kernel_layout`): "in_out" = (*in, *out), the checkpoint
+    and training layout; "out_in" = (*out, *in), contracted as W . x^T (then the output transposed), the Engine's
+    decode layout on CPU, where XLA:CPU streams it at the memory bandwidth at small batch and x . W does not
+    (`backend.BACKEND_TUNING`); x . W^T instead would copy the kernel before every matmul.
     `model.to_kernel_layout` converts a params tree between the two.
     """
 
@@ -176,8 +174,9 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        """x (..., D) -> (..., V); the (V, D) table is already "out_in", contracted as Dense contracts that."""
+        """x (..., D) -> (..., V); the (V, D) table is already "out_in": a few rows (decode) are contracted as
+        Dense contracts that, more rows as x . E^T (`backend.embed_attend_rows_first`)."""
         x, w = x.astype(self.dtype), self.embedding.astype(self.dtype)
-        if int(np.prod(x.shape[:-1])) <= SMALL_ROWS:
+        if backend.embed_attend_rows_first(int(np.prod(x.shape[:-1]))):
             return jnp.moveaxis(jax.lax.dot_general(w, x, (((1,), (x.ndim - 1,)), ((), ()))), 0, -1)
         return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))

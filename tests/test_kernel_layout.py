@@ -88,21 +88,3 @@ def test_bad_layout_is_a_clear_error():
         M.to_kernel_layout(params, cfg.with_runtime(kernel_layout="out_in"), "in_out")
     with pytest.raises(GenerationError, match="kernel_layout must be 'in_out' or 'out_in', got 'oi'"):
         Engine(params, cfg, kernel_layout="oi")
-
-
-def test_xla_cpu_flag_rules():
-    """The XLA:CPU flag the package adds at import (glm41v_jax._xla_cpu): only for jaxlib 0.10.x, never over a
-    user's own choice, and not when switched off; other flags are kept."""
-    from glm41v_jax import _xla_cpu
-
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    assert _xla_cpu.tune(env, "0.10.2")
-    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8 " + _xla_cpu.FLAG
-    assert not _xla_cpu.tune(env, "0.10.2")  # already there: not added twice
-    assert env["XLA_FLAGS"].count("ynn_fusion_type") == 1
-    for env, version in (({}, "0.11.0"), ({}, ""), ({"GLM41V_XLA_CPU_TUNING": "0"}, "0.10.2"),
-                         ({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}, "0.10.2")):
-        before = dict(env)
-        assert not _xla_cpu.tune(env, version)
-        assert env == before
-    assert _xla_cpu.tune(env := {}, "0.10.0") and env["XLA_FLAGS"] == _xla_cpu.FLAG

@@ -1,0 +1,149 @@
+"""Backend-specific tuning, in one place: which platform a program is compiled for, the measured per-platform
+defaults, the XLA:CPU special cases, and the one XLA flag the package sets.
+
+Every choice here changes speed or memory only, never a result: each special path computes the reference math
+and the tests compare the two. The measurements behind each choice are in BENCHMARKS.md, "Measurements behind
+design choices".
+
+* `target_platform()`: the platform of the devices of the mesh the program is traced for ("tpu" when compiling
+  for a TPU topology from a CPU host), else `jax.default_backend()`. Every switch below reads it.
+* `BACKEND_TUNING` / `backend_default(platform, key)`: the per-platform defaults. Today one key,
+  `engine_kernel_layout`, the Engine's decode kernel layout ("out_in" on CPU, "in_out" on TPU and GPU; see
+  `layers.Dense`).
+* XLA:CPU special cases (no other module tests the platform for speed):
+  - `use_blocked_attention(num_queries)`: prefill and vision attention (32+ queries) run
+    `attention.blocked_attention`, the reference math over query chunks whose fp32 logits stay within
+    `ATTENTION_BLOCK_BYTES`, in cache. The kernel lives in attention.py, next to the one-block math it reproduces.
+  - `sum_of_squares(x)`: the fp32 sum of squares of a large array (the optimizer's global norm) as a loop over
+    row blocks. XLA:CPU emits a reduction fused with its elementwise producer as a scalar loop; the blocks make it
+    vectorise.
+  - `embed_attend_rows_first(rows)`: the tied-embedding projection (`layers.Embed.attend`) of a few rows
+    (decode) contracts the (V, D) table as E . x^T, the order the "out_in" Dense kernels use; more rows take
+    x . E^T. Measured on CPU; on TPU and GPU the compiler picks the operand layouts itself, so the switch is
+    applied on every platform (one program shape everywhere).
+* The XLA:CPU flag (`XLA_CPU_FLAG`): importing `glm41v_jax` adds
+  `--xla_cpu_experimental_ynn_fusion_type=individual_dot` to the `XLA_FLAGS` environment variable, so that each
+  matmul is its own YNNPACK call. jaxlib 0.10 otherwise fuses a chain of matmuls and the elementwise ops between
+  them into one YNNPACK subgraph, which ran the vision tower's last chain several times slower than its matmuls
+  alone. It is added only when all of these hold: `GLM41V_XLA_CPU_TUNING` is not "0" (the off switch), XLA_FLAGS
+  does not already choose a YNN fusion type, and the installed jaxlib is a 0.10.x release (XLA aborts on a flag it
+  does not know, so it is not guessed for other versions). It concerns the CPU backend only, and has no effect
+  when JAX started its backend before `glm41v_jax` was imported. `XLA_CPU_FLAG_ADDED` says whether this import
+  added it. The README states it too ("Backend tuning and the XLA flag set at import").
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import MutableMapping
+from importlib import metadata
+
+import jax
+import jax.numpy as jnp
+
+# ---------------------------------------------------------------------------------------------------------------
+# The XLA flag set at import.
+
+XLA_CPU_FLAG = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
+XLA_CPU_TUNING_ENV = "GLM41V_XLA_CPU_TUNING"  # "0" turns the flag off
+
+
+def _jaxlib_version() -> str:
+    try:
+        return metadata.version("jaxlib")
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+def add_xla_cpu_flag(environ: MutableMapping[str, str] | None = None, jaxlib_version: str | None = None) -> bool:
+    """Add `XLA_CPU_FLAG` to XLA_FLAGS in `environ` (default os.environ) when the rules in the module docstring
+    allow; True if it was added."""
+    env = os.environ if environ is None else environ
+    flags = env.get("XLA_FLAGS", "")
+    version = _jaxlib_version() if jaxlib_version is None else jaxlib_version
+    if env.get(XLA_CPU_TUNING_ENV, "1") == "0" or "ynn_fusion_type" in flags or not version.startswith("0.10."):
+        return False
+    env["XLA_FLAGS"] = f"{flags} {XLA_CPU_FLAG}".strip()
+    return True
+
+
+# Run at import, before JAX starts its backend (glm41v_jax/__init__.py imports this module first).
+XLA_CPU_FLAG_ADDED = add_xla_cpu_flag()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The target platform and the per-platform defaults.
+
+
+def target_platform() -> str:
+    """The platform the traced program is compiled for: that of the context mesh's devices (`jax.set_mesh`;
+    "tpu" when compiling for a TPU topology from a CPU host), else `jax.default_backend()`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    dev = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    platform = getattr(dev, "platform", None)
+    return str(platform) if platform else jax.default_backend()
+
+
+# engine_kernel_layout: the Engine's decode kernel layout (layers.Dense).
+#   cpu "out_in": XLA:CPU streams W . x^T at the memory bandwidth at small batch, where x . W does not.
+#   tpu "in_out": both layouts read the same HBM bytes per decode step; the TPU compiler tiles each weight itself,
+#       so the checkpoint layout needs no re-layout.
+#   gpu "in_out": not measured on a GPU; like TPU, the checkpoint layout (cuBLAS takes either transpose).
+BACKEND_TUNING: dict[str, dict[str, str]] = {
+    "cpu": {"engine_kernel_layout": "out_in"},
+    "tpu": {"engine_kernel_layout": "in_out"},
+    "gpu": {"engine_kernel_layout": "in_out"},
+}
+
+
+def backend_default(platform: str, key: str) -> str:
+    """`BACKEND_TUNING[platform][key]`; "cuda"/"rocm" read "gpu", and platforms not in the table read "cpu"."""
+    platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+    return BACKEND_TUNING.get(platform, BACKEND_TUNING["cpu"])[key]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# XLA:CPU special cases.
+
+BLOCKED_ATTENTION_MIN_QUERIES = 32  # from this many queries per row, CPU attention runs blocked
+ATTENTION_BLOCK_BYTES = 1 << 20  # fp32 logits per attention block (stays in cache)
+BLOCKED_SUM_OF_SQUARES_MIN = 1 << 22  # arrays from this many elements up are summed in blocks on CPU
+SUM_OF_SQUARES_BLOCK = 1 << 18  # elements per block (1 MiB of fp32)
+EMBED_ATTEND_SMALL_ROWS = 16  # Embed.attend: up to this many rows E . x^T, above it x . E^T
+
+
+def use_blocked_attention(num_queries: int) -> bool:
+    """Whether the XLA attention of `num_queries` queries per row runs `attention.blocked_attention`: on CPU, for
+    prefill and vision sizes. Decode (one query) and every other platform run the one-block math."""
+    return num_queries >= BLOCKED_ATTENTION_MIN_QUERIES and target_platform() == "cpu"
+
+
+def embed_attend_rows_first(rows: int) -> bool:
+    """Whether `Embed.attend` contracts the (V, D) table as E . x^T (True: few rows, decode) or x . E^T."""
+    return rows <= EMBED_ATTEND_SMALL_ROWS
+
+
+def sum_of_squares(x: jax.Array) -> jax.Array:
+    """sum(x ** 2) in fp32.
+
+    On CPU, arrays of `BLOCKED_SUM_OF_SQUARES_MIN` elements and more are summed as a loop over ~1 MiB row blocks
+    whose squares are materialised in cache and reduced over rows, which vectorises (a fused square-and-reduce is a
+    scalar loop on XLA:CPU). Elsewhere it is the plain reduction, which also keeps sharded arrays in place.
+    """
+    if target_platform() != "cpu" or x.size < BLOCKED_SUM_OF_SQUARES_MIN:
+        return jnp.sum(jnp.square(x.astype(jnp.float32)))
+    width = 1024 if x.size % 1024 == 0 else x.shape[-1]
+    flat = x.reshape(-1, width)  # a bitcast of the row-major buffer
+    rows = max(1, SUM_OF_SQUARES_BLOCK // width)
+    n = flat.shape[0] // rows
+    if n == 0:
+        return jnp.sum(jnp.square(x.astype(jnp.float32)))
+    blocks = flat[: n * rows].reshape(n, rows, width)
+
+    def body(i, acc):
+        b = blocks[i].astype(jnp.float32)
+        return acc + jnp.sum(jax.lax.optimization_barrier(b * b), axis=0)
+
+    acc = jax.lax.fori_loop(0, n, body, jnp.zeros((width,), jnp.float32))
+    rest = flat[n * rows :].astype(jnp.float32)
+    return jnp.sum(acc) + jnp.sum(rest * rest)
