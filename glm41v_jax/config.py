@@ -19,6 +19,9 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import ml_dtypes
+import numpy as np
+
 from .backend import BACKEND_TUNING, backend_default  # noqa: F401  (old import path, until the engine imports backend)
 from .errors import Glm41vError
 
@@ -265,23 +268,52 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
-    """How to run the model; not part of the checkpoint."""
+    """How to run the model; not part of the checkpoint. One object for loading (`load(model, runtime)`), the
+    Engine and Pipeline (through `cfg.runtime`) and the train step (`step.model_cfg`).
 
-    dtype: str = "float32"  # activations / matmul inputs: "bfloat16" on TPU/GPU, "float32" on CPU
-    param_dtype: str = "float32"
+    The CLIs' `--dtype D` means both dtypes (`dtype_flag`); the converter's `--dtype` is the stored dtype.
+    """
+
+    compute_dtype: str = "float32"  # activations and matmul inputs: "bfloat16" on TPU/GPU, "float32" on CPU
+    param_dtype: str = "float32"  # the weights (load() casts them to it when it is given)
     scan_layers: bool = False  # True: nn.scan over stacked weights (training); False: unrolled (decode)
     remat_policy: str = "none"  # none | full | dots | dots_no_batch (see layers.remat_policy)
     attention_impl: str = "xla"  # xla | pallas | cudnn | auto (see glm41v_jax.attention)
     # How the text decoder's and lm_head's kernels are stored: "in_out" (checkpoints, training) or "out_in" (the
-    # Engine's decode layout; see layers.Dense and model.to_kernel_layout). The vision tower is always "in_out".
+    # Engine's decode layout on CPU; see layers.Dense and model.to_kernel_layout). The vision tower is "in_out".
     kernel_layout: str = "in_out"
 
     def __post_init__(self) -> None:
+        for name in ("compute_dtype", "param_dtype"):
+            object.__setattr__(self, name, _float_dtype(getattr(self, name), name))
         if self.kernel_layout not in KERNEL_LAYOUTS:
             raise ConfigError(f"runtime: kernel_layout must be 'in_out' or 'out_in'; got {self.kernel_layout!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"runtime: attention_impl must be one of {', '.join(map(repr, ATTENTION_IMPLS))}; "
                               f"got {self.attention_impl!r}")
+
+    @property
+    def dtype(self) -> str:
+        """Old name of `compute_dtype`, kept until every caller reads `compute_dtype`."""
+        return self.compute_dtype
+
+
+def _float_dtype(value: Any, name: str) -> str:
+    """A dtype given as a name or a NumPy/JAX dtype -> its name; ConfigError unless it is a float dtype."""
+    try:
+        dt = np.dtype(value)
+    except TypeError:
+        dt = None
+    if dt is None or value is None or dt.kind != "f" and dt != np.dtype(ml_dtypes.bfloat16):
+        raise ConfigError(f"runtime: {name} must be a floating-point dtype such as 'float32' or 'bfloat16'; "
+                          f"got {str(value)[:40]!r}")
+    return dt.name
+
+
+def dtype_flag(dtype: str | None) -> dict[str, str]:
+    """The CLIs' `--dtype D` as `RuntimeConfig` overrides: the weights and the computation both in D ({} when the
+    flag is not given: the caller's default applies)."""
+    return {} if dtype is None else {"param_dtype": dtype, "compute_dtype": dtype}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,8 +433,11 @@ class Glm4vConfig:
             },
         }
 
-    def with_runtime(self, **kw: Any) -> Glm4vConfig:
-        return dataclasses.replace(self, runtime=dataclasses.replace(self.runtime, **kw))
+    def with_runtime(self, runtime: RuntimeConfig | None = None, **kw: Any) -> Glm4vConfig:
+        """This config run as `runtime` (default: its own), with the `RuntimeConfig` fields in `kw` replaced."""
+        if "dtype" in kw:  # the old name of compute_dtype, until every caller passes compute_dtype
+            kw["compute_dtype"] = kw.pop("dtype")
+        return dataclasses.replace(self, runtime=dataclasses.replace(runtime or self.runtime, **kw))
 
 
 # The released GLM-4.1V-9B-Thinking shapes (checked with jax.eval_shape in the tests).

@@ -200,7 +200,7 @@ class Pipeline:
         import jax
 
         from . import tiny
-        from .config import Glm4vConfig
+        from .config import Glm4vConfig, dtype_flag
         from .loading import load, resolve_model_dir
         from .processing import Processor
         from .sharding import make_mesh
@@ -225,8 +225,7 @@ class Pipeline:
                 heads = Glm4vConfig.from_file(config_path).text.num_attention_heads
                 mesh = auto_mesh_spec(heads, jax.device_count())
             mesh = None if mesh is None else make_mesh(mesh)
-        params, cfg = load(directory, dtype=dtype, mesh=mesh, **runtime)
-        cfg = cfg.with_runtime(dtype=dtype, param_dtype=dtype)
+        params, cfg = load(directory, mesh=mesh, **{**runtime, **dtype_flag(dtype)})
         engine = Engine(params, cfg, mesh=mesh, chunk_size=chunk_size, max_context=max_context)
         return cls(engine, processor, eos_ids=read_eos_ids(directory, cfg), directory=directory,
                    random_weights=random_weights)

@@ -116,7 +116,7 @@ def test_bf16_conversion_bit_identical_to_torch(small_ckpt, tmp_path):
         assert got.dtype == ml_dtypes.bfloat16, name
         np.testing.assert_array_equal(got.view(np.uint16), rule.to_flax(want), err_msg=name)
     # also the direct HF load with a dtype cast
-    direct, cfg2 = loading.load(small_ckpt, dtype="bfloat16", as_numpy=True)
+    direct, cfg2 = loading.load(small_ckpt, param_dtype="bfloat16", as_numpy=True)
     assert cfg2.runtime.param_dtype == "bfloat16"
     for path, leaf in iter_leaves(direct):
         np.testing.assert_array_equal(leaf.view(np.uint16), np.asarray(get_path(params, path)).view(np.uint16))

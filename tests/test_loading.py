@@ -5,6 +5,7 @@ Each bad input gets its own test and the error message is checked: it must name 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from safetensors.numpy import save_file
 
 from glm41v_jax import loading, tiny
 from glm41v_jax import model as M
-from glm41v_jax.config import ConfigError, Glm4vConfig
+from glm41v_jax.config import ConfigError, Glm4vConfig, RuntimeConfig
 from glm41v_jax.loading import CheckpointError
 from glm41v_jax.sharding import make_mesh, param_shardings
 from glm41v_jax.weights import WeightsError, iter_leaves
@@ -134,9 +135,18 @@ def test_hf_dir_onto_mesh(hf_ckpt):
 
 
 def test_dtype_cast_and_runtime_overrides(small_ckpt):
-    params, cfg = loading.load(small_ckpt, dtype="bfloat16", as_numpy=True)
-    assert cfg.runtime.param_dtype == "bfloat16"
+    params, cfg = loading.load(small_ckpt, param_dtype="bfloat16", as_numpy=True)
+    assert cfg.runtime.param_dtype == "bfloat16" and cfg.runtime.compute_dtype == "float32"
     assert all(str(x.dtype) == "bfloat16" for _, x in iter_leaves(params))
+    # One RuntimeConfig, with field overrides on top; its param_dtype is the weights' dtype.
+    rt = RuntimeConfig(param_dtype="bfloat16", compute_dtype="bfloat16", attention_impl="auto")
+    params, cfg = loading.load(small_ckpt, rt, as_numpy=True, param_dtype="float32")
+    assert cfg.runtime == dataclasses.replace(rt, param_dtype="float32")
+    assert all(str(x.dtype) == "float32" for _, x in iter_leaves(params))
+    with pytest.raises(TypeError, match="param_dtype= .* compute_dtype="):
+        loading.load(small_ckpt, dtype="bfloat16", as_numpy=True)  # the old, ambiguous spelling
+    with pytest.raises(ConfigError, match="param_dtype must be a floating-point dtype.*'int8'"):
+        loading.load(small_ckpt, param_dtype="int8", as_numpy=True)
     stacked, cfg2 = loading.load(small_ckpt, as_numpy=True, scan_layers=True)
     assert cfg2.runtime.scan_layers
     assert stacked["language_model"]["layers"]["mlp"]["down"]["kernel"].shape[0] == cfg2.text.num_hidden_layers
@@ -146,7 +156,9 @@ def test_load_config_and_model_dir(hf_ckpt):
     d, _ = hf_ckpt
     assert loading.resolve_model_dir(d) == d
     assert os.path.isfile(os.path.join(loading.resolve_model_dir(d), "tokenizer.json"))
-    assert loading.load_config(d, dtype="bfloat16").runtime.dtype == "bfloat16"
+    assert loading.load_config(d, compute_dtype="bfloat16").runtime.compute_dtype == "bfloat16"
+    rt = RuntimeConfig(scan_layers=True)
+    assert loading.load_config(d, rt).runtime == rt
 
 
 # ---------------------------------------------------------------------------------------------------------------
