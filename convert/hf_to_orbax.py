@@ -45,30 +45,26 @@ import signal
 import sys
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
+from glm41v_jax.checkpoint_files import copy_side_files, finish_converted
 from glm41v_jax.config import Glm4vConfig
 from glm41v_jax.errors import Glm41vError
 from glm41v_jax.integrity import (
     CHECKSUM_ALGORITHM,
     abs_path,
     array_crc32,
-    file_sizes,
     is_no_space,
     quiet_storage_threads,
     storage_error,
 )
 from glm41v_jax.loading import (
-    COMPLETE_MARKER,
-    FORMAT_FILE,
     FORMAT_NAME,
     FORMAT_VERSION,
     PARAMS_SUBDIR,
-    SIDE_FILES,
     CheckpointError,
     HFCheckpoint,
     is_converted_dir,
@@ -269,63 +265,6 @@ def _staging(dst: str) -> Iterator[str]:
         raise
 
 
-def _rename_noreplace(src: str, dst: str) -> None:
-    """rename(2) that fails with FileExistsError instead of replacing an (empty) directory at dst."""
-    libc = None
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.renameat2  # noqa: B018  (glibc >= 2.28)
-    if libc is not None:
-        at_fdcwd, rename_noreplace = -100, 1
-        if libc.renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) == 0:
-            return
-        err = ctypes.get_errno()
-        if err == errno.EEXIST:
-            raise FileExistsError(err, os.strerror(err), dst)
-        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # not supported here: plain rename below
-            raise OSError(err, os.strerror(err), src)
-    if os.path.lexists(dst):
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
-    os.rename(src, dst)
-
-
-def _copy_side_files(src_dir: str, tmp: str) -> list[str]:
-    copied = []
-    for name in SIDE_FILES:
-        path = os.path.join(src_dir, name)
-        if os.path.isfile(path):
-            shutil.copyfile(path, os.path.join(tmp, name))
-            copied.append(name)
-    return copied
-
-
-def _side_file_sums(tmp: str) -> dict[str, str]:
-    out = {}
-    for name in sorted(os.listdir(tmp)):
-        path = os.path.join(tmp, name)
-        if name not in (FORMAT_FILE, COMPLETE_MARKER) and os.path.isfile(path):
-            with open(path, "rb") as f:
-                out[name] = f"{zlib.crc32(f.read()):08x}"
-    return out
-
-
-def _finish(tmp: str, dst: str, fmt: dict[str, Any]) -> None:
-    """Record the params/ file sizes and the side files' CRC-32 in the format file, write it and the marker, and
-    rename tmp to dst (never replacing dst). On failure tmp is left for the caller to remove."""
-    fmt = dict(fmt)
-    fmt.setdefault("files", file_sizes(os.path.join(tmp, PARAMS_SUBDIR)))
-    fmt.setdefault("side_files", _side_file_sums(tmp))
-    with open(os.path.join(tmp, FORMAT_FILE), "w", encoding="utf-8") as f:
-        json.dump(fmt, f, indent=2)
-    with open(os.path.join(tmp, COMPLETE_MARKER), "w", encoding="utf-8") as f:
-        f.write(f"{FORMAT_NAME} v{FORMAT_VERSION} complete\n")
-    try:
-        _rename_noreplace(tmp, dst)
-    except FileExistsError:
-        raise CheckpointError(f"{dst}: the destination was created by another program while converting; it was left "
-                              "untouched and this conversion's output was discarded") from None
-
-
 def _write_failure(e: BaseException, dst: str, out_bytes: int | None) -> CheckpointError | None:
     """One CheckpointError for a failed write (disk full, I/O error), or None when `e` is not a storage failure (or
     already a user-facing error)."""
@@ -393,7 +332,7 @@ def convert(
         sums: dict[str, str] = {}
         crc_s = 0.0
         try:
-            copied = _copy_side_files(src_dir, tmp)
+            copied = copy_side_files(src_dir, tmp)
             pending: dict = {}
             pending_bytes = 0
             n_saves = 0
@@ -444,7 +383,7 @@ def convert(
                 "checksum_seconds": round(crc_s, 3),
                 "checksums": _checksums(sums),
             }
-            _finish(tmp, dst, fmt)
+            finish_converted(tmp, dst, fmt)
         except BaseException as e:
             if inflight is not None:  # let the background write stop touching tmp before it is removed
                 with contextlib.suppress(BaseException), quiet_storage_threads():
@@ -479,7 +418,7 @@ def save_converted(
     addressable = all(getattr(leaf, "is_fully_addressable", True) for _, leaf in leaves)
     with _staging(dst) as tmp:
         try:
-            copied = _copy_side_files(abs_path(source_dir), tmp) if source_dir is not None else []
+            copied = copy_side_files(abs_path(source_dir), tmp) if source_dir is not None else []
             if "config.json" not in copied:
                 with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
                     json.dump(cfg.to_hf(), f, indent=2)
@@ -497,7 +436,7 @@ def save_converted(
             }
             if addressable:
                 fmt["checksums"] = _checksums({"/".join(p): array_crc32(leaf) for p, leaf in leaves})
-            _finish(tmp, dst, fmt)
+            finish_converted(tmp, dst, fmt)
         except Exception as e:
             failure = _write_failure(e, dst, None)
             if failure is not None:

@@ -427,8 +427,9 @@ def plan_train(train_config: Any, cfg: Glm4vConfig, tpu: TpuType, *, mesh: str |
     """Compile the train step of a `glm41v_train.config.TrainConfig` for the slice (every host's batch: the
     config's `data.batch_size` rows of `data.seq_len` tokens and `data.max_patches` patches)."""
     # The training modules need the train extra (pyyaml, grain): imported here, not at the top.
-    from glm41v_train.loop import abstract_state, global_shapes
+    from glm41v_train.assembly import global_shapes
     from glm41v_train.packing import assemble_batch
+    from glm41v_train.params import abstract_state
     from glm41v_train.step import TrainStep, stack_batches
 
     if step_time is not None and not step_time > 0:

@@ -190,6 +190,11 @@ def get_path(tree: Mapping, path: Path) -> Any:
     return node
 
 
+def key_names(key_path: Any) -> Path:
+    """A jax key path (`jax.tree_util.tree_flatten_with_path`) -> the names of its keys, as in `Path`."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
+
+
 def iter_leaves(tree: Mapping, prefix: Path = ()) -> Iterator[tuple[Path, Any]]:
     for key, val in tree.items():
         if isinstance(val, Mapping):
@@ -254,7 +259,8 @@ def flax_to_hf(params: Mapping, cfg: Glm4vConfig) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------------------------
 # Scanned <-> unrolled layouts.
 
-_LAYER_GROUPS = (("visual", "blocks"), ("language_model", "layers"))
+LAYER_GROUPS = (  # (parent, name) of the layer stacks: name_0, name_1, ... <-> one stacked name
+    ("visual", "blocks"), ("language_model", "layers"))
 
 
 def stack_layers(params: Mapping) -> dict:
@@ -263,7 +269,7 @@ def stack_layers(params: Mapping) -> dict:
     import jax.numpy as jnp
 
     out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in params.items()}
-    for parent, name in _LAYER_GROUPS:
+    for parent, name in LAYER_GROUPS:
         if parent not in out:
             continue
         sub = dict(out[parent])
@@ -281,7 +287,7 @@ def unstack_layers(params: Mapping) -> dict:
     import jax
 
     out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in params.items()}
-    for parent, name in _LAYER_GROUPS:
+    for parent, name in LAYER_GROUPS:
         if parent not in out or name not in out[parent]:
             continue
         sub = dict(out[parent])

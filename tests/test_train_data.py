@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 
 from glm41v_jax import tiny
-from glm41v_train.data import ConversationEncoder, DataConfig, DataError, make_iterator
+from glm41v_train.data import DataConfig, make_iterator
+from glm41v_train.encode import ConversationEncoder, DataError
 from glm41v_train.packing import FirstFitPacker, assemble_batch, empty_vision
 
 ASSISTANT, NL, EOT, IMG, BOV, EOV = 151337, 198, 151329, 151343, 151341, 151342

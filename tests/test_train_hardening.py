@@ -239,14 +239,14 @@ def test_hostile_records_are_skipped(tmp_path, run_cli, monkeypatch):
 
 
 def test_oversized_line_is_a_bad_record(tmp_path, monkeypatch):
-    from glm41v_train import data
+    from glm41v_train import encode, sources
 
-    monkeypatch.setattr(data, "MAX_RECORD_BYTES", 100)
+    monkeypatch.setattr(sources, "MAX_RECORD_BYTES", 100)
     path = tmp_path / "d.jsonl"
     path.write_text('{"messages": []}\n' + json.dumps({"messages": [{"role": "user", "content": "x" * 200}]}) + "\n")
-    src = data.JsonlSource(str(path))
-    enc = data.ConversationEncoder("unused", 64, 64)
-    with pytest.raises(data.DataError) as e:
+    src = sources.JsonlSource(str(path))
+    enc = encode.ConversationEncoder("unused", 64, 64)
+    with pytest.raises(encode.DataError) as e:
         enc(src[1])
     assert e.value.reason == "bad_record" and "over the" in str(e.value) and e.value.where.endswith(":2")
 

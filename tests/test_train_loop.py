@@ -475,8 +475,10 @@ def test_multihost_two_processes_match_one(tmp_path, mh_data, ckpt, tiny_cache_d
     from glm41v_jax import load
     from glm41v_jax.sharding import make_mesh
     from glm41v_jax.weights import unstack_layers
-    from glm41v_train.data import ConversationEncoder, make_iterator
-    from glm41v_train.loop import LossEvaluator, abstract_state, place_unrolled
+    from glm41v_train.data import make_iterator
+    from glm41v_train.encode import ConversationEncoder
+    from glm41v_train.evaluate import LossEvaluator
+    from glm41v_train.params import abstract_state, place_unrolled
     from glm41v_train.step import TrainStep, stack_batches
 
     data_path, eval_path, lines = mh_data
@@ -567,8 +569,8 @@ def test_vision_offsets_keep_hosts_apart(ckpt, mh_data):
     make_array_from_process_local_data would, give exactly the sum of their separate losses; without the offsets
     the vision tokens of host 1 would be host 0's."""
     from glm41v_jax import load
+    from glm41v_train.assembly import offset_vision
     from glm41v_train.data import DataConfig, make_iterator
-    from glm41v_train.loop import offset_vision
     from glm41v_train.loss import loss_and_count
     from glm41v_train.step import StepConfig, train_config
 

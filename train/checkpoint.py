@@ -18,7 +18,9 @@ is then the latest) or restore another with `resume_step`.
 Final weights (`save_final`): the params, cast to `final_dtype`, unstacked, written in the converted format that
 `glm41v generate --model DIR` loads (config.json + processor files + params/ + the completion marker). One process:
 `glm41v_convert.hf_to_orbax.save_converted`. Several: every host writes its shards of params/ into a shared
-temporary directory, then process 0 writes the side files and the marker and renames it.
+temporary directory, then process 0 writes the side files and the marker and renames it (glm41v_jax.checkpoint_files,
+as the converter does). `write_final` replaces output_dir/final atomically (written beside it, swapped in with two
+renames; `recover_final` repairs a kill between them) and records the step in final/training.json.
 """
 
 from __future__ import annotations
@@ -33,12 +35,21 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+import grain.checkpoint as gc
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+import orbax.checkpoint.experimental.v1 as ocp_v1
 
+from glm41v_convert.hf_to_orbax import save_converted
+from glm41v_jax.checkpoint_files import copy_side_files, finish_converted
+from glm41v_jax.errors import one_line
 from glm41v_jax.integrity import is_failed_restore_noise
-from glm41v_jax.loading import CheckpointError
+from glm41v_jax.loading import FORMAT_NAME, FORMAT_VERSION, PARAMS_SUBDIR, CheckpointError
+from glm41v_jax.weights import iter_leaves, unstack_layers
+
+from .distributed import sync
 
 ITEMS = ("state", "data", "meta")
 
@@ -121,19 +132,15 @@ class DataState:
         pass
 
 
-def _one_line(e: BaseException) -> str:
-    msg = " ".join(str(e).split())
-    return f"{type(e).__name__}: {msg[:400]}" if msg else type(e).__name__
+def _why(e: BaseException) -> str:
+    """The cause for a message: the class and the folded message, cut (orbax and TensorStore dump whole specs)."""
+    return f"{type(e).__name__}: {one_line(e)[:400]}"
 
 
 class TrainCheckpointer:
     """orbax CheckpointManager for the training state. All processes call every method (multi-host)."""
 
     def __init__(self, directory: str, *, keep_last: int, async_save: bool = True) -> None:
-        import grain.checkpoint as gc
-        import orbax.checkpoint as ocp
-
-        self._ocp, self._gc = ocp, gc
         self.directory = os.path.abspath(directory)
         # Unfinished saves (a kill during a save) are removed here, synchronously, by process 0 (the run lock is
         # held): orbax's own cleanup runs in a thread that can outlive a run stopping at once on a config error.
@@ -141,7 +148,7 @@ class TrainCheckpointer:
             for name in os.listdir(self.directory):
                 if ".orbax-checkpoint-tmp" in name:
                     shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-        _sync("glm41v_checkpoint_tmp_cleanup")
+        sync("glm41v_checkpoint_tmp_cleanup")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep_last, enable_async_checkpointing=async_save,
                                                create=True, cleanup_tmp_directories=False)
         self._quiet = _QuietOrbaxErrors()
@@ -157,7 +164,7 @@ class TrainCheckpointer:
             logging.getLogger("absl").removeFilter(self._quiet)
             if _storage_failure(e):
                 raise CheckpointWriteError(f"checkpoint directory {self.directory} cannot be opened "
-                                           f"({_one_line(e)})") from None
+                                           f"({_why(e)})") from None
             raise
 
     def path(self, step: int) -> str:
@@ -173,7 +180,6 @@ class TrainCheckpointer:
     def save(self, step: int, *, params: Any, opt_state: Any, rng: np.ndarray, data_state: Any,
              meta: Mapping[str, Any]) -> None:
         """Start saving (asynchronous unless async_save=False); the arrays are on host before this returns."""
-        ocp, gc = self._ocp, self._gc
         state = {"params": params, "opt_state": opt_state, "step": np.asarray(step, np.int64),
                  "rng": np.asarray(rng, np.uint32)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=gc.CheckpointSave(DataState(data_state)),
@@ -198,7 +204,7 @@ class TrainCheckpointer:
             kept = (f"the last complete checkpoint is {self.path(steps[-1])}" if steps
                     else "there is no complete checkpoint yet")
             what = f"checkpoint {self.path(step)}" if step is not None else f"a checkpoint in {self.directory}"
-            raise CheckpointWriteError(f"{what} could not be written ({_one_line(e)}); {kept}, and the run stopped. "
+            raise CheckpointWriteError(f"{what} could not be written ({_why(e)}); {kept}, and the run stopped. "
                                        "Free space (or fix the storage) and rerun the same command to resume") from None
 
     def _committed(self) -> list[int]:
@@ -210,10 +216,10 @@ class TrainCheckpointer:
         path = os.path.join(self.path(step), "meta")
         undo = _drop_closed_loop_errors()
         try:
-            meta = self.manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))["meta"]
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # noqa: BLE001  (any failure to read it: one clear error)
             raise CheckpointCorruptError(f"checkpoint {self.path(step)}: its metadata ({path}) cannot be read "
-                                         f"({_one_line(e)}); the checkpoint is corrupt or incomplete. Remove it to "
+                                         f"({_why(e)}); the checkpoint is corrupt or incomplete. Remove it to "
                                          "resume from the previous one, or set resume_step") from None
         undo()
         if not isinstance(meta, dict) or meta.get("step") != step:
@@ -224,7 +230,6 @@ class TrainCheckpointer:
     def restore(self, step: int, *, abstract_params: Any, abstract_opt_state: Any) -> dict[str, Any]:
         """{"params", "opt_state", "step", "rng", "data_state", "meta"} of checkpoint `step`, arrays placed with the
         shardings in the abstract trees (jax.ShapeDtypeStruct with .sharding)."""
-        ocp, gc = self._ocp, self._gc
         meta = self.read_meta(step)
         n = jax.process_count()
         if meta.get("process_count", n) != n:
@@ -239,7 +244,7 @@ class TrainCheckpointer:
             out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                      data=gc.CheckpointRestore(DataState())))
         except Exception as e:  # noqa: BLE001  (any failure to read it: one clear error)
-            raise CheckpointCorruptError(f"checkpoint {self.path(step)} cannot be restored ({_one_line(e)}); it is "
+            raise CheckpointCorruptError(f"checkpoint {self.path(step)} cannot be restored ({_why(e)}); it is "
                                          "corrupt, incomplete or from a different model/optimizer. Remove it to "
                                          "resume from the previous one, or set resume_step") from None
         undo()
@@ -275,13 +280,6 @@ class TrainCheckpointer:
 # Final weights.
 
 
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 def cast_params(params: Any, dtype: Any) -> Any:
     """Every leaf cast to `dtype`, keeping its sharding (one jitted program; works across hosts)."""
     dtype = jnp.dtype(dtype)
@@ -291,8 +289,6 @@ def cast_params(params: Any, dtype: Any) -> Any:
 
 def save_final(params: Any, cfg: Any, dst: str, *, source_dir: str | None, dtype: Any = "bfloat16") -> str:
     """Write the final weights in the converted format (module docstring). All processes call it."""
-    from glm41v_convert.hf_to_orbax import save_converted
-
     dst = os.path.abspath(dst)
     params = cast_params(params, dtype)
     if jax.process_count() == 1:
@@ -301,12 +297,6 @@ def save_final(params: Any, cfg: Any, dst: str, *, source_dir: str | None, dtype
 
 
 def _save_final_multihost(params: Any, cfg: Any, dst: str, source_dir: str | None) -> str:
-    import orbax.checkpoint.experimental.v1 as ocp
-
-    from glm41v_convert.hf_to_orbax import _copy_side_files, _finish
-    from glm41v_jax.loading import FORMAT_NAME, FORMAT_VERSION, PARAMS_SUBDIR
-    from glm41v_jax.weights import iter_leaves, unstack_layers
-
     primary = jax.process_index() == 0
     if os.path.lexists(dst):
         raise CheckpointError(f"{dst}: destination already exists; remove it or choose another path")
@@ -314,12 +304,12 @@ def _save_final_multihost(params: Any, cfg: Any, dst: str, source_dir: str | Non
     if primary:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    _sync("glm41v_final_prepare")
+    sync("glm41v_final_prepare")
     unrolled = unstack_layers(params)
-    ocp.save(os.path.join(tmp, PARAMS_SUBDIR), unrolled)
-    _sync("glm41v_final_params")
+    ocp_v1.save(os.path.join(tmp, PARAMS_SUBDIR), unrolled)
+    sync("glm41v_final_params")
     if primary:
-        copied = _copy_side_files(os.fspath(source_dir), tmp) if source_dir is not None else []
+        copied = copy_side_files(os.fspath(source_dir), tmp) if source_dir is not None else []
         if "config.json" not in copied:
             with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(cfg.to_hf(), f, indent=2)
@@ -329,6 +319,52 @@ def _save_final_multihost(params: Any, cfg: Any, dst: str, source_dir: str | Non
                "dtype": dtypes[0] if len(dtypes) == 1 else "mixed", "source": "training (multi-host)",
                "num_tensors": len(leaves), "num_bytes": int(sum(x.size * np.dtype(x.dtype).itemsize for x in leaves)),
                "copied_files": copied}
-        _finish(tmp, dst, fmt)
-    _sync("glm41v_final_done")
+        finish_converted(tmp, dst, fmt)
+    sync("glm41v_final_done")
     return dst
+
+
+FINAL_INFO = "training.json"  # in output_dir/final: the step (and status) the final weights are from
+
+
+def final_step(final: str) -> int | None:
+    """The step of the weights in output_dir/final, from its training.json (None: no final, or not recorded)."""
+    try:
+        with open(os.path.join(final, FINAL_INFO), encoding="utf-8") as f:
+            step = json.load(f).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def recover_final(final: str) -> str | None:
+    """Leftovers of a final/ replacement cut by a kill (the run lock is held): the new copy in the making is removed;
+    if the kill fell between the two renames, the previous final/ is put back. Returns a note, or None."""
+    shutil.rmtree(final + ".tmp-new", ignore_errors=True)
+    old = final + ".old"
+    if os.path.isdir(old):
+        if os.path.isdir(final):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, final)
+            return f"restored {final} (a replacement was interrupted)"
+    return None
+
+
+def write_final(params: Any, model_cfg: Any, final: str, *, source_dir: str, dtype: str, step: int,
+                status: str) -> None:
+    """output_dir/final <- the weights of `step`, replaced atomically: written beside it, then swapped in with two
+    renames (a kill between them is repaired by `recover_final` on the next start). All processes call it."""
+    new = final + ".tmp-new"
+    if jax.process_index() == 0:
+        shutil.rmtree(new, ignore_errors=True)
+    sync("glm41v_final_tmp")
+    save_final(params, model_cfg, new, source_dir=source_dir, dtype=dtype)
+    if jax.process_index() == 0:
+        with open(os.path.join(new, FINAL_INFO), "w", encoding="utf-8") as f:
+            json.dump({"step": step, "status": status}, f)
+        if os.path.isdir(final):
+            os.rename(final, final + ".old")
+        os.rename(new, final)
+        shutil.rmtree(final + ".old", ignore_errors=True)
+    sync("glm41v_final_swapped")

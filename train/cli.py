@@ -125,7 +125,8 @@ def _loss(args: argparse.Namespace) -> int:
     from glm41v_jax.sharding import make_mesh
 
     from .data import DataConfig, make_iterator
-    from .loop import LossEvaluator, load_params
+    from .evaluate import LossEvaluator
+    from .params import load_params
     from .optim import OptimConfig
     from .step import StepConfig, TrainStep
 
@@ -189,7 +190,7 @@ def _guarded(fn: Any, args: argparse.Namespace) -> int:
     """glm41v_jax.generate_cli.guarded, plus the training errors: bad data raised with --on-error raise."""
     from glm41v_jax.generate_cli import guarded
 
-    from .data import DataError
+    from .encode import DataError
 
     def call(a):
         try:

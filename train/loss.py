@@ -36,10 +36,10 @@ import jax.numpy as jnp
 from glm41v_jax.config import Glm4vConfig
 from glm41v_jax.model import Glm4v
 
-IGNORE = -100
+IGNORE_INDEX = -100  # a label that carries no loss (HF's ignore_index); the one definition in the package
 # Label rows per head chunk. TPU configs set 512-1024 (bigger matmuls, a little more waste). Not 64 or less on
-# XLA:CPU: there the (C, V) x (V, D) product of d(hidden) takes ~370 ms per call for any C <= 64 (5.7 ms per row at
-# C = 64) against 2.2 ms per row at C = 128 (BENCHMARKS.md, "Training").
+# XLA:CPU: there the (C, V) x (V, D) product of d(hidden) falls onto a slow path that costs as much for any C <= 64
+# as for 128 rows (figures: BENCHMARKS.md, "Training").
 DEFAULT_CHUNK = 128
 
 
@@ -48,7 +48,7 @@ def shift_targets(labels: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array,
     label token, 0 = none: ignored label, segment boundary, padding, or the last position)."""
     nxt = labels[:, 1:]
     same = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, :-1] != 0)
-    valid = same & (nxt != IGNORE)
+    valid = same & (nxt != IGNORE_INDEX)
     pad = jnp.zeros_like(valid[:, :1])
     valid = jnp.concatenate([valid, pad], axis=1)
     targets = jnp.concatenate([jnp.where(valid[:, :-1], nxt, 0), jnp.zeros_like(labels[:, :1])], axis=1)

@@ -28,7 +28,13 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
+from tqdm import tqdm
+
+from glm41v_jax.weights import key_names
+
+from .optim import group_of
 
 logger = logging.getLogger("glm41v_train.metrics")
 
@@ -62,21 +68,13 @@ def device_peak_tflops(device_kind: str) -> tuple[str, float] | None:
 # Model FLOPs.
 
 
-def _names(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
 class FlopCounter:
     """Model FLOPs of a training step from host-side batch statistics (module docstring)."""
 
     def __init__(self, cfg: Any, abstract_params: Any, freeze: Sequence[str] = ()) -> None:
-        import jax
-
-        from .optim import group_of
-
         n = {"vision": 0, "projector": 0, "decoder": 0}
         for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
-            names = _names(path)
+            names = key_names(path)
             tied_head = cfg.tie_word_embeddings and names[-2:] == ("embed_tokens", "embedding")
             if names[-1] == "kernel" or tied_head:
                 n[group_of(names)] += int(np.prod(leaf.shape))
@@ -134,6 +132,25 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def truncate_jsonl(path: str, last_step: int) -> None:
+    """Drop the lines of a per-step JSONL log past `last_step` (written before a crash, after the checkpoint now
+    restored), and lines that are not whole JSON objects (one cut by a kill). Replaced atomically."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path, encoding="utf-8") as f:
+        for ln in f:
+            try:
+                rec = json.loads(ln)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and rec.get("step", 0) <= last_step:
+                keep.append(ln if ln.endswith("\n") else ln + "\n")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
 class MetricsWriter:
     """Appends one JSON line per step to metrics.jsonl, scalars to TensorBoard event files, and shows a tqdm bar.
 
@@ -149,32 +166,17 @@ class MetricsWriter:
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
-        if os.path.exists(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                lines = [ln for ln in f if ln.strip()]
-            keep = []
-            for ln in lines:
-                try:
-                    rec = json.loads(ln)
-                except json.JSONDecodeError:  # a line cut by a kill
-                    continue
-                if rec.get("step", 0) <= start_step:
-                    keep.append(json.dumps(rec) + "\n")
-            with open(self.path + ".tmp", "w", encoding="utf-8") as f:
-                f.writelines(keep)
-            os.replace(self.path + ".tmp", self.path)
+        truncate_jsonl(self.path, start_step)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (closed in close())
         if tensorboard:
             try:
-                from tensorboardX import SummaryWriter
+                from tensorboardX import SummaryWriter  # optional (the train extra): without it, no event files
             except ImportError:
                 logger.warning("tensorboardX is not installed: no TensorBoard event files "
                                "(pip install 'glm41v-jax[train]')")
             else:
                 self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_step + 1)
         if progress:
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def write(self, records: Sequence[Mapping[str, Any]]) -> None:

@@ -22,17 +22,11 @@ goes by name, not by rank). The token embedding and the vision tower's learned p
 and are decayed like kernels by default, as in GPT-2/Llama recipes (AdamW decay shrinks a row by lr * wd per step,
 1e-6 at lr 1e-5, wd 0.1, so rows of tokens that never occur barely move); `decay_embeddings=False` exempts both.
 
-Memory (the 9B checkpoint: 10.29 B parameters, of which decoder 9.40 B, vision 0.68 B, projector 0.21 B):
-  fp32 master weights              4 B/param  41.2 GB
-  Adam mu + nu, fp32               8 B/param  82.3 GB    bf16 (`state_dtype="bfloat16"`): 4 B/param  41.2 GB
-  gradients, fp32                  4 B/param  41.2 GB    bf16 (`grad_dtype="bfloat16"`, train/step.py): 20.6 GB
-On 8 x 16 GB = 128 GB (a v5e-8), fully sharded (fsdp=8): fp32 everything needs 164.7 GB (20.6 GB/chip) and does not
-fit; bf16 moments with fp32 gradients need 123.5 GB (15.4 GB/chip), no room for activations; bf16 moments and bf16
-gradients need 102.9 GB (12.9 GB/chip), leaving ~3 GB/chip for activations with `remat_policy="full"`, the one
-gathered layer's bf16 weights and the head's loss chunk. Freezing the vision tower saves its moments (2.7 GB fp32).
-bf16 moments are written with stochastic rounding: with round-to-nearest, nu <- b2 * nu + (1 - b2) * g^2 with
-b2 = 0.999 changes nu by 0.1% < half a bf16 ulp (0.2-0.4%), so nu would never decay; stochastic rounding keeps the
-update unbiased. The fp32 moments are the default (and what the parity tests use).
+Memory: the fp32 master weights and fp32 Adam moments take 12 bytes per parameter, too much for the 9B model on
+small slices; `state_dtype="bfloat16"` halves the moments (train/README.md, "Optimizer memory", has the sums for the
+9B checkpoint on a v5e-8). bf16 moments are written with stochastic rounding: with round-to-nearest,
+nu <- b2 * nu + (1 - b2) * g^2 with b2 = 0.999 changes nu by 0.1% < half a bf16 ulp (0.2-0.4%), so nu would never
+decay; stochastic rounding keeps the update unbiased. The fp32 moments are the default (and what the parity tests use).
 """
 
 from __future__ import annotations
@@ -46,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from glm41v_jax.weights import key_names
 
 GROUPS = ("vision", "projector", "decoder")
 STATE_DTYPES = ("float32", "bfloat16")
@@ -105,10 +101,6 @@ def lr_schedule(oc: OptimConfig) -> optax.Schedule:
 # Masks from parameter paths.
 
 
-def _names(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
 def group_of(names: Sequence[str]) -> str:
     """'vision' | 'projector' | 'decoder' for a Flax parameter path (see the module docstring)."""
     if names[0] == "visual":
@@ -119,19 +111,19 @@ def group_of(names: Sequence[str]) -> str:
 
 
 def param_groups(params: Any) -> Any:
-    return jax.tree_util.tree_map_with_path(lambda p, _: group_of(_names(p)), params)
+    return jax.tree_util.tree_map_with_path(lambda p, _: group_of(key_names(p)), params)
 
 
 def trainable_mask(params: Any, freeze: Sequence[str] = ()) -> Any:
     """True where a leaf trains, False where its group is frozen."""
-    return jax.tree_util.tree_map_with_path(lambda p, _: group_of(_names(p)) not in freeze, params)
+    return jax.tree_util.tree_map_with_path(lambda p, _: group_of(key_names(p)) not in freeze, params)
 
 
 def decay_mask(params: Any, decay_embeddings: bool = True) -> Any:
     """True where weight decay applies: not norm scales, not biases (and not the embedding tables if asked)."""
 
     def one(path, _):
-        names = _names(path)
+        names = key_names(path)
         if names[-1] in ("scale", "bias"):
             return False
         return decay_embeddings or names[-1] not in ("embedding", "position_embedding")
@@ -275,7 +267,7 @@ def opt_state_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh:
     table = {}
     for (path, p), (_, s) in zip(jax.tree_util.tree_flatten_with_path(params)[0],
                                  jax.tree_util.tree_flatten_with_path(param_shardings)[0], strict=True):
-        table[_names(path)] = (tuple(p.shape), s)
+        table[key_names(path)] = (tuple(p.shape), s)
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def one(path, leaf):

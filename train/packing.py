@@ -38,8 +38,9 @@ import numpy as np
 from glm41v_jax.errors import Glm41vError
 from glm41v_jax.model import mm_token_types, pack_vision
 
+from .loss import IGNORE_INDEX
+
 logger = logging.getLogger("glm41v_train.packing")
-IGNORE = -100
 
 
 class DataConfigError(Glm41vError, ValueError):
@@ -117,10 +118,10 @@ def empty_vision(cfg, max_patches: int) -> dict[str, np.ndarray]:
 
 def assemble_batch(rows: list[list[dict[str, Any]]], *, seq_len: int, max_patches: int, model_cfg: Any,
                    pad_id: int) -> dict[str, Any]:
-    """Rows of samples (as encoded by data.ConversationEncoder) -> the batch dict (module docstring)."""
+    """Rows of samples (as encoded by encode.ConversationEncoder) -> the batch dict (module docstring)."""
     b = len(rows)
     input_ids = np.full((b, seq_len), pad_id, np.int32)
-    labels = np.full((b, seq_len), IGNORE, np.int32)
+    labels = np.full((b, seq_len), IGNORE_INDEX, np.int32)
     segment_ids = np.zeros((b, seq_len), np.int32)
     positions = np.zeros((3, b, seq_len), np.int32)
     vision_index = np.full((b, seq_len), -1, np.int32)
@@ -135,7 +136,7 @@ def assemble_batch(rows: list[list[dict[str, Any]]], *, seq_len: int, max_patche
             sl = slice(t, t + n)
             input_ids[r, sl] = s["input_ids"]
             labels[r, sl] = s["labels"]
-            labels[r, t] = IGNORE  # the first token of a segment is never a label (nothing predicts it)
+            labels[r, t] = IGNORE_INDEX  # the first token of a segment is never a label (nothing predicts it)
             segment_ids[r, sl] = seg
             positions[:, r, sl] = s["positions"]
             types = mm_token_types(s["input_ids"], model_cfg)
@@ -167,7 +168,7 @@ def batch_counts(rows: list[list[dict[str, Any]]], seq_len: int) -> dict[str, in
     """Emission counters of one batch (computed from the samples, so a restore can account skipped batches)."""
     samples = [s for row in rows for s in row]
     return {"batches": 1, "tokens": sum(len(s["input_ids"]) for s in samples), "slots": len(rows) * seq_len,
-            "label_tokens": sum(int((s["labels"][1:] != IGNORE).sum()) for s in samples)}
+            "label_tokens": sum(int((s["labels"][1:] != IGNORE_INDEX).sum()) for s in samples)}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from .sources import JsonlSource  # the same notion of a record (non-blank line) as the JSONL reader
+
 
 @dataclasses.dataclass(eq=False)
 class SftConfig(tfds.core.BuilderConfig):
@@ -61,8 +63,6 @@ class Glm41vSft(tfds.core.GeneratorBasedBuilder):
         return {cfg.split: self._generate_examples(cfg)}
 
     def _generate_examples(self, cfg: SftConfig):
-        from .data import JsonlSource  # the same notion of a record (non-blank line) as the JSONL reader
-
         src = JsonlSource(cfg.jsonl, cfg.media_root)
         for i in range(len(src)):
             rec = src[i]
