@@ -72,7 +72,7 @@ def bench_hf(model, inputs: dict, new_tokens: int, repeats: int) -> dict[str, fl
 def bench_jax(hf_cfg: dict, hf_state: dict, inputs: dict, new_tokens: int, repeats: int) -> dict[str, float]:
     from glm41v_jax import weights
     from glm41v_jax.config import Glm4vConfig
-    from glm41v_jax.generate import Engine
+    from glm41v_jax.engine import Engine
 
     cfg = Glm4vConfig.from_hf(hf_cfg)
     params = weights.hf_to_flax(hf_state, cfg)
@@ -95,8 +95,8 @@ def bench_jax(hf_cfg: dict, hf_state: dict, inputs: dict, new_tokens: int, repea
 def prefill_flops(cfg, inputs: dict) -> float:
     """Useful model FLOPs of the prefill (real tokens and patches; logits for the last position of each row), from
     the training FLOP model (glm41v_train.metrics.FlopCounter, forward only)."""
-    from glm41v_jax.generate import prepare_batch
     from glm41v_jax.model import abstract_params
+    from glm41v_jax.requests import prepare_batch
     from glm41v_jax.sharding import unbox
     from glm41v_train.metrics import FlopCounter
 

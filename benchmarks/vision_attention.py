@@ -2,7 +2,7 @@
 
 A "small" vision tower (width 512, depth 4, 4 heads of 128, 14-px patches, 2x2 merge, MLP / output width 1024,
 merger 1024; random weights), jitted, float32. Patches are padded to the generation engine's bucket
-(`generate.vision_bucket`), as in serving. For each case: compile excluded (AOT `lower().compile()`), one warm-up
+(`buckets.vision_bucket`), as in serving. For each case: compile excluded (AOT `lower().compile()`), one warm-up
 run, then --runs rounds that run the dense and the grouped program in turn (`block_until_ready`; interleaved so
 that load from other processes on the machine hits both alike): median and minimum. The two layouts' outputs are
 compared too (max |diff| over the real tokens).
@@ -23,8 +23,8 @@ import numpy as np
 from glm41v_jax import model as M
 from glm41v_jax import vision
 from glm41v_jax.attention import attention
+from glm41v_jax.buckets import vision_bucket
 from glm41v_jax.config import Glm4vConfig, VisionConfig
-from glm41v_jax.generate import vision_bucket
 
 SMALL = Glm4vConfig(vision=VisionConfig(depth=4, hidden_size=512, num_heads=4, patch_size=14, spatial_merge_size=2,
                                         out_hidden_size=1024, intermediate_size=1024, image_size=336))

@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from .engine import Engine
 from .errors import Glm41vError, one_line
-from .generate import Engine, GenerationError, collate, read_eos_ids
+from .requests import GenerationError, collate, read_eos_ids
 from .sampling import SamplingParams, read_generation_config
 from .thinking import FORCED_ANSWER, NO_THINKING_PREFIX, parse_response
 

@@ -44,12 +44,14 @@ import numpy as np
 
 from glm41v_train.metrics import FlopCounter
 
+from .buckets import bucket_length, cache_length, format_bytes
 from .config import Glm4vConfig
+from .engine import Engine
 from .errors import Glm41vError
-from .generate import Engine, bucket_length, cache_length, format_bytes, synthetic_inputs
 from .model import init_cache
 from .pipeline import auto_mesh_spec
 from .processing.image import ImageProcessor
+from .requests import synthetic_inputs
 from .sharding import make_mesh
 from .tpu_cost import calibrated_bytes, decode_minimum_bytes
 

@@ -283,19 +283,20 @@ def _per_device_bytes(shape: tuple[int, ...], dtype: Any, sharding: Any) -> floa
 
 def decode_step(cfg: Glm4vConfig, mesh: jax.sharding.Mesh, batch: int, max_len: int,
                 kernel_layout: str | None = None) -> tuple[Any, dict[str, float]]:
-    """Compile one decode step of the Engine (`generate._step_logits`: the body of its decode loop) for `mesh`
+    """Compile one decode step of the Engine (`decode.step_logits`: the body of its decode loop) for `mesh`
     from shapes only, with the Engine's param / KV-cache / row shardings and the cache donated.
     Returns (compiled, {"params_bytes", "kv_cache_bytes", "minimum_bytes"} per device)."""
-    from .generate import Engine, _step_logits
+    from .decode import step_logits
+    from .engine import Engine
     from .model import init_cache
     from .sharding import under_mesh
 
     eng = Engine(None, cfg, mesh=mesh, kernel_layout=kernel_layout)
     cache = jax.eval_shape(functools.partial(init_cache, eng.cfg, batch, max_len))
     cache_sh = eng.cache_shardings(cache)
-    row = eng._rows(np.zeros((batch, max_len), np.int32))
-    vec = eng._rows(np.zeros((batch,), np.int32))
-    rep = eng._replicated()
+    row = eng.batch_sharding(np.zeros((batch, max_len), np.int32))
+    vec = eng.batch_sharding(np.zeros((batch,), np.int32))
+    rep = eng.replicated()
 
     def sds(x, sh):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
@@ -303,8 +304,8 @@ def decode_step(cfg: Glm4vConfig, mesh: jax.sharding.Mesh, batch: int, max_len: 
     args = (eng.params, jax.tree.map(sds, cache, cache_sh), sds(jax.ShapeDtypeStruct((batch, max_len), jnp.int32), row),
             jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), sds(jax.ShapeDtypeStruct((batch,), jnp.int32), vec),
             sds(jax.ShapeDtypeStruct((batch,), jnp.int32), vec))
-    fn = under_mesh(functools.partial(_step_logits, model=eng.model), mesh)
-    logits_sh = eng._rows(np.zeros((batch, cfg.text.vocab_size), np.float32))
+    fn = under_mesh(functools.partial(step_logits, model=eng.model), mesh)
+    logits_sh = eng.batch_sharding(np.zeros((batch, cfg.text.vocab_size), np.float32))
     compiled = jax.jit(fn, in_shardings=(eng.param_shardings, cache_sh, row, rep, vec, vec),
                        out_shardings=(logits_sh, cache_sh, row), donate_argnums=(1, 2)).lower(*args).compile()
     return compiled, decode_minimum_bytes(eng.params, cache, cache_sh, batch)

@@ -43,7 +43,7 @@ rounding; for equal segments it is >= P * (C + 2 L) against P * L for the groupe
 
 Compile keys: the layout lives in the `vision` dict as arrays (`attn_groups`: a tuple of (n_g, L_g) int32 arrays;
 `attn_inverse`: (P,) int32), so the mode (the keys are absent for dense), G, n_g and L_g are part of the pytree
-structure and shapes that every jit / AOT cache (generate._signature) keys on; nothing else needs to know. Single
+structure and shapes that every jit / AOT cache (programs.signature) keys on; nothing else needs to know. Single
 images and batches of equal images add no program to the dense path's one per patch bucket; 500 requests of 1-6
 images of random sizes (~490 distinct size lists) give ~46 layouts over 11 patch buckets (tests/test_vision_attention).
 

@@ -22,16 +22,10 @@ from prompts import (
 )
 
 from glm41v_jax import tiny, weights
+from glm41v_jax.buckets import bucket_length, cache_length, kv_cache_bytes, vision_bucket
 from glm41v_jax.config import Glm4vConfig
-from glm41v_jax.generate import (
-    Engine,
-    GenerationError,
-    bucket_length,
-    cache_length,
-    collate,
-    kv_cache_bytes,
-    vision_bucket,
-)
+from glm41v_jax.engine import Engine
+from glm41v_jax.requests import GenerationError, collate
 from glm41v_jax.sharding import make_mesh
 
 THINK, END_THINK, ANSWER = 151350, 151351, 151347
@@ -198,6 +192,44 @@ def test_mesh_gives_the_same_tokens(gqa, spec):
     cache = eng.cache_shardings({"k": [jax.ShapeDtypeStruct((2, 2, 128, 16), np.float32)]})["k"][0]  # (B, K, S, H)
     assert cache.spec[1] == ("tensor" if 1 < t <= 2 else None)
     assert cache.spec[0] == ("data" if mesh.shape["data"] == 2 else None)  # 2 rows: split over data=2 only
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Continuous batching's pieces: prefill, insert, decode.
+
+
+@pytest.mark.parametrize("spec", [None, "fsdp=2,tensor=4"])
+def test_insert_a_prefilled_request_into_a_running_batch(ref_a, spec):
+    """A request prefilled alone and inserted into row 1 of a two-row batch that has already decoded a chunk (its
+    prompt bucket is shorter, so its cache rows move along the slots) generates the tokens it generates alone, and
+    row 0 goes on undisturbed."""
+    cfg = ref_a.cfg
+    eng = Engine(ref_a.params, cfg, chunk_size=4, mesh=None if spec is None else make_mesh(spec))
+    rng = np.random.default_rng(48)
+    long, other, short = (make_inputs(cfg, chat(text_ids(rng, n))) for n in (40, 20, 9))
+    n = 10
+    alone = [eng.generate(x, max_new_tokens=n, eos_ids=()).token_ids for x in (long, short)]
+    prep = eng.prepare(collate([long, other]), n)
+    state = eng.prefill(prep)
+    rows = [[int(t)] for t in np.asarray(state.tok)]
+    state, buf, k = eng.decode(state)
+    rows[0] += np.asarray(buf)[0, : int(k)].tolist()
+    sprep = eng.prepare(short, n)
+    assert sprep.prompt_len < prep.prompt_len
+    prefix = eng.prefill(sprep, max_len=prep.max_len)
+    before = eng.num_compiles
+    state = eng.insert(prefix, state, 1)
+    assert eng.num_compiles == before + 1  # the insert program
+    rows[1] = [int(np.asarray(prefix.tok)[0])]
+    while not np.asarray(state.done).all():
+        state, buf, k = eng.decode(state)
+        for b in range(2):
+            rows[b] += np.asarray(buf)[b, : int(k)].tolist()
+    assert [r[:n] for r in rows] == alone
+    with pytest.raises(GenerationError, match="not inside the batch of 2 rows"):
+        eng.insert(prefix, state, 2)
+    with pytest.raises(GenerationError, match="the prefix has 256 cache slots, the state 128"):
+        eng.insert(eng.prefill(eng.prepare(short, 100)), state, 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

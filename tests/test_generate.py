@@ -27,15 +27,11 @@ from prompts import (
 )
 from reference import to_torch
 
-from glm41v_jax.generate import (
-    Engine,
-    GenerationError,
-    bucket_length,
-    generate,
-    generate_batch,
-    teacher_forced_logits,
-)
-from glm41v_jax.model import forward, mm_token_types
+from glm41v_jax.buckets import bucket_length
+from glm41v_jax.decode import prefill_logits, step_logits
+from glm41v_jax.generate import Engine, GenerationError, generate, generate_batch
+from glm41v_jax.model import Glm4v, forward, mm_token_types
+from glm41v_jax.requests import prepare_batch
 from glm41v_jax.sampling import (
     SamplingParams,
     apply_repetition_penalty,
@@ -170,6 +166,24 @@ def test_functional_api_and_eos(ref_a):
 
 # ---------------------------------------------------------------------------------------------------------------
 # KV cache consistency.
+
+
+def teacher_forced_logits(params, cfg, inputs, continuation):
+    """Logits (N+1, V) from the engine's own device functions: prefill of the prompt (one row), then one cached
+    decode step per continuation token. Row i predicts the token after `continuation[:i]`."""
+    prep = prepare_batch(cfg, inputs, max(len(continuation), 1))
+    assert prep.next_positions.shape[0] == 1, "one prompt"
+    model = Glm4v(cfg)
+    kw = jax.tree.map(jnp.asarray, prep.model_kwargs)
+    prefill = jax.jit(lambda p, k: prefill_logits(p, k, model=model, cfg=cfg, max_len=prep.max_len))
+    step = jax.jit(lambda *a: step_logits(*a, model=model), donate_argnums=(1,))
+    logits, cache, kv_seg = prefill(params, kw)
+    rows = [np.asarray(logits[0])]
+    for i, tok in enumerate(continuation):
+        logits, cache, kv_seg = step(params, cache, kv_seg, jnp.int32(prep.prompt_len + i),
+                                     jnp.asarray(prep.next_positions + i), jnp.asarray([tok], jnp.int32))
+        rows.append(np.asarray(logits[0]))
+    return np.stack(rows)
 
 
 def test_prefill_plus_decode_equals_long_prefill(ref_b):

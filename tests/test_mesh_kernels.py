@@ -17,8 +17,9 @@ import pytest
 
 from glm41v_jax import attention as A
 from glm41v_jax import model as M
-from glm41v_jax.config import BACKEND_TUNING, Glm4vConfig, backend_default
-from glm41v_jax.generate import Engine, get_engine, synthetic_inputs
+from glm41v_jax.backend import BACKEND_TUNING, backend_default
+from glm41v_jax.config import Glm4vConfig
+from glm41v_jax.generate import Engine, generate, synthetic_inputs
 from glm41v_jax.sharding import make_mesh, under_mesh
 
 MESHES = ["tensor=8", "fsdp=2,tensor=4", "data=2,fsdp=2,tensor=2", "data=2,fsdp=4", "fsdp=4,tensor=2"]
@@ -166,8 +167,8 @@ def _device_bytes() -> int:
 
 def test_engine_replaces_device_params_without_a_second_copy():
     """An Engine built from device params re-lays them out in place: live device bytes do not grow, the caller's
-    replaced kernels are freed, and the engine generates. The functional API keeps the caller's params valid and
-    adds no device copy of them."""
+    replaced kernels are freed, and the engine generates. The functional API keeps the caller's params valid, adds
+    no device copy of them while it runs, and a second call with the same shapes compiles nothing."""
     cfg = Glm4vConfig.from_hf(_gqa_dict())
     params = jax.device_put(M.init_params(cfg, jax.random.PRNGKey(1)))
     total = sum(x.nbytes for x in jax.tree.leaves(params))
@@ -181,10 +182,15 @@ def test_engine_replaces_device_params_without_a_second_copy():
 
     fresh = jax.device_put(M.init_params(cfg, jax.random.PRNGKey(2)))
     before = _device_bytes()
-    fe = get_engine(fresh, cfg)
+    during: list[int] = []  # live device bytes while the call runs (after its prefill)
+    first = generate(fresh, cfg, inputs, max_new_tokens=3, eos_ids=(), stream_callback=lambda _: during.append(
+        _device_bytes()))
+    again = generate(fresh, cfg, inputs, max_new_tokens=3, eos_ids=())
+    assert during and max(during) - before < 0.05 * total  # served as they are: no re-laid-out second copy
     assert _device_bytes() - before < 0.05 * total
     assert not any(x.is_deleted() for x in jax.tree.leaves(fresh))  # still the caller's, still valid
-    assert fe.cfg.runtime.kernel_layout == cfg.runtime.kernel_layout
+    assert again.token_ids == first.token_ids
+    assert again.num_compiles == first.num_compiles and again.timings["compile_s"] == 0.0  # same shapes: no compile
     # Host params: put on the device once, in the platform's layout; the caller's NumPy arrays are untouched.
     host = jax.tree.map(np.asarray, fresh)
     he = Engine(host, cfg, kernel_layout="out_in")

@@ -16,8 +16,9 @@ import torch
 
 from glm41v_jax import model as M
 from glm41v_jax import vision, weights
+from glm41v_jax.buckets import vision_bucket
 from glm41v_jax.config import Glm4vConfig
-from glm41v_jax.generate import _signature, vision_bucket
+from glm41v_jax.programs import signature
 
 TOL = 1e-5
 
@@ -160,7 +161,7 @@ def _vision_key(cfg, grids):
     n = int(np.prod(grids, -1).sum())
     pix = np.zeros((n, cfg.vision.patch_dim), np.float32)
     packed = M.pack_vision(cfg, pix, grids, None, None, pad_to=vision_bucket(n))
-    return _signature(jax.tree.map(np.asarray, packed))  # the generation engine's compile key for these arrays
+    return signature(jax.tree.map(np.asarray, packed))  # the generation engine's compile key for these arrays
 
 
 def _random_grid(rng):  # 8x8 to 64x64 patches (112 to 896 px), even sides
@@ -169,7 +170,7 @@ def _random_grid(rng):  # 8x8 to 64x64 patches (112 to 896 px), even sides
 
 @pytest.mark.parametrize("seed", range(3))
 def test_compiled_shapes_stay_bounded(setup, seed):
-    """Compile keys (generate._signature of the vision dict) over 12 random image sizes: one image per request and
+    """Compile keys (programs.signature of the vision dict) over 12 random image sizes: one image per request and
     batches of 4 equal images add no key to the dense path's (one per patch bucket); batches of 4 images of 4
     random sizes add at most a few per patch bucket."""
     cfg, _ = setup
