@@ -66,8 +66,8 @@ NEG_INF = -2.3819763e38  # a large finite negative: fully masked rows stay NaN-f
 
 # Decode attention (T == 1, the XLA math) on a multi-device mesh runs per shard under shard_map, like the kernels.
 # Left to GSPMD, the einsum over the KV cache (2 KV heads replicated over tensor=8) was partitioned along the cache
-# and every layer all-gathered its K and V (plus a re-layout copy) each step: 40 x 2 x the cache per chip
-# (BENCHMARKS.md "TPU decode efficiency"). Per shard, each device reads its own rows and KV head in place.
+# and every layer all-gathered its K and V (plus a re-layout copy) each step (BENCHMARKS.md "TPU decode
+# efficiency"). Per shard, each device reads its own rows and KV head in place.
 SHARD_XLA_DECODE = True
 # Run the Pallas kernels through the Pallas interpreter (CPU tests). Read at trace time; False on TPU.
 PALLAS_INTERPRET = False

@@ -5,8 +5,9 @@ CRC-32 recorded at conversion.
 The shardings stored in the files are ignored: the caller's targets come from `jax.eval_shape` (see loading.py).
 Every restore first stats the params/ files recorded at conversion (a deleted or truncated file is named before any
 read); a TensorStore read failure becomes one CheckpointError naming the checkpoint and the array.
-Orbax (`orbax.checkpoint.experimental.v1`) is imported inside the functions that read: it takes ~1.8 s to import,
-and most runs (an HF directory, the tiny demo, every CLI's start-up) never read a converted directory.
+Orbax (`orbax.checkpoint.experimental.v1`) is imported inside the functions that read: its import is slow
+(BENCHMARKS.md, "Measurements behind design choices"), and most runs (an HF directory, the tiny demo, every CLI's
+start-up) never read a converted directory.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ What is special here:
   * `abs_path` is the one place where a user's path becomes what Orbax/TensorStore get: `~` expanded, made
     absolute against the current directory (Orbax refuses relative paths), trailing slashes dropped.
   * Checksums: `array_crc32` is zlib's CRC-32 of an array's raw bytes (C order, stored dtype, the Flax layout). The
-    converter computes it as each array streams past (zlib releases the GIL, ~3.6 GB/s here, a few percent of a
-    conversion; BENCHMARKS.md) and records it per array in the format file; `glm41v verify` and `load(...,
-    verify=True)` read every array back and compare.
+    converter computes it as each array streams past (zlib releases the GIL; a few percent of a conversion,
+    BENCHMARKS.md "Checksums and `glm41v verify`") and records it per array in the format file; `glm41v verify`
+    and `load(..., verify=True)` read every array back and compare.
   * The file list: the size of every file under `params/`, recorded at conversion. Checking it costs one `stat` per
     file, so every load does it: a deleted or truncated data file is named before TensorStore reads anything.
   * `storage_error` turns a TensorStore/Orbax failure (a `ValueError` whose message starts with a status code such

@@ -19,7 +19,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from glm41v_jax.processing import ProcessingError, VideoMetadata, VideoProcessor, load_video, sample_frames
+from glm41v_jax.processing import (
+    ProcessingError,
+    VideoMetadata,
+    VideoProcessor,
+    load_video,
+    sample_frames,
+    video_decode,
+)
 from glm41v_jax.processing import video as video_mod
 
 VMIN, VMAX = 2 * 28 * 28 * 4, 8 * 28 * 28 * 64
@@ -132,7 +139,7 @@ def test_no_frame_count_in_header(vdir, vp):
     path = write_video(vdir / "clip.mkv", _pattern(37, 56, 56), 12)
     with av.open(path) as c:
         assert c.streams.video[0].frames == 0
-    assert video_mod._probe_video(av, path, 10**9)[0].total_num_frames == 37
+    assert video_decode._probe_video(av, path, 10**9)[0].total_num_frames == 37
     _check_file_vs_reference(path, vp)
 
 
@@ -183,16 +190,16 @@ def test_seeking_matches_front_to_back(vdir, monkeypatch, codec, gop, bframes):
             c.mux(p)
     vp = VideoProcessor(min_pixels=VMIN, max_pixels=VMAX, max_duration=4)
     seeks = []
-    real = video_mod._decode_seeking
+    real = video_decode._decode_seeking
 
     def spy(*a, **k):
         real(*a, **k)
         seeks.append(a[2].seeks(a[3].idx))
 
-    monkeypatch.setattr(video_mod, "_decode_seeking", spy)
+    monkeypatch.setattr(video_decode, "_decode_seeking", spy)
     got = vp(path)
     assert seeks and sum(s for _, s in seeks[0]) >= 4, seeks  # the seek path ran to the end, seeking
-    monkeypatch.setattr(video_mod._Packets, "seek_plan", lambda *a: None)
+    monkeypatch.setattr(video_decode._Packets, "seek_plan", lambda *a: None)
     seq = vp(path)
     ref_frames, ref_meta = _decode_all(path)
     ref = vp((ref_frames, ref_meta))
@@ -207,13 +214,13 @@ def test_header_count_too_low(vdir, vp, monkeypatch):
     avi take it from their index), so the probe's count is lowered by a wrapper around the real probe."""
     path = write_video(vdir / "more.mp4", _pattern(30, 56, 84), 10)
     frames, meta = _decode_all(path)
-    real = video_mod._probe_video
+    real = video_decode._probe_video
 
     def low_count(*a):
         m, packets = real(*a)
         return VideoMetadata(7, m.fps, 7 / m.fps, width=m.width, height=m.height), packets
 
-    monkeypatch.setattr(video_mod, "_probe_video", low_count)
+    monkeypatch.setattr(video_decode, "_probe_video", low_count)
     every, every_meta = load_video(path)
     np.testing.assert_array_equal(every, frames)
     assert every_meta.total_num_frames == 30
@@ -233,7 +240,7 @@ def test_seek_failure_falls_back_to_front_to_back(vdir, vp, monkeypatch):
         calls.append(1)
         raise av.FFmpegError(1, "seek not supported")
 
-    monkeypatch.setattr(video_mod, "_decode_seeking", failing)
+    monkeypatch.setattr(video_decode, "_decode_seeking", failing)
     frames, meta = _decode_all(path)
     got = VideoProcessor(min_pixels=VMIN, max_pixels=VMAX, max_duration=4)(path)
     ref = VideoProcessor(min_pixels=VMIN, max_pixels=VMAX, max_duration=4)((frames, meta))
@@ -345,7 +352,7 @@ def test_extreme_aspect_fails_before_decoding(vdir, monkeypatch):
     def no_decode(*a, **k):
         raise AssertionError("decoded a video whose size is already known to be refused")
 
-    monkeypatch.setattr(video_mod, "_decode", no_decode)
+    monkeypatch.setattr(video_decode, "_decode", no_decode)
     with pytest.raises(ProcessingError, match=r"strip\.mp4.*aspect ratio must be smaller than 200"):
         VideoProcessor()(path)
 
@@ -379,7 +386,7 @@ def test_8k_video_decodes_and_larger_is_refused_from_the_header(tmp_path, monkey
     def no_decode(*a, **k):
         raise AssertionError("decoded a video whose frame size is over the budget")
 
-    monkeypatch.setattr(video_mod, "_decode", no_decode)
+    monkeypatch.setattr(video_decode, "_decode", no_decode)
     with pytest.raises(ProcessingError, match=r"huge\.mp4.*8200x4400 = 36080000 pixels.*max_frame_pixels=33177600"):
         VideoProcessor()(big)
 

@@ -13,7 +13,8 @@ from .image import (
     smart_resize,
 )
 from .processor import Processor
-from .video import VideoMetadata, VideoProcessor, load_video, sample_frames
+from .video import VideoMetadata, VideoProcessor, sample_frames
+from .video_decode import load_video
 
 __all__ = [
     "MAX_IMAGE_PIXELS",

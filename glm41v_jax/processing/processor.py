@@ -2,11 +2,8 @@
 
 What is special here (docs/MODEL.md §5.3, §6; checked against transformers 5.23):
 
-* The chat template is rendered with a jinja2 `ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)`
-  plus the same globals/filters transformers installs (`raise_exception`, `strftime_now`, `tojson` without HTML
-  escaping, `dict`, `namespace`, loop controls, a pass-through `{% generation %}` tag). Messages are first reduced to
-  plain JSON data (media objects become placeholders like "<ndarray>"), as transformers does, so a list content of a
-  system/assistant turn renders as the same Python repr.
+* The chat template is rendered as transformers renders it (chat_template.py); messages are normalised and their
+  media collected as transformers does (messages.py).
 * `<|image|>` expands to `<|image|>` × t·h·w/4. `<|video|>` expands to, per temporal group,
   `<|begin_of_image|>` + `<|image|>`×(h·w/4) + `<|end_of_image|>` + str(int(ts)) with ts = timestamps[::2]
   (truncated / padded with the last value to gt). Expansion is a single left-to-right pass over the text.
@@ -17,18 +14,24 @@ What is special here (docs/MODEL.md §5.3, §6; checked against transformers 5.2
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
 import secrets
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from typing import Any
 
 import numpy as np
 
+from .chat_template import (
+    TEMPLATE_RUNTIME_ERRORS,
+    compile_chat_template,
+    find_chat_template,
+    plain_template_data,
+    template_error,
+)
 from .image import ImageProcessor, ProcessingError, read_json_object
+from .messages import check_unicode, extract_media, flatten_media, message_texts, normalize_messages
 from .video import VideoMetadata, VideoProcessor
 
 IMAGE_TOKEN = "<|image|>"
@@ -42,78 +45,6 @@ END_VIDEO = "<|end_of_video|>"
 RESERVED_MEDIA_TOKENS = (IMAGE_TOKEN, VIDEO_TOKEN, BEGIN_IMAGE, END_IMAGE, BEGIN_VIDEO, END_VIDEO)
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-
-
-def _plain(value: Any) -> Any:
-    """Reduce template inputs to plain JSON-like data, like transformers' `_plain_template_data`."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, str):
-        return str.__str__(value)
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
-    if isinstance(value, np.generic):
-        return _plain(value.item())
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    return f"<{type(value).__name__}>"
-
-
-def compile_chat_template(template: str):
-    """Compile a chat template in the same jinja2 environment transformers uses."""
-    import jinja2
-    from jinja2 import nodes
-    from jinja2.ext import Extension
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class _Generation(Extension):  # `{% generation %}...{% endgeneration %}` renders its body unchanged
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
-            return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-        def _render(self, caller):
-            return caller()
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    env.globals["dict"] = dict
-    env.globals["namespace"] = jinja2.utils.Namespace
-    return env.from_string(template)
-
-
-def _template_problem(e: BaseException, source: str) -> ProcessingError:
-    """A jinja2 (or Python) error of a chat template -> ProcessingError naming the template and the line."""
-    line = getattr(e, "lineno", None)
-    where = f"{source}" + (f", line {line}" if line else "")
-    msg = getattr(e, "message", None) or str(e) or type(e).__name__
-    return ProcessingError(f"chat template {where}: {type(e).__name__}: {msg}")
-
-
-# What rendering a template (user data: the checkpoint's file) can raise besides jinja2's own TemplateError.
-_TEMPLATE_RUNTIME_ERRORS = (TypeError, ValueError, ArithmeticError, LookupError, AttributeError, RecursionError)
 
 
 class Processor:
@@ -149,8 +80,8 @@ class Processor:
 
             try:
                 self._template = compile_chat_template(chat_template)
-            except (jinja2.TemplateError, *_TEMPLATE_RUNTIME_ERRORS) as e:
-                raise _template_problem(e, self.chat_template_source) from None
+            except (jinja2.TemplateError, *TEMPLATE_RUNTIME_ERRORS) as e:
+                raise template_error(e, self.chat_template_source) from None
         self._added_ids = frozenset(int(i) for i in tokenizer.get_added_tokens_decoder())
         self._plain_tokenizer: Any = None
         self.image_token_id = self._token_id(IMAGE_TOKEN)
@@ -228,7 +159,7 @@ class Processor:
 
         chat = []
         for m in normalize_messages(messages):
-            m = _plain(m)
+            m = plain_template_data(m)
             reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
             if reasoning is not None:
                 m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
@@ -239,15 +170,15 @@ class Processor:
                     m["content"] = [{**c, "text": mark(c.get("text"))}
                                     if isinstance(c, dict) and c.get("type") == "text" else c for c in m["content"]]
             chat.append(m)
-        variables = {**self.special_tokens, **_plain(dict(kwargs or {}))}
+        variables = {**self.special_tokens, **plain_template_data(dict(kwargs or {}))}
         import jinja2
 
         try:
             text = self._template.render(
                 messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables
             )
-        except (jinja2.TemplateError, *_TEMPLATE_RUNTIME_ERRORS) as e:
-            raise _template_problem(e, self.chat_template_source) from None
+        except (jinja2.TemplateError, *TEMPLATE_RUNTIME_ERRORS) as e:
+            raise template_error(e, self.chat_template_source) from None
         if not user_texts:
             return [(text, False)]
         parts = re.split(f"\ue000{nonce}:(\\d+)\ue001", text)
@@ -287,10 +218,10 @@ class Processor:
         markup pieces only; user-text pieces are tokenized as plain text (no added token is matched in them)."""
         for pieces in samples:
             for t, _ in pieces:
-                _check_unicode(t)
+                check_unicode(t)
         markup = [t for pieces in samples for t, user in pieces if not user]
-        image_list = _flatten_media(images, is_video=False)
-        video_list = _flatten_media(videos, is_video=True)
+        image_list = flatten_media(images, is_video=False)
+        video_list = flatten_media(videos, is_video=True)
         n_img_ph = sum(t.count(IMAGE_TOKEN) for t in markup)
         n_vid_ph = sum(t.count(VIDEO_TOKEN) for t in markup)
         if n_img_ph != len(image_list):
@@ -433,7 +364,7 @@ class Processor:
         for i, m in enumerate(messages):
             if m.get("role") == "user" and not text_special_tokens:
                 continue
-            for t in _message_texts(m):
+            for t in message_texts(m):
                 bad = next((tok for tok in RESERVED_MEDIA_TOKENS if tok in t), None)
                 if bad is not None:
                     raise ProcessingError(
@@ -468,84 +399,6 @@ class Processor:
         return self.image_processor.num_image_tokens(height, width)
 
 
-def _message_texts(message: Mapping[str, Any]) -> list[str]:
-    """The text of a message: its string content, or its text items."""
-    content = message.get("content")
-    if isinstance(content, str):
-        return [content]
-    if isinstance(content, (list, tuple)):
-        return [c["text"] for c in content if isinstance(c, Mapping) and isinstance(c.get("text"), str)]
-    return []
-
-
-def _check_unicode(text: str) -> None:
-    """Text the tokenizer can take: no lone surrogates (JSON's "\\ud800" can make them)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ProcessingError(f"text is not valid Unicode: lone surrogate {text[e.start]!r} at character {e.start}"
-                              ) from None
-
-
-def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Like transformers: drop None-valued keys; OpenAI {"type": "image_url", "image_url": {"url": u}} blocks
-    become {"type": "image", "url": u}."""
-    out = []
-    for m in messages:
-        m = {k: v for k, v in m.items() if v is not None}
-        if isinstance(m.get("content"), list):
-            content = []
-            for c in m["content"]:
-                if isinstance(c, Mapping) and c.get("type") == "image_url" and "image_url" in c:
-                    info = c["image_url"]
-                    c = {"type": "image", "url": info.get("url", "") if isinstance(info, Mapping) else info}
-                content.append(c)
-            m["content"] = content
-        out.append(m)
-    return out
-
-
-def extract_media(messages: Sequence[Mapping[str, Any]]) -> tuple[list[Any], list[Any]]:
-    """Images and videos of list-content messages in order (the template's test order: video before image)."""
-    images: list[Any] = []
-    videos: list[Any] = []
-    for m in messages:
-        content = m.get("content") if isinstance(m, Mapping) else None
-        if not isinstance(content, (list, tuple)):
-            continue
-        for item in content:
-            if not isinstance(item, Mapping):
-                continue
-            if item.get("type") == "video" or "video" in item:
-                src = next((item[k] for k in ("video", "path", "url") if item.get(k) is not None), None)
-                if src is None:
-                    raise ProcessingError(f"video item has no 'video' (or 'path') field: {_plain(item)}")
-                videos.append(src)
-            elif item.get("type") == "image" or "image" in item:
-                src = next((item[k] for k in ("image", "path", "url") if item.get(k) is not None), None)
-                if src is None:
-                    raise ProcessingError(f"image item has no 'image' (or 'path') field: {_plain(item)}")
-                images.append(src)
-    return images, videos
-
-
-def _flatten_media(media: Any, is_video: bool) -> list[Any]:
-    """One item or a list of items -> flat list. For images, nested per-sample lists are flattened; for videos a
-    list is always a list of videos (a video itself is a path, an array, a list of frames or (frames, metadata))."""
-    if media is None:
-        return []
-    if isinstance(media, (str, os.PathLike, np.ndarray)) or not isinstance(media, (list, tuple)):
-        return [media]
-    if is_video and isinstance(media, tuple) and len(media) == 2 and isinstance(media[1], (VideoMetadata, dict)):
-        return [media]
-    if is_video:
-        return list(media)
-    flat: list[Any] = []
-    for m in media:
-        flat.extend(m if isinstance(m, (list, tuple)) else [m])
-    return flat
-
-
 def _expand_placeholders(texts: list[str], image_repl: list[str], video_repl: list[str]) -> list[str]:
     """Replace each placeholder, left to right over the batch, with its expansion (single pass, no re-scanning)."""
     it_img, it_vid = iter(image_repl), iter(video_repl)
@@ -555,37 +408,3 @@ def _expand_placeholders(texts: list[str], image_repl: list[str], video_repl: li
         return next(it_img) if m.group(0) == IMAGE_TOKEN else next(it_vid)
 
     return [pattern.sub(sub, t) for t in texts]
-
-
-def load_chat_template(checkpoint_dir: str, tokenizer_config: Mapping[str, Any] | None = None) -> str:
-    """chat_template.jinja, else tokenizer_config.json "chat_template", else chat_template.json; error if none."""
-    return find_chat_template(checkpoint_dir, tokenizer_config)[0]
-
-
-def find_chat_template(checkpoint_dir: str, tokenizer_config: Mapping[str, Any] | None = None) -> tuple[str, str]:
-    """(template text, where it came from): chat_template.jinja, else tokenizer_config.json "chat_template", else
-    chat_template.json. A file that is not UTF-8, or none found, is a ProcessingError naming it."""
-    p = os.path.join(checkpoint_dir, "chat_template.jinja")
-    if os.path.isfile(p):
-        with open(p, "rb") as f:
-            raw = f.read()
-        try:
-            return raw.decode("utf-8"), p
-        except UnicodeDecodeError as e:
-            raise ProcessingError(f"{p}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
-    cfg = tokenizer_config if tokenizer_config is not None else read_json_object(os.path.join(checkpoint_dir,
-                                                                                        "tokenizer_config.json"))
-    for source, tpl in (("tokenizer_config.json", (cfg or {}).get("chat_template")),
-                        ("chat_template.json", (read_json_object(os.path.join(checkpoint_dir, "chat_template.json"))
-                                                or {}).get("chat_template"))):
-        path = os.path.join(checkpoint_dir, source)
-        if isinstance(tpl, list):  # named templates: [{"name": "default", "template": ...}]
-            tpl = next((t.get("template") for t in tpl if isinstance(t, Mapping) and t.get("name") == "default"), None)
-        if isinstance(tpl, str) and tpl:
-            return tpl, f"{path} (field 'chat_template')"
-        if tpl is not None:
-            raise ProcessingError(f"{path!r}: field 'chat_template' must be a string, got {type(tpl).__name__}")
-    raise ProcessingError(
-        f"{checkpoint_dir!r}: no chat template found (looked for chat_template.jinja, tokenizer_config.json "
-        "'chat_template' and chat_template.json)"
-    )
