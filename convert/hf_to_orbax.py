@@ -49,6 +49,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import orbax.checkpoint.experimental.v1 as ocp
+from orbax.checkpoint.experimental.v1 import partial as ocp_partial
+from tqdm import tqdm
 
 from glm41v_jax.checkpoint_files import copy_side_files, finish_converted
 from glm41v_jax.config import Glm4vConfig
@@ -86,8 +89,6 @@ class ConversionTerminated(KeyboardInterrupt):
 
 
 def _orbax_context(compress: bool) -> Any:
-    import orbax.checkpoint.experimental.v1 as ocp
-
     ctx = ocp.Context()
     ctx.array.saving.use_compression = compress
     ctx.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES
@@ -111,6 +112,55 @@ def _settle(inflight: Any) -> None:
         inflight.result()
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class _PartialWriter:
+    """Arrays buffered into groups of about `flush_bytes`, each written as one Orbax partial save, with one write in
+    flight while the next group is read and transposed (IO || CPU)."""
+
+    def __init__(self, params_dir: str, flush_bytes: int) -> None:
+        self.params_dir, self.flush_bytes = params_dir, flush_bytes
+        self.inflight: Any = None
+        self.pending: dict = {}
+        self.pending_bytes = 0
+        self.saves = 0
+
+    def settle(self) -> None:
+        """Wait for the write in flight."""
+        self.inflight = _settle(self.inflight)
+
+    def flush(self) -> None:
+        """Start writing what is pending (after the previous write has landed)."""
+        if not self.pending:
+            return
+        self.settle()
+        self.inflight = ocp_partial.save_async(self.params_dir, self.pending)
+        self.saves += 1
+        self.pending, self.pending_bytes = {}, 0
+
+    def make_room(self, nbytes: int) -> None:
+        """Before reading a tensor as large as the whole buffer (embeddings, lm_head): write what is pending and let
+        every write land first, so at most one big tensor (and its copies) is in memory."""
+        if nbytes >= self.flush_bytes:
+            self.flush()
+            self.settle()
+
+    def add(self, path: tuple[str, ...], arr: np.ndarray, last: bool) -> None:
+        set_path(self.pending, path, arr)
+        self.pending_bytes += arr.nbytes
+        if self.pending_bytes >= self.flush_bytes or last:
+            self.flush()
+
+    def finalize(self) -> None:
+        """Merge the partial saves into one ordinary Orbax checkpoint."""
+        self.settle()
+        ocp_partial.finalize(self.params_dir)
+
+    def abandon(self) -> None:
+        """On a failure: let the background write stop touching the folder before it is removed."""
+        if self.inflight is not None:
+            with contextlib.suppress(BaseException), quiet_storage_threads():
+                self.inflight.result()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -305,9 +355,6 @@ def convert(
     weights, and CPU time matters more on small hosts).
     on_tensor: called with each HF name after it is read (tests use it to interrupt a conversion).
     """
-    from orbax.checkpoint.experimental.v1 import partial
-    from tqdm import tqdm
-
     out_dtype = parse_dtype(dtype)
     if not isinstance(flush_bytes, int) or isinstance(flush_bytes, bool) or flush_bytes <= 0:
         raise CheckpointError(f"flush_bytes must be a positive number of bytes, got {flush_bytes!r}")
@@ -326,49 +373,29 @@ def convert(
     stored = sorted({ckpt.infos[n].dtype for n in ckpt.rules})
 
     with _staging(dst) as tmp:
-        params_dir = os.path.join(tmp, PARAMS_SUBDIR)
+        writer = _PartialWriter(os.path.join(tmp, PARAMS_SUBDIR), flush_bytes)
         t0 = time.perf_counter()
-        inflight = None
         sums: dict[str, str] = {}
         crc_s = 0.0
         try:
             copied = copy_side_files(src_dir, tmp)
-            pending: dict = {}
-            pending_bytes = 0
-            n_saves = 0
             with quiet_storage_threads(), _orbax_context(compress), tqdm(
                     total=out_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
                     disable=(None if progress is None else not progress), dynamic_ncols=True) as bar:
                 for i, (name, rule) in enumerate(ckpt.rules.items()):
                     info = ckpt.infos[name]
-                    if info.nbytes >= flush_bytes:
-                        # A tensor as large as the whole buffer (embeddings, lm_head): write what is pending and let
-                        # every write land first, so at most one big tensor (and its copies) is in memory.
-                        if pending:
-                            inflight = _settle(inflight)
-                            inflight = partial.save_async(params_dir, pending)
-                            n_saves += 1
-                            pending, pending_bytes = {}, 0
-                        inflight = _settle(inflight)
+                    writer.make_room(info.nbytes)
                     arr = to_flax_layout(name, ckpt.read(name), rule, out_dtype, info.file)
                     if on_tensor is not None:
                         on_tensor(name)
                     tc = time.perf_counter()
                     sums["/".join(rule.path)] = array_crc32(arr)  # overlaps the write in flight (GIL released)
                     crc_s += time.perf_counter() - tc
-                    set_path(pending, rule.path, arr)
-                    pending_bytes += arr.nbytes
                     bar.update(arr.nbytes)
                     bar.set_postfix_str(f"{i + 1}/{n_tensors} tensors", refresh=False)
+                    writer.add(rule.path, arr, last=i + 1 == n_tensors)
                     del arr
-                    if pending_bytes >= flush_bytes or i + 1 == n_tensors:
-                        # One write in flight while the next group is read and transposed (IO || CPU).
-                        inflight = _settle(inflight)
-                        inflight = partial.save_async(params_dir, pending)
-                        n_saves += 1
-                        pending, pending_bytes = {}, 0
-                inflight = _settle(inflight)
-                partial.finalize(params_dir)
+                writer.finalize()
             fmt = {
                 "format": FORMAT_NAME,
                 "format_version": FORMAT_VERSION,
@@ -377,7 +404,7 @@ def convert(
                 "source": src_dir,
                 "num_tensors": n_tensors,
                 "num_bytes": out_bytes,
-                "partial_saves": n_saves,
+                "partial_saves": writer.saves,
                 "copied_files": copied,
                 "seconds": round(time.perf_counter() - t0, 3),
                 "checksum_seconds": round(crc_s, 3),
@@ -385,9 +412,7 @@ def convert(
             }
             finish_converted(tmp, dst, fmt)
         except BaseException as e:
-            if inflight is not None:  # let the background write stop touching tmp before it is removed
-                with contextlib.suppress(BaseException), quiet_storage_threads():
-                    inflight.result()
+            writer.abandon()
             failure = _write_failure(e, dst, out_bytes) if isinstance(e, Exception) else None
             if failure is not None:
                 raise failure from None
@@ -408,8 +433,6 @@ def save_converted(
     config.json and the processor files are copied from `source_dir` when given; otherwise config.json is written
     from `cfg`. Per-array checksums are recorded when every array is addressable from this process.
     """
-    import orbax.checkpoint.experimental.v1 as ocp
-
     dst = abs_path(dst)
     if any(k in params.get("language_model", {}) for k in ("layers",)):
         params = unstack_layers(params)

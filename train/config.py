@@ -17,6 +17,7 @@ Every key is checked: an unknown key, a value of the wrong type, or a value the 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -29,6 +30,7 @@ from typing import Any
 import yaml
 
 from glm41v_jax.config import ConfigError
+from glm41v_jax.errors import one_line
 
 from .optim import OptimConfig
 from .step import StepConfig
@@ -129,7 +131,7 @@ class _WrongType(TrainConfigError):
 
 
 def _data_config_cls():
-    from .data import DataConfig
+    from .data import DataConfig  # imported on use: data.py pulls in grain, which reading a config does not need
 
     return DataConfig
 
@@ -244,7 +246,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     except TrainConfigError:
         raise
     except (ValueError, TypeError) as e:
-        msg = " ".join(str(e).split())
+        msg = one_line(e)
         if where and not msg.startswith(where + "."):
             msg = f"{where}.{msg}" if msg.split(" ", 1)[0].rstrip(":") in fields else f"{where}: {msg}"
         raise TrainConfigError(msg) from None
@@ -256,8 +258,6 @@ def _build(cls: type, raw: Any, where: str) -> Any:
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """`key.sub=value` strings (value parsed as YAML) applied to a nested dict (copied)."""
-    import copy
-
     out = copy.deepcopy(raw)
     for item in overrides:
         if "=" not in item:
@@ -270,7 +270,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except (yaml.YAMLError, RecursionError) as e:
-            raise TrainConfigError(f"--set {key}: the value is not valid YAML ({' '.join(str(e).split())})") from None
+            raise TrainConfigError(f"--set {key}: the value is not valid YAML ({one_line(e)})") from None
         node = out
         for i, p in enumerate(parts[:-1]):
             nxt = node.get(p)
@@ -313,7 +313,7 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
         try:
             raw = yaml.safe_load(text)
         except (yaml.YAMLError, RecursionError) as e:
-            why = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())
+            why = "nested too deeply" if isinstance(e, RecursionError) else one_line(e)
             raise TrainConfigError(f"{path}: not valid YAML ({why})") from None
         if raw is None:
             raw = {}

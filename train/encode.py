@@ -34,7 +34,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from glm41v_jax.errors import Glm41vError
+from glm41v_jax.errors import Glm41vError, one_line
 from glm41v_jax.processing import ProcessingError, Processor
 from glm41v_jax.processing.processor import IMAGE_TOKEN, VIDEO_TOKEN
 from glm41v_jax.rope import get_rope_index
@@ -339,8 +339,7 @@ def _parse(data: bytes | str, where: str, what: str) -> Any:
     except RecursionError:
         raise DataError("malformed_json", where, f"malformed JSON {what}: nested too deeply") from None
     except (ValueError, UnicodeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        msg = " ".join(str(e).split())
-        raise DataError("malformed_json", where, f"malformed JSON {what}: {msg[:200]}") from None
+        raise DataError("malformed_json", where, f"malformed JSON {what}: {one_line(e)[:200]}") from None
 
 
 class EncodeRecords(grain.transforms.Map):
