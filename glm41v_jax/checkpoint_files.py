@@ -18,8 +18,7 @@ import shutil
 import zlib
 from typing import Any
 
-from .integrity import file_sizes
-from .loading import (
+from .checkpoint_format import (
     COMPLETE_MARKER,
     FORMAT_FILE,
     FORMAT_NAME,
@@ -28,6 +27,7 @@ from .loading import (
     SIDE_FILES,
     CheckpointError,
 )
+from .integrity import file_sizes
 
 
 def rename_noreplace(src: str, dst: str) -> None:

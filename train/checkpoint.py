@@ -44,9 +44,9 @@ import orbax.checkpoint.experimental.v1 as ocp_v1
 
 from glm41v_convert.hf_to_orbax import save_converted
 from glm41v_jax.checkpoint_files import copy_side_files, finish_converted
+from glm41v_jax.checkpoint_format import FORMAT_NAME, FORMAT_VERSION, PARAMS_SUBDIR, CheckpointError
 from glm41v_jax.errors import one_line
 from glm41v_jax.integrity import is_failed_restore_noise
-from glm41v_jax.loading import FORMAT_NAME, FORMAT_VERSION, PARAMS_SUBDIR, CheckpointError
 from glm41v_jax.weights import iter_leaves, unstack_layers
 
 from .distributed import sync
