@@ -13,12 +13,11 @@ import signal
 import sys
 from typing import Any
 
-from glm41v_jax.argtypes import float_in
-from glm41v_jax.cli import OneLineErrorParser
-from glm41v_jax.errors import Glm41vError, one_line
+from glm41v_jax.cli.argtypes import float_in
+from glm41v_jax.cli.common import OneLineErrorParser, guarded, print_error
 from glm41v_jax.loading import CheckpointError
 
-EXPECTED_ERRORS = (Glm41vError, OSError)
+from .hf_to_orbax import ConversionTerminated, convert
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -43,21 +42,21 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .hf_to_orbax import ConversionTerminated, convert
+    """The `convert` subcommand: 0 converted, 2 bad input (one `error:` line), 130 Ctrl-C, 143 SIGTERM."""
+    return guarded(_convert, args)
 
+
+def _convert(args: argparse.Namespace) -> int:
     try:
         if not (math.isfinite(args.flush_gb) and args.flush_gb > 0):
             raise CheckpointError(f"--flush-gb must be a positive number of GiB (e.g. 0.5), got {args.flush_gb}")
         dst = convert(args.src, args.dst, dtype=args.dtype, progress=args.progress,
                       flush_bytes=max(1, int(args.flush_gb * 2**30)), compress=args.compress)
-    except EXPECTED_ERRORS as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
     except ConversionTerminated:
-        print("error: terminated (SIGTERM); partial output removed", file=sys.stderr)
+        print_error("terminated (SIGTERM); partial output removed")
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        print("error: interrupted; partial output removed", file=sys.stderr)
+        print_error("interrupted; partial output removed")
         return 130
     print(f"converted {args.src} -> {dst}", file=sys.stderr)
     return 0

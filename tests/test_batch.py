@@ -123,9 +123,9 @@ def test_pipeline_api(tiny_cache_dir, monkeypatch, tmp_path):
 
 def test_hostile_lines_each_get_their_error(cli, tmp_path, monkeypatch):
     """Every hostile line is its own {"line", "error"} record (the others still run), exit code 2, no traceback."""
-    import glm41v_jax.generate_cli as generate_cli
+    import glm41v_jax.cli.generate as generate_cmd
 
-    monkeypatch.setattr(generate_cli, "MAX_LINE_BYTES", 300_000)
+    monkeypatch.setattr(generate_cmd, "MAX_LINE_BYTES", 300_000)
     _image(tmp_path / "a.png", 40, 40, 3)
     good = json.dumps({"prompt": "Good line.", "images": ["a.png"], "max_new_tokens": 2}).encode()
     hostile = [

@@ -222,7 +222,7 @@ def test_non_utf8_stdin_keeps_the_session(tiny_cache_dir, monkeypatch, capsys, t
 def test_overlong_stdin_line_is_dropped_and_the_session_goes_on(tiny_cache_dir, monkeypatch, capsys, tmp_path):
     """A line over MAX_LINE_BYTES (here 3 MiB piped in) is refused before tokenising, read past in bounded pieces,
     and the next line is still answered with the history intact."""
-    from glm41v_jax.chat_cli import MAX_LINE_BYTES
+    from glm41v_jax.cli.chat import MAX_LINE_BYTES
 
     monkeypatch.setenv("GLM41V_CACHE", tiny_cache_dir)
     log = tmp_path / "log.jsonl"
@@ -294,8 +294,8 @@ def test_log_jsonl_bad_paths_and_failed_writes(tiny_cache_dir, monkeypatch, caps
     '[Errno 21] Is a directory' after loading); a write that fails (a full device: /dev/full) is one line naming the
     file instead of '[Errno 28] No space left on device'; a failed append is cut back off, so earlier records stay
     whole (RecordLog with a write that fails half-way)."""
-    from glm41v_jax.chat_cli import RecordLog
-    from glm41v_jax.generate_cli import CliError
+    from glm41v_jax.cli.chat import RecordLog
+    from glm41v_jax.cli.common import CliError
 
     monkeypatch.setenv("GLM41V_CACHE", tiny_cache_dir)
     monkeypatch.chdir(tmp_path)

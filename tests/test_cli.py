@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from glm41v_jax import tiny
-from glm41v_jax.generate_cli import StreamPrinter, build_messages
+from glm41v_jax.cli.common import StreamPrinter, build_messages
 
 REQUIRED = {"prompt_token_ids", "token_ids", "text", "thinking", "answer", "timings", "num_compiles"}
 

@@ -20,19 +20,34 @@ Expected failures (a bad config field, a missing or corrupt checkpoint, bad data
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import sys
+from collections.abc import Callable
 from typing import Any
 
+import jax
+import yaml
+
+from glm41v_jax import tiny
+from glm41v_jax.cli.common import CliError, guarded
+from glm41v_jax.config import Glm4vConfig
+from glm41v_jax.loading import resolve_model_dir
+from glm41v_jax.sharding import make_mesh
+
+from .config import load_config
+from .optim import OptimConfig
+from .params import load_params
+from .step import StepConfig, TrainStep
+
+# The modules that read training data need the train extra (grain, tensorboardX, tensorflow-datasets): they are
+# imported inside the commands, so that registering `train` and `loss` (on every `glm41v` call) works without it.
+TRAIN_EXTRA = {"grain", "tensorboardX", "tensorflow_datasets", "array_record"}
 TINY = "tiny"  # `model: tiny` = the embedded tiny random checkpoint (smoke runs)
 INT_MAX = 2**31 - 1
 
 
 def _model_dir(model: str) -> str:
-    from glm41v_jax import tiny
-    from glm41v_jax.loading import resolve_model_dir
-
     return tiny.materialize_tiny_checkpoint() if model == TINY else resolve_model_dir(model)
 
 
@@ -61,24 +76,16 @@ def register_train(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from .config import load_config
-
     cfg = load_config(args.config, list(args.overrides) + list(args.more_overrides))
     if args.print_config:
-        import yaml
-
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     if cfg.model == TINY:
         cfg = dataclasses.replace(cfg, model=_model_dir(TINY))
-    from .loop import train
+    from .loop import train  # the train extra (grain)
 
     summary = train(cfg, coordinator=args.coordinator, num_processes=args.num_processes,
                     process_id=args.process_id, distributed=args.distributed)
-    import jax
-
     if jax.process_index() == 0:
         print(json.dumps(summary), flush=True)
     return 0
@@ -119,21 +126,13 @@ def register_loss(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _loss(args: argparse.Namespace) -> int:
-    import jax
-
-    from glm41v_jax.config import Glm4vConfig
-    from glm41v_jax.sharding import make_mesh
-
-    from .data import DataConfig, make_iterator
-    from .evaluate import LossEvaluator
-    from .params import load_params
-    from .optim import OptimConfig
-    from .step import StepConfig, TrainStep
+    from .data import DataConfig, make_iterator  # the train extra (grain)
+    from .evaluate import LossEvaluator  # the train extra (grain)
 
     for flag, value, top in (("--seq-len", args.seq_len, INT_MAX), ("--batch-size", args.batch_size, 65536),
                              ("--max-patches", args.max_patches, INT_MAX)):
         if value is not None and not 1 <= value <= top:
-            raise _cli_error(f"{flag} {value}: expected an integer in [1, {top}]")
+            raise CliError(f"{flag} {value}: expected an integer in [1, {top}]")
     model_dir = _model_dir(args.model)
     cfg = Glm4vConfig.from_file(os.path.join(model_dir, "config.json"))
     m2 = cfg.vision.spatial_merge_size ** 2
@@ -141,12 +140,10 @@ def _loss(args: argparse.Namespace) -> int:
     for path in args.data:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--data {path}: no such file")
-    try:
-        dcfg = DataConfig(jsonl=tuple(args.data), seq_len=args.seq_len, batch_size=args.batch_size,
-                          max_patches=max_patches, packing=not args.no_packing, shuffle=False, num_epochs=1,
-                          on_error=args.on_error, loss_on_thinking=not args.no_loss_on_thinking)
-    except ValueError as e:
-        raise _cli_error(str(e).replace("data.", "--").replace("_", "-")) from None
+    # every field was checked above or by argparse (choices): a ValueError here would be a bug
+    dcfg = DataConfig(jsonl=tuple(args.data), seq_len=args.seq_len, batch_size=args.batch_size,
+                      max_patches=max_patches, packing=not args.no_packing, shuffle=False, num_epochs=1,
+                      on_error=args.on_error, loss_on_thinking=not args.no_loss_on_thinking)
     if args.mesh == "none":
         mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     else:
@@ -160,7 +157,7 @@ def _loss(args: argparse.Namespace) -> int:
     it.close()
     samples = int(stats.get("samples", 0))
     if samples == 0 or count == 0:
-        raise _cli_error(f"no usable sample in {', '.join(args.data)} ({stats.get('skipped', 0)} skipped)")
+        raise CliError(f"no usable sample in {', '.join(args.data)} ({stats.get('skipped', 0)} skipped)")
     if int(stats["label_tokens"]) != int(count):
         raise AssertionError(f"label tokens {count} != the packer's count {stats['label_tokens']}")
     out = {"loss": total / count, "tokens": int(count), "samples": samples, "skipped": int(stats.get("skipped", 0)),
@@ -180,33 +177,22 @@ def run_loss(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _cli_error(msg: str) -> Exception:
-    from glm41v_jax.generate_cli import CliError
+def _guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """glm41v_jax.cli.common.guarded, with a missing train extra said as such instead of a ModuleNotFoundError."""
 
-    return CliError(msg)
-
-
-def _guarded(fn: Any, args: argparse.Namespace) -> int:
-    """glm41v_jax.generate_cli.guarded, plus the training errors: bad data raised with --on-error raise."""
-    from glm41v_jax.generate_cli import guarded
-
-    from .encode import DataError
-
-    def call(a):
+    def call(a: argparse.Namespace) -> int:
         try:
             return fn(a)
-        except DataError as e:
-            raise _cli_error(str(e)) from None
+        except ModuleNotFoundError as e:
+            if (e.name or "").split(".")[0] not in TRAIN_EXTRA:
+                raise
+            raise CliError(f"glm41v {a.command} needs the train extra: pip install -e '.[train]' (no module named "
+                           f"{e.name!r})") from None
 
     return guarded(call, args)
 
 
 def register(subparsers: Any) -> None:
+    """Both commands (`train`, `loss`) on a `glm41v` subparsers object."""
     register_train(subparsers)
     register_loss(subparsers)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from glm41v_jax.cli import main
-
-    sys.exit(main())

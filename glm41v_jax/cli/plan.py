@@ -13,13 +13,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Any
 
 import jax
 
-from .errors import Glm41vError, one_line
-from .plan import BUILTIN_CONFIGS, PlanError, format_report, model_config, parse_image_size, parse_tpu, plan_generate
+from glm41v_train.config import load_config
+
+from ..plan import (
+    BUILTIN_CONFIGS,
+    PlanError,
+    format_report,
+    model_config,
+    parse_image_size,
+    parse_tpu,
+    plan_generate,
+    plan_train,
+)
+from .common import guarded
 
 
 def _common(p: argparse.ArgumentParser, sub: bool, model_config_flag: str = "--config") -> None:
@@ -68,33 +78,28 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The `plan` subcommand: 0 fits, 1 does not fit, 2 bad input."""
     if not os.environ.get("JAX_PLATFORMS"):
         # plan only compiles for the topology: the host runs on the CPU and never takes a local TPU (or its lock)
         jax.config.update("jax_platforms", "cpu")
-    try:
-        if not args.tpu:
-            raise PlanError("--tpu is required, e.g. --tpu v5e-8")
-        if args.model and args.model_config:
-            raise PlanError("give --model DIR or a built-in config name (--config), not both")
-        tpu = parse_tpu(args.tpu)
-        cfg = model_config(args.model, args.model_config)
-        if args.plan_kind == "generate":
-            report = plan_generate(cfg, tpu, batch=args.batch, max_context=args.max_context,
-                                   max_new_tokens=args.max_new_tokens,
-                                   images=[parse_image_size(s) for s in args.image], dtype=args.dtype,
-                                   mesh=args.mesh, attention=args.attention, chunk_size=args.chunk_size)
-        else:
-            # The training modules need the train extra (pyyaml, grain): imported only for `plan train`.
-            from glm41v_train.config import load_config
+    return guarded(_plan, args)
 
-            from .plan import plan_train
 
-            tcfg = load_config(args.train_config, args.overrides)
-            report = plan_train(tcfg, cfg, tpu, mesh=args.mesh, step_time=args.step_time,
-                                count_flops=not args.no_flops_count)
-    except (Glm41vError, OSError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+def _plan(args: argparse.Namespace) -> int:
+    if not args.tpu:
+        raise PlanError("--tpu is required, e.g. --tpu v5e-8")
+    if args.model and args.model_config:
+        raise PlanError("give --model DIR or a built-in config name (--config), not both")
+    tpu = parse_tpu(args.tpu)
+    cfg = model_config(args.model, args.model_config)
+    if args.plan_kind == "generate":
+        report = plan_generate(cfg, tpu, batch=args.batch, max_context=args.max_context,
+                               max_new_tokens=args.max_new_tokens, images=[parse_image_size(s) for s in args.image],
+                               dtype=args.dtype, mesh=args.mesh, attention=args.attention, chunk_size=args.chunk_size)
+    else:
+        tcfg = load_config(args.train_config, args.overrides)
+        report = plan_train(tcfg, cfg, tpu, mesh=args.mesh, step_time=args.step_time,
+                            count_flops=not args.no_flops_count)
     if args.json:
         print(json.dumps(report))
     else:

@@ -44,16 +44,23 @@ import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-from .errors import Glm41vError, one_line
-from .generate_cli import (
+import numpy as np
+
+from ..errors import Glm41vError, one_line
+from ..processing import ProcessingError
+from ..processing.image import load_image
+from ..sampling import SamplingParams
+from ..thinking import FORCED_ANSWER, NO_THINKING_PREFIX, history_text, parse_response
+from .common import (
     SIGPIPE_EXIT,
     CliError,
     StreamPrinter,
-    _check_media,
-    _configure_jax,
     add_model_args,
     build_messages,
+    check_media,
+    configure_env,
     guarded,
+    load_pipeline,
     stdout_closed,
 )
 
@@ -80,23 +87,18 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 def _image_size(path: Any) -> tuple[int, int] | None:
     """(width, height) of an image file (EXIF orientation applied, as the processor does), or None."""
     try:
-        from PIL import Image, ImageOps
-
-        with Image.open(path) as im:
-            return ImageOps.exif_transpose(im).size
-    except Exception:
+        return load_image(path).size  # the processor's own reader: the same orientation and the same checks
+    except (ProcessingError, OSError):
         return None
 
 
 class ChatSession:
     """The conversation state and one turn of generation; the REPL in `_chat` drives it line by line."""
 
-    def __init__(self, engine: Any, processor: Any, *, sampling: Any, eos_ids: Any, max_new_tokens: int, seed: int,
-                 system: str | None, out: TextIO, err: TextIO, no_thinking: bool = False,
+    def __init__(self, engine: Any, processor: Any, *, sampling: SamplingParams, eos_ids: Any, max_new_tokens: int,
+                 seed: int, system: str | None, out: TextIO, err: TextIO, no_thinking: bool = False,
                  max_thinking_tokens: int | None = None, log: TextIO | RecordLog | None = None,
                  text_special_tokens: bool = False) -> None:
-        from .thinking import FORCED_ANSWER
-
         self.engine = engine
         self.processor = processor
         self.sampling = sampling
@@ -141,7 +143,7 @@ class ChatSession:
         path = os.path.expanduser(path.strip())
         if not path:
             raise CliError(f"/{kind} needs a file path")
-        _check_media([path], kind)
+        check_media([path], kind)
         (self.pending_images if kind == "image" else self.pending_videos).append(path)
         n = len(self.pending_images) + len(self.pending_videos)
         self.notice(f"({kind} attached to the next message: {path}; {n} pending)")
@@ -233,21 +235,16 @@ class ChatSession:
     def turn(self, text: str) -> None:
         """Send one user message (with the pending attachments) and stream the reply. Errors are reported, and
         leave the history as it was."""
-        from .processing import ProcessingError
-        from .thinking import NO_THINKING_PREFIX, history_text, parse_response
-
         images, videos = self.pending_images, self.pending_videos
         self.pending_images, self.pending_videos = [], []
         user = build_messages(text, images, videos)[-1]
         messages = [*self.history, user]
         printer = StreamPrinter(lambda ids: self.processor.decode(ids, skip_special_tokens=True), self.out)
         try:
-            _check_media(images, "image")
-            _check_media(videos, "video")
+            check_media(images, "image")
+            check_media(videos, "video")
             self._check_history_media()
             enc_kw = {"assistant_prefix": NO_THINKING_PREFIX} if self.no_thinking else {}
-            import numpy as np
-
             inputs = self.processor.encode_messages(messages, text_special_tokens=self.text_special_tokens, **enc_kw)
             inputs = {k: v for k, v in inputs.items() if isinstance(v, np.ndarray)}
             result = self.engine.generate(inputs, max_new_tokens=self.max_new_tokens, sampling=self.sampling,
@@ -277,31 +274,37 @@ class ChatSession:
         self.notice(f"[{len(result.prompt_token_ids)} prompt tokens, {len(result.token_ids)} generated "
                     f"({result.finish_reason}); compile {t.get('compile_s', 0.0):.2f}s, prefill "
                     f"{t.get('prefill_s', 0.0):.3f}s, decode {t.get('decode_tokens_per_s', 0.0):.1f} tok/s]")
-        if self.log is not None:
-            parsed = parse_response(reply, self._latest_image_sizes(messages))
-            record = {
-                "conversation": self.conversation,
-                "turn": sum(1 for m in self.history if m["role"] == "assistant"),
-                "user": text,
-                "images": images,
-                "videos": videos,
-                "prompt_token_ids": result.prompt_token_ids,
-                "token_ids": result.token_ids,
-                "text": reply,
-                "thinking": parsed["thinking"],
-                "answer": parsed["answer"],
-                "history_content": stored,
-                "boxes": parsed["boxes"],
-                "points": parsed["points"],
-                "finish_reason": result.finish_reason,
-                "seed": self.seed + self.turns_done - 1,
-                "no_thinking": self.no_thinking,
-                "max_thinking_tokens": self.max_thinking_tokens,
-                "timings": t,
-                "num_compiles": result.num_compiles,
-            }
-            self.log.write(json.dumps(record, ensure_ascii=False) + "\n")
-            self.log.flush()
+        self._log_turn(text, images, videos, messages, reply, stored, result)
+
+    def _log_turn(self, text: str, images: list[str], videos: list[str], messages: list[dict[str, Any]],
+                  reply: str, stored: str, result: Any) -> None:
+        """Append the --log-jsonl record of the turn just answered (nothing without --log-jsonl)."""
+        if self.log is None:
+            return
+        parsed = parse_response(reply, self._latest_image_sizes(messages))
+        record = {
+            "conversation": self.conversation,
+            "turn": sum(1 for m in self.history if m["role"] == "assistant"),
+            "user": text,
+            "images": images,
+            "videos": videos,
+            "prompt_token_ids": result.prompt_token_ids,
+            "token_ids": result.token_ids,
+            "text": reply,
+            "thinking": parsed["thinking"],
+            "answer": parsed["answer"],
+            "history_content": stored,
+            "boxes": parsed["boxes"],
+            "points": parsed["points"],
+            "finish_reason": result.finish_reason,
+            "seed": self.seed + self.turns_done - 1,
+            "no_thinking": self.no_thinking,
+            "max_thinking_tokens": self.max_thinking_tokens,
+            "timings": result.timings,
+            "num_compiles": result.num_compiles,
+        }
+        self.log.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.log.flush()
 
 
 def _read_lines(stdin: TextIO, stdout: TextIO, err: TextIO) -> Iterator[str]:
@@ -399,20 +402,12 @@ class RecordLog:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    _configure_jax()
-    from .generate_cli import load_pipeline
-
-    log = RecordLog(args.log_jsonl) if args.log_jsonl else None
+    configure_env()
+    log = RecordLog(args.log_jsonl) if args.log_jsonl else None  # opened first: a bad path fails before loading
     try:
         pipe, load_s, sampling = load_pipeline(args)
-    except BaseException:
-        if log is not None:
-            log.close()
-        raise
-    engine, processor = pipe.engine, pipe.processor
-    print(f"[model loaded in {load_s:.2f}s; {HELP}]", file=sys.stderr)
-
-    try:
+        engine, processor = pipe.engine, pipe.processor
+        print(f"[model loaded in {load_s:.2f}s; {HELP}]", file=sys.stderr)
         session = ChatSession(engine, processor, sampling=sampling, eos_ids=pipe.eos_ids,
                               max_new_tokens=args.max_new_tokens, seed=args.seed, system=args.system,
                               out=sys.stdout, err=sys.stderr, no_thinking=args.no_thinking,

@@ -17,8 +17,8 @@ import json
 import sys
 from typing import Any
 
-from .errors import Glm41vError, one_line
-from .loading import verify_converted
+from ..loading import verify_converted
+from .common import guarded
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -35,14 +35,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        report = verify_converted(args.directory)
-    except (Glm41vError, OSError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    """The `verify` subcommand: 0 all good, 1 damage found, 2 nothing to verify against (or bad input)."""
+    return guarded(_verify, args)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    report = verify_converted(args.directory)
     d = report.directory
     if args.json:
         print(json.dumps(dict(dataclasses.asdict(report), ok=report.ok, seconds=round(report.seconds, 3))))
