@@ -4,6 +4,7 @@ keeps its traceback."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -43,6 +44,21 @@ def test_every_subcommand_is_registered():
     assert set(sub.choices) == ALL_COMMANDS
     assert {ep.name for ep in cli.command_entry_points()} == {"convert", "train", "loss"}, (
         "the converter's and the trainer's commands come from the installed entry points: pip install -e .")
+
+
+def test_a_stale_egg_info_first_on_sys_path_hides_no_command(tmp_path, monkeypatch):
+    """An editable install can leave an older `glm41v_jax.egg-info` (without the entry points) in the source folder,
+    which `python -m ...` from there finds first: importlib's own entry_points() then sees no command (checked
+    here first); the CLI reads every distribution's metadata and still registers them all."""
+    egg = tmp_path / "glm41v_jax.egg-info"
+    egg.mkdir()
+    (egg / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: glm41v-jax\nVersion: 0.1.0\n")
+    (egg / "entry_points.txt").write_text("[console_scripts]\nglm41v = glm41v_jax.cli:main\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert not importlib.metadata.entry_points(group=cli.COMMANDS_GROUP)
+    assert {ep.name for ep in cli.command_entry_points()} == {"convert", "train", "loss"}
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) == ALL_COMMANDS
 
 
 def test_worker_table_covers_every_command():

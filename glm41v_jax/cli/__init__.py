@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from importlib.metadata import EntryPoint, entry_points
+from importlib.metadata import EntryPoint, distributions
 from typing import Any
 
 from . import chat, generate, plan, verify
@@ -22,10 +22,16 @@ BUILTIN: tuple[Callable[[Any], Any], ...] = (verify.register, generate.register,
 
 def command_entry_points() -> list[EntryPoint]:
     """The installed `glm41v.commands` entry points, one per name (the first found wins), sorted by name. Each
-    names a `register(subparsers)` function."""
+    names a `register(subparsers)` function.
+
+    Every distribution's metadata is read, not only the first of each name (as `importlib.metadata.entry_points`
+    does): an editable install can leave an older `glm41v_jax.egg-info` in the source folder, found first from there
+    (`python -m ...` puts the current folder on sys.path), which would hide the commands added since."""
     found: dict[str, EntryPoint] = {}
-    for ep in entry_points(group=COMMANDS_GROUP):
-        found.setdefault(ep.name, ep)
+    for dist in distributions():
+        for ep in dist.entry_points:
+            if ep.group == COMMANDS_GROUP:
+                found.setdefault(ep.name, ep)
     return [found[name] for name in sorted(found)]
 
 
