@@ -156,3 +156,13 @@ def test_python_dash_m(argv, tmp_path):
     assert p.returncode == 0, p.stderr
     for name in ALL_COMMANDS:
         assert name in p.stdout
+
+
+def test_empty_and_folder_paths_are_named(run_cli, tmp_path):
+    """`glm41v verify ''` was read as the current folder; `glm41v loss --data FOLDER` said 'no such file'."""
+    rc, _, err = run_cli("verify", "")
+    assert (rc, err) == (2, "error: the directory path is empty\n")
+    folder = tmp_path / "my data"
+    folder.mkdir()
+    rc, _, err = run_cli("loss", "--model", "tiny", "--data", str(folder))
+    assert (rc, err) == (2, f"error: --data {folder}: is a directory, expected a JSONL file\n")

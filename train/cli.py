@@ -138,6 +138,8 @@ def _loss(args: argparse.Namespace) -> int:
     m2 = cfg.vision.spatial_merge_size ** 2
     max_patches = args.max_patches or args.seq_len * m2
     for path in args.data:
+        if os.path.isdir(path):
+            raise CliError(f"--data {path}: is a directory, expected a JSONL file")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--data {path}: no such file")
     # every field was checked above or by argparse (choices): a ValueError here would be a bug

@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 from ..loading import verify_converted
-from .common import guarded
+from .common import CliError, guarded
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    if not args.directory.strip():
+        raise CliError("the directory path is empty")
     report = verify_converted(args.directory)
     d = report.directory
     if args.json:
