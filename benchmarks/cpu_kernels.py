@@ -48,7 +48,7 @@ def timed(fns: dict, repeats: int) -> dict[str, float]:
 def _dense(p, x, *, feats, axes, layout):
     from glm41v_jax.layers import Dense
 
-    return Dense(feats, axes, layout=layout).apply({"params": p}, x)
+    return Dense(feats, axes, kernel_layout=layout).apply({"params": p}, x)
 
 
 def layouts(repeats: int) -> list[dict]:

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, (compiled, minimum) in tpu_cost.calibration_programs(mesh).items():
         cal_rows.append({"program": name, "min": minimum / 2**20, "compiler": tpu_cost.compiler_bytes(compiled) / 2**20,
                          "calibrated": tpu_cost.calibrated_bytes(compiled) / 2**20})
-    cfg = model_config(config="9b").with_runtime(dtype="bfloat16", param_dtype="bfloat16")
+    cfg = model_config(config="9b").with_runtime(compute_dtype="bfloat16", param_dtype="bfloat16")
     if args.layers:
         cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_hidden_layers=args.layers))
     rows = []

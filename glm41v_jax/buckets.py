@@ -53,7 +53,7 @@ def cache_length(prompt_bucket: int, max_new_tokens: int, multiple: int = 128) -
 def kv_cache_bytes(cfg: Glm4vConfig, batch: int, max_len: int, dtype: Any = None) -> int:
     """Bytes of the KV cache for `batch` rows of `max_len` slots (keys and values, every layer)."""
     t = cfg.text
-    itemsize = np.dtype(jnp.dtype(dtype or cfg.runtime.dtype)).itemsize
+    itemsize = np.dtype(jnp.dtype(dtype or cfg.runtime.compute_dtype)).itemsize
     return 2 * t.num_hidden_layers * batch * max_len * t.num_key_value_heads * t.head_dim * itemsize
 
 

@@ -22,7 +22,6 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from .backend import BACKEND_TUNING, backend_default  # noqa: F401  (old import path, until the engine imports backend)
 from .errors import Glm41vError
 
 # Attention backends (glm41v_jax.attention): the XLA reference, TPU splash (Pallas), GPU cuDNN, or per-call choice.
@@ -112,6 +111,11 @@ def _size2(v: Any, key: str, where: str) -> int:
     return v
 
 
+def patch_dim_of(patch_size: int, temporal_patch_size: int, channels: int = 3) -> int:
+    """Length of one pixel row of the vision tower: C * T * p * p, ordered (C, T, py, px) (docs/MODEL.md §2)."""
+    return channels * temporal_patch_size * patch_size * patch_size
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
     depth: int = 24
@@ -135,8 +139,8 @@ class VisionConfig:
 
     @property
     def patch_dim(self) -> int:
-        """Length of one pixel row: C * T * p * p, ordered (C, T, py, px)."""
-        return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+        """Length of one pixel row (`patch_dim_of`)."""
+        return patch_dim_of(self.patch_size, self.temporal_patch_size, self.in_channels)
 
     @property
     def num_positions_side(self) -> int:
@@ -292,11 +296,6 @@ class RuntimeConfig:
             raise ConfigError(f"runtime: attention_impl must be one of {', '.join(map(repr, ATTENTION_IMPLS))}; "
                               f"got {self.attention_impl!r}")
 
-    @property
-    def dtype(self) -> str:
-        """Old name of `compute_dtype`, kept until every caller reads `compute_dtype`."""
-        return self.compute_dtype
-
 
 def _float_dtype(value: Any, name: str) -> str:
     """A dtype given as a name or a NumPy/JAX dtype -> its name; ConfigError unless it is a float dtype."""
@@ -435,8 +434,6 @@ class Glm4vConfig:
 
     def with_runtime(self, runtime: RuntimeConfig | None = None, **kw: Any) -> Glm4vConfig:
         """This config run as `runtime` (default: its own), with the `RuntimeConfig` fields in `kw` replaced."""
-        if "dtype" in kw:  # the old name of compute_dtype, until every caller passes compute_dtype
-            kw["compute_dtype"] = kw.pop("dtype")
         return dataclasses.replace(self, runtime=dataclasses.replace(runtime or self.runtime, **kw))
 
 

@@ -34,7 +34,7 @@ class Dense(nn.Module):
     `features` is the output shape (e.g. (N, H) for a q projection); `n_in` is how many trailing input axes are
     contracted (2 for an o projection over (N, H)); `axes` names the kernel axes, in axes then out axes.
 
-    `layout` is how the kernel is stored (`RuntimeConfig.kernel_layout`): "in_out" = (*in, *out), the checkpoint
+    `kernel_layout` is how the kernel is stored (`RuntimeConfig.kernel_layout`): "in_out" = (*in, *out), the checkpoint
     and training layout; "out_in" = (*out, *in), contracted as W . x^T (then the output transposed), the Engine's
     decode layout on CPU, where XLA:CPU streams it at the memory bandwidth at small batch and x . W does not
     (`backend.BACKEND_TUNING`); x . W^T instead would copy the kernel before every matmul.
@@ -45,7 +45,7 @@ class Dense(nn.Module):
     axes: tuple[str | None, ...]  # logical names of kernel axes: in axes then out axes
     n_in: int = 1
     use_bias: bool = False
-    layout: str = "in_out"
+    kernel_layout: str = "in_out"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -54,8 +54,8 @@ class Dense(nn.Module):
         in_shape = x.shape[-self.n_in:]
         n_out = len(self.features)
         assert len(self.axes) == self.n_in + n_out, (self.name, self.axes, in_shape, self.features)
-        assert self.layout in KERNEL_LAYOUTS, (self.name, self.layout)
-        out_in = self.layout == "out_in"
+        assert self.kernel_layout in KERNEL_LAYOUTS, (self.name, self.kernel_layout)
+        out_in = self.kernel_layout == "out_in"
         kshape = (*self.features, *in_shape) if out_in else (*in_shape, *self.features)
         axes = (*self.axes[self.n_in:], *self.axes[:self.n_in]) if out_in else self.axes
         kernel = self.param("kernel", nn.with_logical_partitioning(_init(int(np.prod(in_shape))), axes),
@@ -120,13 +120,13 @@ class GatedMLP(nn.Module):
     hidden: int
     out: int
     fused: bool = False
-    layout: str = "in_out"
+    kernel_layout: str = "in_out"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, layout=self.layout)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_layout=self.kernel_layout)
         if self.fused:
             gu = Dense((2, self.hidden), ("embed", None, "mlp"), name="gate_up", **kw)(x)
             gate, up = gu[..., 0, :], gu[..., 1, :]

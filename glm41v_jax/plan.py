@@ -45,7 +45,7 @@ import numpy as np
 from glm41v_train.metrics import FlopCounter
 
 from .buckets import bucket_length, cache_length, format_bytes
-from .config import Glm4vConfig
+from .config import Glm4vConfig, dtype_flag
 from .engine import Engine
 from .errors import Glm41vError
 from .model import init_cache
@@ -285,7 +285,7 @@ def plan_generate(cfg: Glm4vConfig, tpu: TpuType, *, batch: int = 1, max_context
     devices, mesh_obj, mesh_desc = _devices_and_mesh(tpu, mesh, auto_mesh_spec(cfg.text.num_attention_heads,
                                                                                  len(topology_devices(tpu))))
     hbm, peak, bw = _per_device(tpu, len(devices))
-    rcfg = cfg.with_runtime(dtype=dtype, param_dtype=dtype, attention_impl=attention, scan_layers=False)
+    rcfg = cfg.with_runtime(**dtype_flag(dtype), attention_impl=attention, scan_layers=False)
     eng = Engine(None, rcfg, mesh=mesh_obj, chunk_size=chunk_size, max_context=max_context,
                  kernel_layout=kernel_layout)
     proc = ImageProcessor()

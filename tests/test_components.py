@@ -11,7 +11,7 @@ import pytest
 import reference as R
 import torch
 
-from glm41v_jax import load, rope, sharding, weights
+from glm41v_jax import inputs, load, rope, sharding, weights
 from glm41v_jax import model as M
 from glm41v_jax.config import GLM41V_9B, ConfigError, Glm4vConfig
 
@@ -27,7 +27,7 @@ def test_position_table_bicubic_matches_grid_sample(pair, grid):
     hf, cfg, params = pair
     h, w = grid
     grids = np.array([[1, h, w]])
-    hpos, wpos = rope.vision_patch_positions(grids, 2)
+    hpos, wpos = inputs.vision_patch_positions(grids, 2)
     emb = hf.model.visual.embeddings
     n = h * w
     with torch.no_grad():
@@ -42,7 +42,7 @@ def test_position_table_bicubic_matches_grid_sample(pair, grid):
 def test_vision_rope_matches(pair):
     hf, cfg, params = pair
     grids = np.array([[1, 4, 6], [1, 2, 2]])
-    hpos, wpos = rope.vision_patch_positions(grids, 2)
+    hpos, wpos = inputs.vision_patch_positions(grids, 2)
     pid = torch.from_numpy(np.stack([hpos, wpos], -1).astype(np.int64))
     cos_r, sin_r = hf.model.visual.rotary_pos_emb(torch.zeros(1), pid)
     cos, sin = rope.vision_cos_sin(jnp.asarray(hpos), jnp.asarray(wpos), cfg.vision.head_dim, cfg.vision.rope_theta)
@@ -96,9 +96,9 @@ def test_real_9b_shapes_eval_shape():
     total = sum(int(np.prod(s)) for s in shapes.values())
     assert 10.2e9 < total < 10.4e9  # GLM-4.1V-9B-Thinking: ~10.3B parameters incl. vision tower
     # logits shape for a short prompt with an image, without materialising anything
-    cfg = GLM41V_9B.with_runtime(dtype="bfloat16", param_dtype="bfloat16")
+    cfg = GLM41V_9B.with_runtime(compute_dtype="bfloat16", param_dtype="bfloat16")
     c = R.build_prompt(np.random.default_rng(0), images=[(1, 4, 4)])
-    inp = M.prepare_inputs(cfg, **c).as_kwargs()
+    inp = inputs.prepare_inputs(cfg, **c).as_kwargs()
     out = jax.eval_shape(lambda p, kw: M.Glm4v(cfg).apply({"params": p}, **kw),
                          M.abstract_params(cfg), inp)
     assert out.shape == (1, c["input_ids"].shape[1], 151552) and out.dtype == jnp.bfloat16

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import reference as R
 
-from glm41v_jax import layers
+from glm41v_jax import inputs, layers
 from glm41v_jax import model as M
 from glm41v_jax.config import ConfigError, Glm4vConfig, RuntimeConfig
 from glm41v_jax.generate import Engine, GenerationError, synthetic_inputs
@@ -24,7 +24,7 @@ def test_dense_layouts_agree(rows, n_in, features):
     axes = ("a", "b", "c")[: n_in + len(features)]
     x = jnp.asarray(rng.normal(size=(rows, 1, *in_shape)).astype(np.float32))
     io = layers.Dense(features, axes, n_in=n_in, use_bias=True)
-    oi = layers.Dense(features, axes, n_in=n_in, use_bias=True, layout="out_in")
+    oi = layers.Dense(features, axes, n_in=n_in, use_bias=True, kernel_layout="out_in")
     p_io = jax.tree.map(np.asarray, io.init(jax.random.PRNGKey(0), x)["params"])
     p_io = jax.tree.map(lambda a: a + 0.5, unbox(p_io))  # non-zero bias
     k = p_io["kernel"]
@@ -59,7 +59,7 @@ def test_to_kernel_layout_round_trip_and_logits(name, scan):
 
     for n in (3, 40):  # decode-like and prefill-like row counts (tied: both Embed.attend forms)
         ids = np.random.default_rng(n).integers(0, cfg.text.vocab_size, (1, n))
-        mi = M.prepare_inputs(cfg, ids, attention_mask=np.ones_like(ids))
+        mi = inputs.prepare_inputs(cfg, ids, attention_mask=np.ones_like(ids))
         l_io = jax.jit(lambda p, kw: M.Glm4v(cfg).apply({"params": p}, **kw))(params, mi.as_kwargs())
         l_oi = jax.jit(lambda p, kw: M.Glm4v(cfg_oi).apply({"params": p}, **kw))(p_oi, mi.as_kwargs())
         np.testing.assert_allclose(np.asarray(l_oi), np.asarray(l_io), rtol=2e-5, atol=2e-4)

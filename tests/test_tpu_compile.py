@@ -35,7 +35,7 @@ def engine_programs(request):
     """(mesh spec, TpuType, [(kind, compiled, seconds)]) of the 9B Engine on a v5e-8: batch 8, a 1024-token text
     prompt, 128 new tokens (an image would add the 24 unrolled vision blocks: minutes of compile on 2 cores)."""
     tpu = parse_tpu("v5e-8")
-    cfg = model_config(None, "9b").with_runtime(dtype="bfloat16", param_dtype="bfloat16", attention_impl="auto")
+    cfg = model_config(None, "9b").with_runtime(compute_dtype="bfloat16", param_dtype="bfloat16", attention_impl="auto")
     eng = Engine(None, cfg, mesh=make_mesh(request.param, topology_devices(tpu)), max_context=2048)
     eng.warmup([{"batch": 8, "prompt_tokens": 1024, "max_new_tokens": 128}])
     return request.param, tpu, eng.programs()

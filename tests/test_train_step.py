@@ -11,9 +11,9 @@ import pytest
 import reference as R
 import torch
 
-from glm41v_jax import tiny, weights
+from glm41v_jax import backend, tiny, weights
 from glm41v_jax.config import Glm4vConfig
-from glm41v_jax.model import pack_vision, prepare_inputs
+from glm41v_jax.inputs import pack_vision, prepare_inputs
 from glm41v_jax.sharding import make_mesh
 from glm41v_jax.weights import get_path
 from glm41v_train import loss as L
@@ -203,7 +203,7 @@ def packed_batch(cfg, rows: list[list[dict]], length: int, vision_pad: int = 8) 
     n_rows = sum(len(media.get(k, ())) for k in ("pixel_values", "pixel_values_videos"))
     batch["vision"] = pack_vision(cfg, media.get("pixel_values"), media.get("image_grid_thw"),
                                   media.get("pixel_values_videos"), media.get("video_grid_thw"),
-                                  pad_to=n_rows + vision_pad, attention_layout="dense")
+                                  pad_to=n_rows + vision_pad, vision_attention="dense")
     return batch
 
 
@@ -329,8 +329,8 @@ def test_bf16_moments_stochastic_rounding():
 def test_sum_of_squares_and_clipping(monkeypatch, shape, dtype):
     """The blocked CPU sum of squares (forced here on small arrays: remainder rows, widths that are not 1024, bf16)
     equals NumPy's; the clip equals optax.clip_by_global_norm (and leaves gradients under the limit untouched)."""
-    monkeypatch.setattr(O, "_BLOCKED_SUMSQ_MIN", 1)
-    monkeypatch.setattr(O, "_SUMSQ_BLOCK", 4096)
+    monkeypatch.setattr(backend, "BLOCKED_SUM_OF_SQUARES_MIN", 1)
+    monkeypatch.setattr(backend, "SUM_OF_SQUARES_BLOCK", 4096)
     x = jax.random.normal(jax.random.PRNGKey(0), shape, jnp.float32).astype(dtype)
     want = np.sum(np.square(np.asarray(x, np.float64)))
     np.testing.assert_allclose(float(jax.jit(O.sum_of_squares)(x)), want, rtol=1e-5)

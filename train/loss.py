@@ -191,5 +191,5 @@ def loss_and_count(params: Any, batch: Mapping[str, Any], cfg: Glm4vConfig, *, c
     kernel, vocab_major = head_kernel(params, cfg)
     with jax.named_scope("head_cross_entropy"):
         total = head_cross_entropy(h, kernel, targets, weights, int(chunk_size), vocab_major,
-                                   jnp.dtype(cfg.runtime.dtype).name)
+                                   jnp.dtype(cfg.runtime.compute_dtype).name)
     return total, weights.sum()

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from glm41v_jax.backend import sum_of_squares  # blocked on XLA:CPU (see glm41v_jax/backend.py)
 from glm41v_jax.weights import key_names
 
 GROUPS = ("vision", "projector", "decoder")
@@ -187,39 +188,6 @@ def scale_by_adam_lowp(b1: float, b2: float, eps: float, state_dtype: Any = jnp.
 
 # ---------------------------------------------------------------------------------------------------------------
 # The optimizer.
-
-
-# Arrays from this many elements up get the blocked sum of squares on XLA:CPU (`sum_of_squares`).
-_BLOCKED_SUMSQ_MIN = 1 << 22
-_SUMSQ_BLOCK = 1 << 18  # elements per block (1 MiB of fp32)
-
-
-def sum_of_squares(x: jax.Array) -> jax.Array:
-    """sum(x ** 2) in fp32.
-
-    On XLA:CPU a reduction fused with its elementwise producer (square, abs) is emitted as a scalar loop: ~2.4 GB/s
-    on the 2-core VM, 255 ms for one 151552 x 1024 table (the global norm of the two vocab-sized tables was ~0.5 s
-    of a train step). There, large arrays are summed as a loop over ~1 MiB row blocks whose squares are
-    materialised in cache and reduced over rows, which vectorises: 40 ms for that table (BENCHMARKS.md,
-    "Training"). Elsewhere (TPU, GPU) it is the plain reduction, which also keeps sharded arrays in place.
-    """
-    if jax.default_backend() != "cpu" or x.size < _BLOCKED_SUMSQ_MIN:
-        return jnp.sum(jnp.square(x.astype(jnp.float32)))
-    width = 1024 if x.size % 1024 == 0 else x.shape[-1]
-    flat = x.reshape(-1, width)  # a bitcast of the row-major buffer
-    rows = max(1, _SUMSQ_BLOCK // width)
-    n = flat.shape[0] // rows
-    if n == 0:
-        return jnp.sum(jnp.square(x.astype(jnp.float32)))
-    blocks = flat[: n * rows].reshape(n, rows, width)
-
-    def body(i, acc):
-        b = blocks[i].astype(jnp.float32)
-        return acc + jnp.sum(jax.lax.optimization_barrier(b * b), axis=0)
-
-    acc = jax.lax.fori_loop(0, n, body, jnp.zeros((width,), jnp.float32))
-    rest = flat[n * rows :].astype(jnp.float32)
-    return jnp.sum(acc) + jnp.sum(rest * rest)
 
 
 def global_norm(tree: Any) -> jax.Array:

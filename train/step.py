@@ -3,7 +3,7 @@
 Batch (per step, NumPy or global jax arrays, static shapes): the kwargs of `Glm4v.apply` plus `labels`:
   input_ids, labels, segment_ids, vision_index  (B, T) int32
   positions                                     (3, B, T) int32, M-RoPE positions restarting per segment
-  vision                                        `glm41v_jax.model.pack_vision`'s dict (flat packed patches, P rows)
+  vision                                        `glm41v_jax.inputs.VisionInputs` (flat packed patches, P rows)
 With gradient accumulation (`accum_steps = A > 1`) every leaf carries a leading micro-batch axis A (`stack_batches`):
 each micro-batch is a complete batch with its own vision pack, so the vision tower's activations scale with one
 micro-batch, like the decoder's. The step scans over the A micro-batches, summing the gradients of
@@ -28,8 +28,8 @@ Sharding (mesh axes data, fsdp, tensor; `glm41v_jax.sharding.LOGICAL_RULES`):
     (`vision_sharding="batch"`, the default), else replicated. Row-wise work (patch embed, MLPs, the merger) is then
     split across the batch shards instead of repeated on each, and attention runs as (P/n x P) per device; the
     gather of vision tokens into text positions moves only the merged tokens. `vision_sharding="replicated"` runs
-    the whole tower on every device (less communication, n-fold compute). The grouped-attention tables
-    (`attn_groups`) are small and always replicated.
+    the whole tower on every device (less communication, n-fold compute). The grouped plan's tables
+    (`attn_groups`, logical axes (None, None)) are small and replicated.
 Params and optimizer state are donated.
 
 Multi-host (global assembly with `jax.make_array_from_process_local_data`; each host holds its rows and its own
@@ -37,9 +37,9 @@ vision pack, which becomes its shard of the P axis in host order): rows are inde
 `positions` need no offsets. Vision needs: (1) `vision_index` + host_rank * (P_local / merge**2) (the host's first
 merged token in the global pack), -1 kept; (2) vision `segment_ids` made distinct across hosts (+ host_rank *
 max_segments_per_host, 0 kept), since dense attention masks by segment equality over the whole global P; (3) the
-same P_local (bucket) and the same grouped layout shapes on every host, with `attn_groups` row indices +
+same P_local (bucket) and the same grouped plan shapes on every host, with `attn_groups` row indices +
 host_rank * P_local (-1 kept) concatenated along the group rows, and `attn_inverse` remapped to the concatenated slot
-numbering — or the dense layout (`vision_attention="dense"`), which needs only (1) and (2).
+numbering — or the dense plan (`vision_attention="dense"`), which needs only (1) and (2).
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from glm41v_jax.config import ATTENTION_IMPLS, Glm4vConfig
+from glm41v_jax.inputs import ModelInputs
 from glm41v_jax.layers import remat_policy as _check_remat
 from glm41v_jax.model import abstract_params
 from glm41v_jax.sharding import logical_to_spec, make_mesh, param_shardings, unbox, under_mesh
@@ -64,7 +65,6 @@ from glm41v_jax.weights import stack_layers, unstack_layers
 from .loss import DEFAULT_CHUNK, label_count, loss_and_count
 from .optim import OptimConfig, global_norm, lr_schedule, make_optimizer, opt_state_shardings, trainable_mask
 
-TEXT_KEYS = ("input_ids", "labels", "segment_ids", "vision_index")
 VISION_SHARDING = ("batch", "replicated")
 
 
@@ -102,7 +102,7 @@ class StepConfig:
 
 def train_config(cfg: Glm4vConfig, sc: StepConfig) -> Glm4vConfig:
     """The model config the step runs: scanned (or unrolled) layers, remat, compute dtype, fp32 master weights."""
-    return cfg.with_runtime(scan_layers=sc.scan_layers, remat_policy=sc.remat_policy, dtype=sc.compute_dtype,
+    return cfg.with_runtime(scan_layers=sc.scan_layers, remat_policy=sc.remat_policy, compute_dtype=sc.compute_dtype,
                             param_dtype="float32", attention_impl=sc.attention_impl)
 
 
@@ -246,45 +246,39 @@ class TrainStep:
         return jax.jit(self.tx.init, in_shardings=(self.param_shardings,), out_shardings=self.opt_shardings)(params)
 
     def batch_shardings(self, batch: Mapping[str, Any]) -> Any:
-        """Text arrays on the batch axis, vision on the packed-patch axis (module docstring)."""
+        """Each array's sharding from its field's logical axes (`glm41v_jax.inputs`; `labels` has the axes of
+        `input_ids`). Vision arrays are replicated under `vision_sharding="replicated"` or when P does not split
+        into whole merge groups per batch shard (module docstring)."""
         lead = 1 if self.sc.accum_steps > 1 else 0
         mesh = self.mesh
         m2 = self.cfg.vision.spatial_merge_size ** 2
         n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+        axes = {**ModelInputs.axes(), "labels": ModelInputs.axes()["input_ids"]}
 
-        def spec(logical, shape):
+        def spec(logical, x):
+            shape = np.shape(x)
             return NamedSharding(mesh, PartitionSpec(*([None] * lead), *logical_to_spec(logical, shape[lead:], mesh)))
-
-        def text(key, x):
-            shape = np.shape(x)
-            if key == "positions":
-                return spec((None, "batch", "length"), shape)
-            return spec(("batch", "length"), shape)
-
-        def vision(path, x):
-            shape = np.shape(x)
-            top = str(path[0].key)
-            p = shape[lead] if len(shape) > lead else 0
-            if top == "attn_groups" or self.sc.vision_sharding == "replicated" or p % (m2 * n_batch):
-                return self._replicated
-            return spec(("batch",) + (None,) * (len(shape) - lead - 1), shape)
 
         out = {}
         for key, val in batch.items():
             if key == "vision":
-                out[key] = None if val is None else jax.tree_util.tree_map_with_path(vision, dict(val))
-            elif key in TEXT_KEYS or key == "positions":
-                out[key] = text(key, val)
+                if val is None:
+                    out[key] = None
+                    continue
+                p = np.shape(val.pixel_values)[lead]
+                split = self.sc.vision_sharding == "batch" and p % (m2 * n_batch) == 0
+                out[key] = val.map_with_axes(lambda logical, x, split=split: spec(logical, x) if split
+                                             else self._replicated)
+            elif key in axes:
+                out[key] = spec(axes[key], val)
             else:
-                raise ValueError(f"unexpected batch key {key!r}; expected {', '.join(TEXT_KEYS)}, positions, vision")
+                raise ValueError(f"unexpected batch key {key!r}; expected {', '.join(axes)}, vision")
         return out
 
     def shard_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Host NumPy batch -> global jax arrays (single process; multi-host assembles with
         jax.make_array_from_process_local_data and the same shardings)."""
         batch = dict(batch)
-        if batch.get("vision") is not None:
-            batch["vision"] = dict(batch["vision"])
         return jax.tree.map(lambda x, s: jax.device_put(x, s), batch, self.batch_shardings(batch))
 
     # -- compiled programs -------------------------------------------------------------------------------------
