@@ -88,7 +88,7 @@ def jax_stepper(hf_cfg: dict, state: dict, batches: list[dict], remat: str, chun
 
     from glm41v_jax import weights
     from glm41v_jax.config import Glm4vConfig
-    from glm41v_jax.model import prepare_inputs
+    from glm41v_jax.inputs import prepare_inputs
     from glm41v_train.optim import OptimConfig
     from glm41v_train.step import StepConfig, TrainStep
 
@@ -139,7 +139,8 @@ def loss_memory(hf_cfg: dict, state: dict, batch: dict, chunks: list[int], repea
 
     from glm41v_jax import weights
     from glm41v_jax.config import Glm4vConfig
-    from glm41v_jax.model import Glm4v, prepare_inputs
+    from glm41v_jax.inputs import prepare_inputs
+    from glm41v_jax.model import Glm4v
     from glm41v_train.loss import loss_and_count, shift_targets
 
     cfg = Glm4vConfig.from_hf(hf_cfg).with_runtime(scan_layers=True, remat_policy="none")

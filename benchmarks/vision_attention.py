@@ -1,4 +1,4 @@
-"""Vision tower time with the dense (P x P) attention vs the host-chosen grouped layout (glm41v_jax/vision.py).
+"""Vision tower time with the dense (P x P) attention vs the host-chosen grouped plan (glm41v_jax/vision_plan.py).
 
 A "small" vision tower (width 512, depth 4, 4 heads of 128, 14-px patches, 2x2 merge, MLP / output width 1024,
 merger 1024; random weights), jitted, float32. Patches are padded to the generation engine's bucket
@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glm41v_jax import model as M
-from glm41v_jax import vision
+from glm41v_jax import inputs, vision, vision_plan
 from glm41v_jax.attention import attention
 from glm41v_jax.buckets import vision_bucket
 from glm41v_jax.config import Glm4vConfig, VisionConfig
@@ -84,29 +83,29 @@ def main() -> None:
         total = vision_bucket(n)
         exes, call_args, compile_s, packs = {}, {}, {}, {}
         for layout in ("dense", "auto"):
-            packed = M.pack_vision(cfg, pi, img_g, pv, vid_g, pad_to=total, attention_layout=layout)
+            packed = inputs.pack_vision(cfg, pi, img_g, pv, vid_g, pad_to=total, vision_attention=layout)
             packs[layout] = packed = jax.tree.map(jnp.asarray, packed)
             if params is None:
-                params = model.init(jax.random.PRNGKey(0), **packed)["params"]
-            fn = lambda p, kw: model.apply({"params": p}, **kw)  # noqa: E731
+                params = model.init(jax.random.PRNGKey(0), packed)["params"]
+            fn = lambda p, kw: model.apply({"params": p}, kw)  # noqa: E731
             call_args[layout] = (params, packed)
             exes[layout], compile_s[layout] = _compile(fn, call_args[layout])
         res = _interleaved(exes, call_args, args.runs)
         # one attention layer alone
         q, k, vv = (jnp.asarray(rng.standard_normal((total, v.num_heads, v.head_dim)), jnp.float32) for _ in range(3))
-        seg = packs["dense"]["segment_ids"]
+        seg = packs["dense"].segment_ids
         att_exes, att_args = {}, {}
         att_args["dense"] = (q, k, vv, seg)
         att_exes["dense"] = _compile(lambda q, k, v, s: attention(q[None], k[None], v[None], q_segment_ids=s[None],
                                                                   kv_segment_ids=s[None], causal=False),
                                      att_args["dense"])[0]
-        if "attn_groups" in packs["auto"]:
-            att_args["auto"] = (q, k, vv, seg, packs["auto"]["attn_groups"], packs["auto"]["attn_inverse"])
+        if packs["auto"].grouped:
+            att_args["auto"] = (q, k, vv, seg, packs["auto"].attn_groups, packs["auto"].attn_inverse)
             att_exes["auto"] = _compile(vision.grouped_attention, att_args["auto"])[0]
         att = _interleaved(att_exes, att_args, args.runs)
         att.setdefault("auto", att["dense"])
         grids = [(1, h, w) for g in (img_g, vid_g) if g is not None for t, h, w in g for _ in range(t)]
-        plan = vision.plan_attention([h * w for _, h, w in grids], total)
+        plan = vision_plan.plan_attention([h * w for _, h, w in grids], total)
         layout_s = "dense" if plan.mode == "dense" else "grouped " + " + ".join(f"{a}x{b}" for a, b in
                                                                                 plan.shape_key[1])
         cost = (plan.grouped_cost if plan.mode == "grouped" else plan.dense_cost) / plan.dense_cost

@@ -27,6 +27,7 @@ from . import decode as D
 from .backend import backend_default
 from .buckets import bucket_length, format_bytes, kv_cache_bytes, vision_bucket
 from .config import KERNEL_LAYOUTS, Glm4vConfig
+from .inputs import ModelInputs
 from .model import Glm4v, abstract_params, to_kernel_layout
 from .programs import ProgramCache, describe, signature
 from .requests import GenerationError, GenerationResult, PreparedBatch, prepare_batch, synthetic_inputs
@@ -165,9 +166,9 @@ class Engine:
         rep = self.replicated()
         if kind == "prefill":
             _, kw, pos, limit, think, *_ = args
+            axes = ModelInputs.axes()  # the text arrays' logical axes; the vision pack is replicated
             kw_sh = {k: (None if v is None else jax.tree.map(lambda _: rep, v) if k == "vision"
-                         else self.batch_sharding(v, 1) if k == "positions" else self.batch_sharding(v))
-                     for k, v in kw.items()}
+                         else self.batch_sharding(v, axes[k].index("batch"))) for k, v in kw.items()}
             think_sh = None if think is None else D.state_shardings(think, self.mesh)
             ins = (self.param_shardings, kw_sh, self.batch_sharding(pos), self.batch_sharding(limit), think_sh,
                    rep, jax.tree.map(lambda _: rep, args[6]), rep)

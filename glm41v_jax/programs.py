@@ -40,7 +40,7 @@ def describe(kind: str, statics: Mapping[str, Any], args: tuple) -> str:
         b, t = np.shape(kw["input_ids"])
         parts.append(f"batch={b} prompt={t} cache={statics['max_len']}")
         if kw.get("vision") is not None:
-            parts.append(f"patches={np.shape(kw['vision']['pixel_values'])[0]}")
+            parts.append(f"patches={kw['vision'].num_patches}")
     elif kind == "decode":
         b, s = np.shape(args[1].kv_seg)
         parts.append(f"batch={b} cache={s} chunk={statics['chunk']}")

@@ -19,7 +19,7 @@ import numpy as np
 from .buckets import bucket_length, cache_length, round_up, vision_bucket
 from .config import Glm4vConfig
 from .errors import Glm41vError
-from .model import prepare_inputs
+from .inputs import prepare_inputs
 
 
 class GenerationError(Glm41vError, ValueError):

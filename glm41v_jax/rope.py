@@ -1,11 +1,11 @@
-"""Rotary embeddings and position bookkeeping.
+"""Rotary embeddings and the bicubic position-table resampling (device code).
 
-Two RoPEs, deliberately different (docs/MODEL.md §3.5, §4.3):
+Two RoPEs, deliberately different (docs/MODEL.md §3.4, §4.3):
   * vision: 2-D axial, rotate-half (NeoX) over the whole head dim, angles [row*f, col*f] repeated twice, in fp32;
   * text: 3-D M-RoPE, *interleaved pairs* (2j, 2j+1) over the first `rotary_dim` dims only; frequency j reads
     position row t, h or w according to `mrope_section`; cos/sin cast to the activation dtype.
-`get_rope_index` (host, NumPy) builds the (3, B, S) text positions for prompts with images and video frames,
-exactly like `Glm4vModel.get_rope_index`, and the per-row decode offset (rope delta).
+The positions themselves are host data: `inputs.get_rope_index` (the prompt's (3, B, S) text positions and decode
+offsets) and `inputs.vision_patch_positions` (each patch's row and column).
 """
 
 from __future__ import annotations
@@ -109,88 +109,3 @@ def interpolate_pos_embed(table: jax.Array, hpos: jax.Array, wpos: jax.Array, se
     rx = bicubic_matrix(wpos, seg_w, side)
     wmat = (ry[:, :, None] * rx[:, None, :]).reshape(ry.shape[0], side * side)
     return jnp.dot(wmat, table.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Host-side position bookkeeping (NumPy).
-
-
-def frame_grids(image_grid_thw: np.ndarray | None, video_grid_thw: np.ndarray | None) -> np.ndarray:
-    """Per-frame (1, h, w) segments in the packing order of the vision tower: all images, then video frames."""
-    rows = []
-    if image_grid_thw is not None:
-        for t, h, w in np.asarray(image_grid_thw).reshape(-1, 3):
-            rows += [(1, h, w)] * int(t)
-    if video_grid_thw is not None:
-        for t, h, w in np.asarray(video_grid_thw).reshape(-1, 3):
-            rows += [(1, h, w)] * int(t)
-    return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
-
-
-def vision_patch_positions(grids: np.ndarray, merge: int) -> tuple[np.ndarray, np.ndarray]:
-    """Block-major (row, col) of every patch, segment after segment (vision_utils.get_vision_position_ids)."""
-    hs, ws = [], []
-    for t, h, w in np.asarray(grids).reshape(-1, 3):
-        r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        r = r.reshape(h // merge, merge, w // merge, merge).transpose(0, 2, 1, 3).reshape(-1)
-        c = c.reshape(h // merge, merge, w // merge, merge).transpose(0, 2, 1, 3).reshape(-1)
-        hs.append(np.tile(r, int(t)))
-        ws.append(np.tile(c, int(t)))
-    if not hs:
-        return np.zeros((0,), np.int32), np.zeros((0,), np.int32)
-    return np.concatenate(hs).astype(np.int32), np.concatenate(ws).astype(np.int32)
-
-
-def get_rope_index(
-    input_ids: np.ndarray,
-    mm_token_type_ids: np.ndarray,
-    image_grid_thw: np.ndarray | None = None,
-    video_grid_thw: np.ndarray | None = None,
-    attention_mask: np.ndarray | None = None,
-    spatial_merge_size: int = 2,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(3, B, S) int32 M-RoPE positions and (B,) rope deltas, as `Glm4vModel.get_rope_index`.
-
-    Runs of text advance all three rows together; each image / video-frame run of merged grid (h', w') gets
-    t = cur, h = cur + i, w = cur + j and then cur += max(h', w'). Padded slots get 0.
-    delta[b] = max position + 1 - (number of real tokens), so decode token s has position s + delta on all rows.
-    """
-    input_ids = np.asarray(input_ids)
-    types = np.asarray(mm_token_type_ids)
-    b, s = input_ids.shape
-    mask = np.ones((b, s), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    grids = {1: iter(frame_grids(image_grid_thw, None)), 2: iter(frame_grids(None, video_grid_thw))}
-    pos = np.zeros((3, b, s), np.int64)
-    deltas = np.zeros((b,), np.int64)
-    m = spatial_merge_size
-    for row in range(b):
-        tt = types[row][mask[row]]
-        chunks = []
-        cur = 0
-        i = 0
-        n = tt.shape[0]
-        while i < n:
-            j = i
-            while j < n and tt[j] == tt[i]:
-                j += 1
-            kind = int(tt[i])
-            if kind == 0:
-                chunks.append(np.broadcast_to(np.arange(cur, cur + j - i), (3, j - i)))
-                cur += j - i
-            else:
-                try:
-                    _, gh, gw = next(grids[kind])
-                except StopIteration:
-                    raise ValueError(f"more {'image' if kind == 1 else 'video'} token runs than grids") from None
-                hh, ww = gh // m, gw // m
-                if hh * ww != j - i:
-                    raise ValueError(f"a {'image' if kind == 1 else 'video frame'} run of {j - i} tokens does not "
-                                     f"match its grid ({gh}x{gw} patches = {hh * ww} tokens)")
-                r, c = np.meshgrid(np.arange(hh), np.arange(ww), indexing="ij")
-                chunks.append(np.stack([np.full(hh * ww, cur), cur + r.reshape(-1), cur + c.reshape(-1)]))
-                cur += max(hh, ww)
-            i = j
-        p = np.concatenate(chunks, axis=1) if chunks else np.zeros((3, 0), np.int64)
-        pos[:, row, mask[row]] = p
-        deltas[row] = (p.max() + 1 - n) if n else 0
-    return pos.astype(np.int32), deltas.astype(np.int32)

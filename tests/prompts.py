@@ -13,7 +13,7 @@ from reference import build_hf_model, hf_config_dict, to_torch
 from glm41v_jax import weights
 from glm41v_jax.config import Glm4vConfig
 from glm41v_jax.generate import Engine
-from glm41v_jax.model import mm_token_types
+from glm41v_jax.inputs import mm_token_types
 
 N_NEW = 32
 GMASK, SOP, USER, ASSISTANT, NL = 151331, 151333, 151336, 151337, 198

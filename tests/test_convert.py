@@ -20,6 +20,7 @@ from glm41v_convert.hf_to_orbax import convert, save_converted
 from glm41v_jax import loading, tiny
 from glm41v_jax import model as M
 from glm41v_jax.config import Glm4vConfig
+from glm41v_jax.inputs import mm_token_types
 from glm41v_jax.loading import COMPLETE_MARKER, FORMAT_FILE, CheckpointError
 from glm41v_jax.sharding import make_mesh, param_shardings
 from glm41v_jax.weights import build_rules, get_path, iter_leaves
@@ -97,7 +98,7 @@ def test_converted_matches_hf_dir_and_transformers(hf_ckpt):
     prompt["input_ids"] = np.concatenate([[[151331, 151333, 151336, 198]], prompt["input_ids"], [[151337, 198]]], 1)
     a, b = _logits(direct, cfg, prompt), _logits(conv, cfg, prompt)
     np.testing.assert_array_equal(a, b)
-    tt = M.mm_token_types(prompt["input_ids"], cfg).astype(np.int64)
+    tt = mm_token_types(prompt["input_ids"], cfg).astype(np.int64)
     with torch.no_grad():
         ref = hf(input_ids=torch.from_numpy(prompt["input_ids"]), pixel_values=torch.from_numpy(prompt["pixel_values"]),
                  image_grid_thw=torch.from_numpy(prompt["image_grid_thw"]),

@@ -30,7 +30,8 @@ from reference import to_torch
 from glm41v_jax.buckets import bucket_length
 from glm41v_jax.decode import prefill_logits, step_logits
 from glm41v_jax.generate import Engine, GenerationError, generate, generate_batch
-from glm41v_jax.model import Glm4v, forward, mm_token_types
+from glm41v_jax.inputs import mm_token_types
+from glm41v_jax.model import Glm4v, forward
 from glm41v_jax.requests import prepare_batch
 from glm41v_jax.sampling import (
     SamplingParams,

@@ -23,6 +23,7 @@ from safetensors.numpy import save_file
 from glm41v_jax import loading, tiny
 from glm41v_jax import model as M
 from glm41v_jax.config import ConfigError, Glm4vConfig, RuntimeConfig
+from glm41v_jax.inputs import mm_token_types
 from glm41v_jax.loading import CheckpointError
 from glm41v_jax.sharding import make_mesh, param_shardings
 from glm41v_jax.weights import WeightsError, iter_leaves
@@ -43,7 +44,7 @@ def _inputs(cfg: Glm4vConfig) -> dict:
 
 
 def _hf_logits(hf, cfg: Glm4vConfig, inputs: dict) -> np.ndarray:
-    tt = M.mm_token_types(inputs["input_ids"], cfg).astype(np.int64)
+    tt = mm_token_types(inputs["input_ids"], cfg).astype(np.int64)
     with torch.no_grad():
         out = hf(input_ids=torch.from_numpy(inputs["input_ids"]), pixel_values=torch.from_numpy(inputs["pixel_values"]),
                  image_grid_thw=torch.from_numpy(inputs["image_grid_thw"]), mm_token_type_ids=torch.from_numpy(tt))

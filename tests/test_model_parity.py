@@ -7,8 +7,8 @@ import pytest
 import reference as R
 import torch
 
+from glm41v_jax import inputs, weights
 from glm41v_jax import model as M
-from glm41v_jax import rope, weights
 
 TOL = 1e-4
 
@@ -73,8 +73,8 @@ def test_vision_tower_matches(pair):
     pix = rng.standard_normal((int(np.prod(grids, -1).sum()), cfg.vision.patch_dim)).astype(np.float32)
     with torch.no_grad():
         ref = torch.cat(hf.model.get_image_features(torch.from_numpy(pix), torch.from_numpy(grids)).pooler_output)
-    packed = M.pack_vision(cfg, pix, grids, None, None, pad_to=pix.shape[0] + 8)  # padding must not leak
-    out = M.Glm4v(cfg).apply({"params": params}, **packed, method=M.Glm4v.encode_vision)
+    packed = inputs.pack_vision(cfg, pix, grids, None, None, pad_to=pix.shape[0] + 8)  # padding must not leak
+    out = M.Glm4v(cfg).apply({"params": params}, packed, method=M.Glm4v.encode_vision)
     np.testing.assert_allclose(np.asarray(out)[: ref.shape[0]], ref.numpy(), atol=TOL, rtol=0)
 
 
@@ -90,7 +90,7 @@ def test_get_rope_index_matches(pair):
             image_grid_thw=torch.from_numpy(case["image_grid_thw"]) if "image_grid_thw" in case else None,
             video_grid_thw=torch.from_numpy(case["video_grid_thw"]) if "video_grid_thw" in case else None,
             attention_mask=torch.from_numpy(mask) if mask is not None else None)
-        pos, delta = rope.get_rope_index(ids, types, case.get("image_grid_thw"), case.get("video_grid_thw"), mask)
+        pos, delta = inputs.get_rope_index(ids, types, case.get("image_grid_thw"), case.get("video_grid_thw"), mask)
         m = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
         np.testing.assert_array_equal(pos[:, m], ref_pos.numpy()[:, m])
         np.testing.assert_array_equal(delta, ref_delta.numpy().reshape(-1))
@@ -103,7 +103,7 @@ def test_spec_worked_example_rope_index():
         + [R.EOI] + [130] * 5 + [R.ASSISTANT, R.NL]
     ids = np.asarray([ids])
     assert ids.shape[1] == 37
-    pos, delta = rope.get_rope_index(ids, R.mm_types(ids), np.array([[1, 6, 10], [1, 4, 4]]), None, None)
+    pos, delta = inputs.get_rope_index(ids, R.mm_types(ids), np.array([[1, 6, 10], [1, 4, 4]]), None, None)
     t, h, w = pos[:, 0]
     np.testing.assert_array_equal(t[:8], np.arange(8))
     np.testing.assert_array_equal(t[8:23], 8)

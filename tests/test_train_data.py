@@ -20,9 +20,10 @@ import pytest
 from PIL import Image
 
 from glm41v_jax import tiny
+from glm41v_jax.inputs import VisionInputs
 from glm41v_train.data import DataConfig, make_iterator
 from glm41v_train.encode import ConversationEncoder, DataError
-from glm41v_train.packing import FirstFitPacker, assemble_batch, empty_vision
+from glm41v_train.packing import FirstFitPacker, assemble_batch
 
 ASSISTANT, NL, EOT, IMG, BOV, EOV = 151337, 198, 151329, 151343, 151341, 151342
 
@@ -251,10 +252,10 @@ def test_packed_batch_layout(ckpt, root, hf_rope):
     assert b["positions"].shape == (3, 3, T)
     assert all(b[k].dtype == np.int32 for k in ("input_ids", "labels", "segment_ids", "positions", "vision_index"))
     v = b["vision"]
-    assert v["pixel_values"].shape == (P, cfg.vision.patch_dim)
-    assert (v["segment_ids"][:n_patch] > 0).all() and (v["segment_ids"][n_patch:] == 0).all()
+    assert v.pixel_values.shape == (P, cfg.vision.patch_dim)
+    assert (v.segment_ids[:n_patch] > 0).all() and (v.segment_ids[n_patch:] == 0).all()
     assert (b["segment_ids"][2] == 0).all() and (b["labels"][2] == -100).all() and (b["vision_index"][2] == -1).all()
-    packed = v["pixel_values"].reshape(P // 4, 4, -1)  # one vision token = 4 consecutive (block-major) patches
+    packed = v.pixel_values.reshape(P // 4, 4, -1)  # one vision token = 4 consecutive (block-major) patches
     used = set()
     for r, row in enumerate(rows):
         t = 0
@@ -279,8 +280,10 @@ def test_packed_batch_layout(ckpt, root, hf_rope):
             t += n
         assert (b["segment_ids"][r, t:] == 0).all() and (b["positions"][:, r, t:] == 0).all()
     assert used == set(range(n_patch // 4))  # every vision token of the batch is used exactly by its sample
-    assert empty_vision(cfg, P).keys() == v.keys()
-    assert all(empty_vision(cfg, P)[k].shape == v[k].shape and empty_vision(cfg, P)[k].dtype == v[k].dtype for k in v)
+    empty = VisionInputs.empty(P, cfg.vision.patch_dim)  # a batch without media: the same structure, shapes, dtypes
+    assert jax.tree.structure(empty) == jax.tree.structure(v)
+    assert all(e.shape == x.shape and e.dtype == x.dtype
+               for e, x in zip(jax.tree.leaves(empty), jax.tree.leaves(v), strict=True))
 
 
 def test_packed_logits_equal_each_sample_alone(ckpt, root):

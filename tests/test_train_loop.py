@@ -592,7 +592,7 @@ def test_vision_offsets_keep_hosts_apart(ckpt, mh_data):
     def concat(batches):
         out = {k: np.concatenate([b[k] for b in batches], axis=1 if k == "positions" else 0)
                for k in batches[0] if k != "vision"}
-        out["vision"] = {k: np.concatenate([b["vision"][k] for b in batches]) for k in batches[0]["vision"]}
+        out["vision"] = jax.tree.map(lambda *xs: np.concatenate(xs), *[b["vision"] for b in batches])
         return out
 
     sums = [fn(params, b) for b in host]

@@ -1,6 +1,6 @@
-"""The grouped (segment-major) vision attention layout against the dense (P x P) masked reference.
+"""The grouped (segment-major) vision attention plan against the dense (P x P) masked reference.
 
-The dense path is the tower with the layout disabled (`attention_layout="dense"`: no `attn_*` arrays). Segment
+The dense path is the tower with the dense plan (`vision_attention="dense"`: no `attn_*` arrays). Segment
 lengths are h*w of even grids (multiples of 4, the 2x2 merge constraint).
 """
 
@@ -14,8 +14,8 @@ import pytest
 import reference as R
 import torch
 
+from glm41v_jax import inputs, vision, vision_plan, weights
 from glm41v_jax import model as M
-from glm41v_jax import vision, weights
 from glm41v_jax.buckets import vision_bucket
 from glm41v_jax.config import Glm4vConfig
 from glm41v_jax.programs import signature
@@ -27,8 +27,8 @@ TOL = 1e-5
 def setup():
     cfg = Glm4vConfig.from_hf(R.hf_config_dict("a"))
     m2 = cfg.vision.spatial_merge_size**2
-    dummy = M.pack_vision(cfg, np.zeros((m2, cfg.vision.patch_dim), np.float32), np.array([[1, 2, 2]]), None, None)
-    visual = vision.VisionModel(cfg).init(jax.random.PRNGKey(1), **dummy)["params"]
+    dummy = inputs.pack_vision(cfg, np.zeros((m2, cfg.vision.patch_dim), np.float32), np.array([[1, 2, 2]]), None, None)
+    visual = vision.VisionModel(cfg).init(jax.random.PRNGKey(1), dummy)["params"]
     return cfg, {"visual": nn.meta.unbox(visual)}  # the tower's params only
 
 
@@ -45,7 +45,7 @@ def _grids(rng: np.random.Generator, kind: str) -> np.ndarray:
 
 
 def _tower(cfg, params, packed):
-    fn = jax.jit(lambda p, kw: M.Glm4v(cfg).apply({"params": p}, **kw, method=M.Glm4v.encode_vision))
+    fn = jax.jit(lambda p, kw: M.Glm4v(cfg).apply({"params": p}, kw, method=M.Glm4v.encode_vision))
     return np.asarray(fn(params, packed))
 
 
@@ -57,9 +57,9 @@ def test_grouped_matches_dense(setup, kind, pad):
     grids = _grids(rng, kind)
     n = int(np.prod(grids, -1).sum())
     pix = rng.standard_normal((n, cfg.vision.patch_dim)).astype(np.float32)
-    dense = M.pack_vision(cfg, pix, grids, None, None, pad_to=n + pad, attention_layout="dense")
-    grouped = M.pack_vision(cfg, pix, grids, None, None, pad_to=n + pad, attention_layout="grouped")
-    assert "attn_groups" not in dense and "attn_groups" in grouped
+    dense = inputs.pack_vision(cfg, pix, grids, None, None, pad_to=n + pad, vision_attention="dense")
+    grouped = inputs.pack_vision(cfg, pix, grids, None, None, pad_to=n + pad, vision_attention="grouped")
+    assert dense.attn_groups == () and dense.attn_inverse is None and grouped.grouped
     ref = _tower(cfg, params, dense)[: n // 4]
     out = _tower(cfg, params, grouped)
     np.testing.assert_allclose(out[: n // 4], ref, atol=TOL, rtol=0)
@@ -68,7 +68,7 @@ def test_grouped_matches_dense(setup, kind, pad):
 
 @pytest.mark.parametrize("kind", ["big_and_small", "equal"])
 def test_grouped_scanned_remat_and_grads(setup, kind):
-    """scan_layers + remat (the layout is broadcast to every block) and the gradients through the gathers."""
+    """scan_layers + remat (the plan is broadcast to every block) and the gradients through the gathers."""
     cfg, params = setup
     rng = np.random.default_rng(7)
     grids = _grids(rng, kind)
@@ -77,11 +77,11 @@ def test_grouped_scanned_remat_and_grads(setup, kind):
     w = jnp.asarray(rng.standard_normal((n // 4, cfg.vision.out_hidden_size)).astype(np.float32))
 
     def loss(c, p, packed):
-        out = M.Glm4v(c).apply({"params": p}, **packed, method=M.Glm4v.encode_vision)
+        out = M.Glm4v(c).apply({"params": p}, packed, method=M.Glm4v.encode_vision)
         return jnp.sum(out[: n // 4] * w)
 
-    dense = M.pack_vision(cfg, pix, grids, None, None, pad_to=n + 8, attention_layout="dense")
-    grouped = M.pack_vision(cfg, pix, grids, None, None, pad_to=n + 8, attention_layout="grouped")
+    dense = inputs.pack_vision(cfg, pix, grids, None, None, pad_to=n + 8, vision_attention="dense")
+    grouped = inputs.pack_vision(cfg, pix, grids, None, None, pad_to=n + 8, vision_attention="grouped")
     g_ref = jax.jit(jax.grad(lambda p, kw: loss(cfg, p, kw)))(params, dense)
     for rt in (dict(remat_policy="full"), dict(scan_layers=True, remat_policy="dots")):
         c = cfg.with_runtime(**rt)
@@ -99,7 +99,7 @@ def test_grouped_scanned_remat_and_grads(setup, kind):
 
 def test_attention_impl_reaches_the_tower(setup, monkeypatch):
     """RuntimeConfig.attention_impl is threaded into the vision attention: "pallas" (splash kernel, Pallas
-    interpreter on CPU) runs the grouped layout's calls and matches the dense XLA reference."""
+    interpreter on CPU) runs the grouped plan's calls and matches the dense XLA reference."""
     from glm41v_jax import attention as A
 
     cfg, params = setup
@@ -110,10 +110,10 @@ def test_attention_impl_reaches_the_tower(setup, monkeypatch):
     grids = np.array([[1, 4, 6], [1, 2, 2], [1, 6, 4], [1, 4, 4]])
     n = int(np.prod(grids, -1).sum())
     pix = np.random.default_rng(0).standard_normal((n, cfg.vision.patch_dim)).astype(np.float32)
-    ref = _tower(cfg, params, M.pack_vision(cfg, pix, grids, None, None, pad_to=n + 8, attention_layout="dense"))
-    grouped = M.pack_vision(cfg, pix, grids, None, None, pad_to=n + 8, attention_layout="grouped")
+    ref = _tower(cfg, params, inputs.pack_vision(cfg, pix, grids, None, None, pad_to=n + 8, vision_attention="dense"))
+    grouped = inputs.pack_vision(cfg, pix, grids, None, None, pad_to=n + 8, vision_attention="grouped")
     out = _tower(cfg.with_runtime(attention_impl="pallas"), params, grouped)
-    assert calls and all(s[:2] == grouped["attn_groups"][0].shape for s in calls)
+    assert calls and all(s[:2] == grouped.attn_groups[0].shape for s in calls)
     np.testing.assert_allclose(out[: n // 4], ref[: n // 4], atol=TOL, rtol=0)
 
 
@@ -122,15 +122,14 @@ def test_layout_tables_cover_every_row_once(seed):
     rng = np.random.default_rng(seed)
     lens = (4 * rng.integers(1, 1 + rng.choice([2, 40, 400]), size=rng.integers(1, 40))).tolist()
     total = sum(lens) + 4 * int(rng.integers(0, 30))
-    lay = vision.attention_layout(lens, total, "grouped")
-    flat = np.concatenate([t.reshape(-1) for t in lay["attn_groups"]])
-    inv = lay["attn_inverse"]
+    groups, inv = vision_plan.plan_tables(lens, total, "grouped")
+    flat = np.concatenate([t.reshape(-1) for t in groups])
     n = sum(lens)
     np.testing.assert_array_equal(flat[inv[:n]], np.arange(n))  # every real row is in exactly one slot
     assert (inv[n:] == flat.size).all()  # padding rows point past the end (-> 0)
     assert np.sort(flat[flat >= 0]).tolist() == list(range(n))
     seg_of = np.repeat(np.arange(len(lens)), lens)
-    for t in lay["attn_groups"]:
+    for t in groups:
         assert t.shape[1] % 16 == 0 and t.shape[0] & (t.shape[0] - 1) == 0  # power-of-two buckets
         for row in t:  # a row holds whole segments, each as one contiguous run, then empty slots
             r = row[row >= 0]
@@ -140,27 +139,27 @@ def test_layout_tables_cover_every_row_once(seed):
 
 
 def test_auto_rule():
-    p = vision.plan_attention([1024], 1024)
+    p = vision_plan.plan_attention([1024], 1024)
     assert p.mode == "dense"  # one image filling its bucket: the gathers would be pure overhead
-    p = vision.plan_attention([1024] * 4, 4096)
+    p = vision_plan.plan_attention([1024] * 4, 4096)
     assert p.mode == "grouped" and p.shape_key == ("grouped", ((4, 1024),))
-    p = vision.plan_attention([1024] * 8, 8192)  # a 16-frame video
+    p = vision_plan.plan_attention([1024] * 8, 8192)  # a 16-frame video
     assert p.shape_key == ("grouped", ((8, 1024),))
-    p = vision.plan_attention([4096] + [256] * 6, 6144)  # one 896x896 + six 224x224: a group for each size
+    p = vision_plan.plan_attention([4096] + [256] * 6, 6144)  # one 896x896 + six 224x224: a group for each size
     assert p.shape_key == ("grouped", ((8, 256), (1, 4096)))
     assert p.grouped_cost < 0.5 * p.dense_cost
-    p = vision.plan_attention([4] * 200, 1024)  # tiny segments share rows
+    p = vision_plan.plan_attention([4] * 200, 1024)  # tiny segments share rows
     assert p.shape_key == ("grouped", ((64, 16),)) and len(p.groups[0][2]) == 50
-    p = vision.plan_attention([1024, 512, 256, 256], 2048)  # packed into 2 rows of 1024
+    p = vision_plan.plan_attention([1024, 512, 256, 256], 2048)  # packed into 2 rows of 1024
     assert p.shape_key == ("grouped", ((2, 1024),))
-    with pytest.raises(ValueError, match="layout must be one of"):
-        vision.plan_attention([4], 4, "banded")
+    with pytest.raises(ValueError, match="plan must be one of"):
+        vision_plan.plan_attention([4], 4, "banded")
 
 
 def _vision_key(cfg, grids):
     n = int(np.prod(grids, -1).sum())
     pix = np.zeros((n, cfg.vision.patch_dim), np.float32)
-    packed = M.pack_vision(cfg, pix, grids, None, None, pad_to=vision_bucket(n))
+    packed = inputs.pack_vision(cfg, pix, grids, None, None, pad_to=vision_bucket(n))
     return signature(jax.tree.map(np.asarray, packed))  # the generation engine's compile key for these arrays
 
 
@@ -187,14 +186,14 @@ def test_compiled_shapes_stay_bounded(setup, seed):
 
 
 def test_layout_menu_is_small():
-    """500 random requests of 1-6 images of random sizes (~490 distinct size lists): few distinct layouts, all from
+    """500 random requests of 1-6 images of random sizes (~490 distinct size lists): few distinct plans, all from
     the menu (powers of two, at most 2 groups), and on average well under the dense cost."""
     rng = np.random.default_rng(0)
     sizes, keys, ratio = set(), set(), []
     for _ in range(500):
         lens = tuple(int(np.prod(_random_grid(rng))) for _ in range(int(rng.integers(1, 7))))
         total = vision_bucket(sum(lens))
-        plan = vision.plan_attention(lens, total)
+        plan = vision_plan.plan_attention(lens, total)
         sizes.add(lens)
         keys.add((total, plan.shape_key))
         for n, length, _ in plan.groups:
@@ -207,7 +206,7 @@ def test_layout_menu_is_small():
 
 
 def test_forward_grouped_matches_transformers():
-    """Whole-model logits with the grouped layout forced, against transformers (two images, 20:1, video, batch)."""
+    """Whole-model logits with the grouped plan forced, against transformers (two images, 20:1, video, batch)."""
     hf, cfg, params = R.hf_and_params("d", seed=7)  # qkv bias, 7-px patches
     rng = np.random.default_rng(0)
     pd = cfg.vision.patch_dim
@@ -221,8 +220,8 @@ def test_forward_grouped_matches_transformers():
         kw["mm_token_type_ids"] = torch.from_numpy(R.mm_types(c["input_ids"]))
         with torch.no_grad():
             ref = hf(**kw).logits.numpy()
-        mi = M.prepare_inputs(cfg, **c, vision_attention="grouped")
-        assert "attn_groups" in mi.vision
+        mi = inputs.prepare_inputs(cfg, **c, vision_attention="grouped")
+        assert mi.vision.grouped
         out = np.asarray(jax.jit(lambda p, kw: M.Glm4v(cfg).apply({"params": p}, **kw))(params, mi.as_kwargs()))
         mask = c.get("attention_mask", np.ones(c["input_ids"].shape)).astype(bool)
         assert np.abs(out - ref)[mask].max() <= 1e-4

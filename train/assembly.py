@@ -20,6 +20,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from glm41v_jax.inputs import ModelInputs, offset_vision_index
+
 from .config import TrainConfig, TrainConfigError
 from .loss import IGNORE_INDEX
 from .step import TrainStep
@@ -74,14 +76,8 @@ def offset_vision(batch: Mapping[str, Any], host: int, max_patches: int, merge2:
     out = dict(batch)
     if host == 0:
         return out
-    vis = dict(batch["vision"])
-    if "attn_groups" in vis or "attn_inverse" in vis:
-        raise ValueError("multi-host assembly needs the dense vision layout (no attn_groups)")
-    seg = np.asarray(vis["segment_ids"])
-    vis["segment_ids"] = np.where(seg > 0, seg + host * max_patches, 0).astype(seg.dtype)
-    out["vision"] = vis
-    vi = np.asarray(batch["vision_index"])
-    out["vision_index"] = np.where(vi >= 0, vi + host * (max_patches // merge2), -1).astype(vi.dtype)
+    out["vision"] = batch["vision"].offset(host * max_patches)  # the dense plan only (InputError otherwise)
+    out["vision_index"] = offset_vision_index(batch["vision_index"], host * (max_patches // merge2))
     return out
 
 
@@ -96,7 +92,7 @@ def global_shapes(batch: Mapping[str, Any], n_hosts: int, lead: int) -> dict[str
     out = {}
     for key, val in batch.items():
         if key == "vision":
-            out[key] = {k: grow(v, lead) for k, v in val.items()}
+            out[key] = jax.tree.map(lambda v: grow(v, lead), val)
         elif key == "positions":
             out[key] = grow(val, lead + 1)
         else:
@@ -117,14 +113,9 @@ def global_batch(batch: Mapping[str, Any], ts: TrainStep, max_patches: int, lead
 
 def empty_batch(like: Mapping[str, Any]) -> dict[str, Any]:
     """A batch of padding with the shapes of `like`: no tokens, no labels (pads hosts with fewer eval batches)."""
-    out = {k: np.zeros_like(v) for k, v in like.items() if k != "vision"}
-    out["labels"] = np.full_like(like["labels"], IGNORE_INDEX)
-    out["vision_index"] = np.full_like(like["vision_index"], -1)
-    vis = {k: np.zeros_like(v) for k, v in like["vision"].items()}
-    for k in ("seg_h", "seg_w"):
-        if k in vis:
-            vis[k] = np.ones_like(vis[k])
-    out["vision"] = vis
+    pads = {**ModelInputs.pad_values(), "labels": IGNORE_INDEX}
+    out = {k: np.full_like(v, pads[k]) for k, v in like.items() if k != "vision"}
+    out["vision"] = like["vision"].empty_like()
     return out
 
 

@@ -34,10 +34,11 @@ from typing import Any
 import grain
 import numpy as np
 
+from glm41v_jax.config import patch_dim_of
 from glm41v_jax.errors import Glm41vError, one_line
+from glm41v_jax.inputs import get_rope_index
 from glm41v_jax.processing import ProcessingError, Processor
 from glm41v_jax.processing.processor import IMAGE_TOKEN, VIDEO_TOKEN
-from glm41v_jax.rope import get_rope_index
 
 from .loss import IGNORE_INDEX
 from .packing import DataConfigError
@@ -272,7 +273,7 @@ class ConversationEncoder:
         types = proc.mm_token_type_ids(input_ids[None])
         positions, _ = get_rope_index(input_ids[None], types, arrays["image_grid_thw"], arrays["video_grid_thw"],
                                       None, proc.image_processor.merge_size)
-        patch_dim = proc.image_processor.patch_size**2 * proc.image_processor.temporal_patch_size * 3
+        patch_dim = patch_dim_of(proc.image_processor.patch_size, proc.image_processor.temporal_patch_size)
         sample = {"input_ids": input_ids, "labels": label_ids, "positions": positions[:, 0].astype(np.int32)}
         for key in ("pixel_values", "pixel_values_videos"):
             a = arrays[key]

@@ -103,7 +103,7 @@ class FlopCounter:
         vis = batch.get("vision")
         patches, n2 = 0.0, 0.0
         if vis is not None:
-            vseg = np.asarray(vis["segment_ids"])
+            vseg = np.asarray(vis.segment_ids)
             vseg = vseg.reshape(-1, vseg.shape[-1])
             for row in vseg:
                 frames = np.bincount(row)[1:].astype(np.float64)

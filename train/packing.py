@@ -8,9 +8,9 @@ Batch (per host; B rows of T tokens; every shape static), the contract with the 
     positions     (3, B, T) int32 M-RoPE (t, h, w): each sample's own `get_rope_index` positions, restarting at 0
     vision_index  (B, T) int32    -1 = text; else the index of the vision token (merged patch group) this position
                                   takes, in the order of `vision`
-    vision        dict            `glm41v_jax.model.pack_vision` of all images of the batch (row-major sample order),
-                                  then all video frames (row-major), padded to `max_patches` rows, dense attention
-                                  layout; always present (all padding when the batch has no media)
+    vision        VisionInputs    `glm41v_jax.inputs.pack_vision` of all images of the batch (row-major sample
+                                  order), then all video frames (row-major), padded to `max_patches` rows, dense
+                                  attention plan; always present (all padding when the batch has no media)
 `Glm4v.apply({"params": p}, **{k: v for k, v in batch.items() if k != "labels"})` runs it.
 
 Packing (first fit, deterministic): up to `open_batches` batches are open at once. A sample goes into the first open
@@ -28,7 +28,6 @@ packing_efficiency = tokens / slots, batch_efficiency (this batch).
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 from typing import Any
 
@@ -36,7 +35,7 @@ import grain
 import numpy as np
 
 from glm41v_jax.errors import Glm41vError
-from glm41v_jax.model import mm_token_types, pack_vision
+from glm41v_jax.inputs import ModelInputs, VisionInputs, mm_token_types, pack_vision, vision_index
 
 from .loss import IGNORE_INDEX
 
@@ -104,27 +103,16 @@ def num_patches(sample: dict[str, Any]) -> int:
 # Batch assembly.
 
 
-def _pack_vision_dense(cfg, *arrays, pad_to: int) -> dict[str, Any] | None:
-    kw = {"attention_layout": "dense"} if "attention_layout" in inspect.signature(pack_vision).parameters else {}
-    return pack_vision(cfg, *arrays, pad_to=pad_to, **kw)
-
-
-def empty_vision(cfg, max_patches: int) -> dict[str, np.ndarray]:
-    """The vision dict of a batch without media: `max_patches` padding rows, as pack_vision pads them."""
-    z = np.zeros((max_patches,), np.int32)
-    return {"pixel_values": np.zeros((max_patches, cfg.vision.patch_dim), np.float32), "hpos": z, "wpos": z.copy(),
-            "segment_ids": z.copy(), "seg_h": np.ones_like(z), "seg_w": np.ones_like(z)}
-
-
 def assemble_batch(rows: list[list[dict[str, Any]]], *, seq_len: int, max_patches: int, model_cfg: Any,
                    pad_id: int) -> dict[str, Any]:
     """Rows of samples (as encoded by encode.ConversationEncoder) -> the batch dict (module docstring)."""
     b = len(rows)
+    pads = ModelInputs.pad_values()
     input_ids = np.full((b, seq_len), pad_id, np.int32)
     labels = np.full((b, seq_len), IGNORE_INDEX, np.int32)
-    segment_ids = np.zeros((b, seq_len), np.int32)
-    positions = np.zeros((3, b, seq_len), np.int32)
-    vision_index = np.full((b, seq_len), -1, np.int32)
+    segment_ids = np.full((b, seq_len), pads["segment_ids"], np.int32)
+    positions = np.full((3, b, seq_len), pads["positions"], np.int32)
+    index = np.full((b, seq_len), pads["vision_index"], np.int32)
     m2 = model_cfg.vision.spatial_merge_size**2
     samples = [s for row in rows for s in row]
     n_img_tokens = sum(int(np.prod(s["image_grid_thw"], -1).sum()) // m2 for s in samples)
@@ -140,13 +128,9 @@ def assemble_batch(rows: list[list[dict[str, Any]]], *, seq_len: int, max_patche
             segment_ids[r, sl] = seg
             positions[:, r, sl] = s["positions"]
             types = mm_token_types(s["input_ids"], model_cfg)
-            idx = np.full(n, -1, np.int64)
-            n_i, n_v = int((types == 1).sum()), int((types == 2).sum())
-            idx[types == 1] = img_base + np.arange(n_i)
-            idx[types == 2] = vid_base + np.arange(n_v)
-            vision_index[r, sl] = idx
-            img_base += n_i
-            vid_base += n_v
+            index[r, sl] = vision_index(types, img_base, vid_base)
+            img_base += int((types == 1).sum())
+            vid_base += int((types == 2).sum())
             t += n
     if img_base != n_img_tokens:
         raise ValueError(f"image placeholder tokens ({img_base}) do not match the image grids ({n_img_tokens})")
@@ -156,12 +140,13 @@ def assemble_batch(rows: list[list[dict[str, Any]]], *, seq_len: int, max_patche
         return np.concatenate(parts).reshape(-1, width) if parts else None
 
     patch_dim = model_cfg.vision.patch_dim
-    vision = _pack_vision_dense(model_cfg, cat("pixel_values", patch_dim), cat("image_grid_thw", 3),
-                                cat("pixel_values_videos", patch_dim), cat("video_grid_thw", 3), pad_to=max_patches)
+    vision = pack_vision(model_cfg, cat("pixel_values", patch_dim), cat("image_grid_thw", 3),
+                         cat("pixel_values_videos", patch_dim), cat("video_grid_thw", 3), pad_to=max_patches,
+                         vision_attention="dense")
     if vision is None:
-        vision = empty_vision(model_cfg, max_patches)
+        vision = VisionInputs.empty(max_patches, patch_dim)
     return {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids, "positions": positions,
-            "vision_index": vision_index, "vision": vision}
+            "vision_index": index, "vision": vision}
 
 
 def batch_counts(rows: list[list[dict[str, Any]]], seq_len: int) -> dict[str, int]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..inputs import token_types
 from .chat_template import (
     TEMPLATE_RUNTIME_ERRORS,
     compile_chat_template,
@@ -335,11 +336,9 @@ class Processor:
         return {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": self.mm_token_type_ids(input_ids)}
 
     def mm_token_type_ids(self, input_ids: np.ndarray) -> np.ndarray:
-        """2 for image tokens inside a video span, 1 for other image tokens, 0 otherwise (per row)."""
+        """The token types (`inputs.token_types`) of each row, int64 like transformers' processor."""
         ids = np.atleast_2d(np.asarray(input_ids))
-        in_video = np.cumsum(ids == self.video_start_id, axis=-1) > np.cumsum(ids == self.video_end_id, axis=-1)
-        is_img = ids == self.image_token_id
-        return np.where(is_img & in_video, 2, np.where(is_img, 1, 0)).astype(np.int64)
+        return token_types(ids, self.image_token_id, self.video_start_id, self.video_end_id).astype(np.int64)
 
     # ------------------------------------------------------------------ messages
     def encode_messages(
