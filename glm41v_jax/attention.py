@@ -101,11 +101,14 @@ def attention(
     scale: float | None = None,
     impl: str = "xla",
     interpret: bool | None = None,
+    kv_is_q: bool = False,
 ) -> jax.Array:
     """Grouped-query attention with segment ids: the one attention of both towers (see the module docstring).
 
     `impl` in {"xla", "pallas", "cudnn", "auto"}; `interpret` (pallas only) overrides `PALLAS_INTERPRET`. On a
-    context mesh of several devices the kernels run under `shard_heads`.
+    context mesh of several devices the kernels run under `shard_heads`. `kv_is_q` (causal calls): the keys are the
+    queries' own tokens (T == S) and q_positions increase along T, so causal-by-position is causal-by-index; the
+    splash kernel then takes the cheap static mask (module docstring, "pallas"). Non-causal calls need no promise.
     """
     if causal and (q_positions is None or kv_positions is None):
         raise ValueError("causal attention needs q_positions and kv_positions")
@@ -116,7 +119,8 @@ def attention(
     mesh = current_mesh()
     sharded = mesh is not None and mesh.size > 1
     if kind == "pallas":
-        fn = functools.partial(pallas_attention, interpret=PALLAS_INTERPRET if interpret is None else interpret)
+        fn = functools.partial(pallas_attention, interpret=PALLAS_INTERPRET if interpret is None else interpret,
+                               static_mask=not causal or (kv_is_q and q.shape[1] == k.shape[1]))
     elif kind == "cudnn":
         fn = cudnn_attention
     elif sharded and q.shape[1] == 1 and SHARD_XLA_DECODE:
@@ -187,14 +191,23 @@ def shard_heads(fn: Callable[..., jax.Array], q: jax.Array, k: jax.Array, v: jax
     select = head_ax is not None and kv_ax is None  # q heads split, KV heads whole: take this shard's KV heads
     if kv_ax is not None and (kh // hs) * g != n_loc:
         kv_ax, select = None, True
+    # A batch the batch axes cannot split (the packed vision tower: one row of P patches), non-causal: split the
+    # queries along T over those axes instead, each shard attending from its T/n queries to all S keys, so no
+    # shard repeats another's work. (Causal calls keep T whole: the kernel's causal mask has a static offset.)
+    len_ax = None
+    if batch_ax is None and not causal:
+        len_ax = logical_to_spec(("batch",), (q.shape[1],), mesh)[0]
     row = PartitionSpec(batch_ax, None)
     args = {"q_segment_ids": q_segment_ids, "kv_segment_ids": kv_segment_ids}
     if q_positions is not None:
         args["q_positions"] = q_positions
     if kv_positions is not None:
         args["kv_positions"] = kv_positions
-    specs = (PartitionSpec(batch_ax, None, head_ax, None), PartitionSpec(batch_ax, None, kv_ax, None),
-             PartitionSpec(batch_ax, None, kv_ax, None), {name: row for name in args})
+    arg_specs = {name: row for name in args}
+    arg_specs["q_segment_ids"] = PartitionSpec(batch_ax, len_ax)
+    out_spec = PartitionSpec(batch_ax, len_ax, head_ax, None)
+    specs = (out_spec, PartitionSpec(batch_ax, None, kv_ax, None), PartitionSpec(batch_ax, None, kv_ax, None),
+             arg_specs)
 
     def local(q, k, v, args):
         if select:
@@ -209,8 +222,7 @@ def shard_heads(fn: Callable[..., jax.Array], q: jax.Array, k: jax.Array, v: jax
         return fn(q, k, v, causal=causal, scale=h**-0.5 if scale is None else scale, **args)
 
     with jax.named_scope("attention_shard_map"):
-        return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(batch_ax, None, head_ax, None),
-                             check_vma=False)(q, k, v, args)
+        return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out_spec, check_vma=False)(q, k, v, args)
 
 
 def _cudnn_unsupported(q: jax.Array, k: jax.Array, v: jax.Array, *, strict: bool) -> str:
@@ -378,14 +390,20 @@ def _splash_one(q, k, v, mask, *, block_sizes, interpret):
 
 
 def pallas_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal, q_positions=None, kv_positions=None,
-                     scale=None, interpret: bool = False) -> jax.Array:
-    """Splash attention (TPU Pallas) with the exact reference mask as a dynamic block-sparse mask.
+                     scale=None, interpret: bool = False, static_mask: bool = False) -> jax.Array:
+    """Splash attention (TPU Pallas) with the exact reference mask.
 
-    T and S are padded to the tile sizes (padded keys are masked out, padded query rows sliced off). Each
-    batch element has its own mask, so the kernel runs once per batch element (vmap -> a loop; each call is
-    parallel over heads and query tiles). Query rows that see no key attend padded slot 0 instead (a kernel
-    tile row with no visible key would divide by zero) and are returned as 0, which keeps the backward pass
-    finite. Off-TPU it needs `interpret=True`.
+    `static_mask` (non-causal calls, or causal self-attention whose positions increase along T: `attention`'s
+    `kv_is_q`): the mask is the kernel's own static FullMask / CausalMask plus its `SegmentIds` (q and kv segment
+    ids, padding 0), vmapped over the batch: no O(T x S) array exists anywhere, the causal upper triangle is
+    skipped; tiles of two different segments are computed and masked in the kernel. Otherwise (causal by
+    *positions* into a longer KV cache at a traced offset) the mask is built as a dynamic block-sparse mask: a
+    (T, S) bool and int32 tile array per batch element, fully masked tiles skipped, and the kernel runs once per
+    batch element.
+
+    T and S are padded to the tile sizes (padded keys are masked out, padded query rows sliced off). Query rows
+    that see no key (padding queries, segment 0) are returned as 0, which keeps the backward pass finite. Off-TPU
+    it needs `interpret=True`.
     """
     if not interpret and target_platform() != "tpu":
         raise ValueError(f"attention impl 'pallas' runs the TPU splash kernel; the program is compiled for "
@@ -397,10 +415,6 @@ def pallas_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal, q_positi
     scale = h**-0.5 if scale is None else scale
     bq, tp = _block(t)
     bkv, sp = _block(s)
-    mask = segment_mask(q_segment_ids, kv_segment_ids, causal, q_positions, kv_positions)
-    mask = jnp.pad(mask, ((0, 0), (0, tp - t), (0, sp - s)))
-    seen = jnp.any(mask, axis=-1)  # (B, Tp)
-    mask = mask | (~seen[:, :, None] & (jnp.arange(sp) == 0)[None, None, :])
     # The kernel has no softmax scale: fold it into q (in fp32, then back to q's dtype).
     qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
     qs = jnp.pad(qs, ((0, 0), (0, tp - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # (B, N, Tp, H)
@@ -408,12 +422,40 @@ def pallas_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal, q_positi
     vs = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, 0))).transpose(0, 2, 1, 3).astype(q.dtype)
     block_sizes = sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
                                 block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
-    one = functools.partial(_splash_one, block_sizes=block_sizes, interpret=interpret)
     # A bf16 kernel multiplies at the MXU's native precision: a global "highest" matmul precision (fp32 contract
     # precision) on bf16 operands is refused by Mosaic ("Bad lhs type"), and means nothing for bf16 inputs.
     low = jnp.dtype(q.dtype).itemsize < 4
     precision = jax.default_matmul_precision("default") if low else contextlib.nullcontext()
     with jax.named_scope("attention_splash"), precision:
-        out = jax.vmap(one)(qs, ks, vs, mask[:, None])  # (B, N, Tp, H)
+        if static_mask:
+            kernel = _static_kernel(causal, tp, sp, n, block_sizes, interpret)
+            seg = sa.SegmentIds(q=jnp.pad(q_segment_ids, ((0, 0), (0, tp - t))).astype(jnp.int32),
+                                kv=jnp.pad(kv_segment_ids, ((0, 0), (0, sp - s))).astype(jnp.int32))
+            out = jax.vmap(kernel)(qs, ks, vs, segment_ids=seg)  # (B, N, Tp, H)
+            seen = _has_key(q_segment_ids, kv_segment_ids)
+        else:
+            mask = segment_mask(q_segment_ids, kv_segment_ids, causal, q_positions, kv_positions)
+            mask = jnp.pad(mask, ((0, 0), (0, tp - t), (0, sp - s)))
+            seen = jnp.any(mask, axis=-1)[:, :t]  # (B, T)
+            mask = mask | (~jnp.any(mask, axis=-1)[:, :, None] & (jnp.arange(sp) == 0)[None, None, :])
+            one = functools.partial(_splash_one, block_sizes=block_sizes, interpret=interpret)
+            out = jax.vmap(one)(qs, ks, vs, mask[:, None])  # (B, N, Tp, H)
     out = out.transpose(0, 2, 1, 3)[:, :t]
-    return jnp.where(seen[:, :t, None, None], out, 0).astype(q.dtype)
+    return jnp.where(seen[:, :, None, None], out, 0).astype(q.dtype)
+
+
+def _has_key(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:
+    """(B, T) whether each query's segment (non-zero) occurs among the keys: a sorted search, O((T + S) log S)."""
+    kv = jnp.sort(kv_segment_ids, axis=-1)
+    at = jax.vmap(jnp.searchsorted)(kv, q_segment_ids)
+    found = jnp.take_along_axis(kv, jnp.minimum(at, kv.shape[-1] - 1), axis=-1) == q_segment_ids
+    return found & (q_segment_ids != 0)
+
+
+def _static_kernel(causal: bool, tp: int, sp: int, heads: int, block_sizes, interpret: bool):
+    """The splash kernel of a static (Tp, Sp) causal or full mask for `heads` query heads (built per trace: the
+    kernel holds arrays of the trace it was made in; splash caches the mask's block tables itself)."""
+    sa = _splash()
+    one = sa.CausalMask((tp, sp)) if causal else sa.FullMask((tp, sp))
+    return sa.make_splash_mha(sa.MultiHeadMask([one] * heads), block_sizes=block_sizes, head_shards=1,
+                              q_seq_shards=1, interpret=interpret)

@@ -157,17 +157,48 @@ def test_pallas_matches_xla_bf16(name):
     _check(out, ref, kw, BF16_TOL)
 
 
-def test_pallas_gradients_match_xla():
-    """The splash backward kernels (dq, dkv) with the same dynamic mask; padding rows get no gradient."""
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pallas_static_mask_matches_xla(dtype):
+    """Causal self-attention with `kv_is_q` (what the decoder passes for training and prefill) takes the kernel's
+    static CausalMask + SegmentIds: the same outputs as the reference, padding rows 0, and no (T, S) array in the
+    program outside the kernel (the dynamic mask path builds a (B, Tp, Sp) bool and tile table)."""
+    q, k, v, kw = _case("prefill", dtype)
+    ref = A.attention(q, k, v, **kw, impl="xla")
+
+    def f(q, k, v, kv_is_q=True):
+        return A.attention(q, k, v, **kw, impl="pallas", interpret=True, kv_is_q=kv_is_q)
+
+    out = jax.jit(f)(q, k, v)
+    _check(out, ref, kw, F32_TOL if dtype == jnp.float32 else BF16_TOL)
+    assert np.all(np.asarray(out)[~_visible(kw)] == 0)
+    tp = 256  # T = 200 padded to the 128 lanes
+
+    def square_arrays(kv_is_q):
+        jaxpr = jax.make_jaxpr(functools.partial(f, kv_is_q=kv_is_q))(q, k, v)
+        return [v.aval.shape for e in jaxpr.eqns if e.primitive.name != "pallas_call" for v in e.outvars
+                if tuple(v.aval.shape[-2:]) == (tp, tp)]
+
+    assert square_arrays(True) == []
+    assert square_arrays(False)  # the check can fail: the dynamic path has them
+
+
+def _grad_case():
     q, k, v, kw = _case("prefill")
     q, k, v = q[:, :150], k[:, :150], v[:, :150]
     kw = {n: (x[:, :150] if hasattr(x, "shape") else x) for n, x in kw.items()}
     w = jnp.asarray(np.random.default_rng(0).standard_normal(q.shape), jnp.float32)
-    w = w * _visible(kw)[:, :, None, None]
+    return q, k, v, kw, w * _visible(kw)[:, :, None, None]
+
+
+@pytest.mark.parametrize("kv_is_q", [False, True])
+def test_pallas_gradients_match_xla(kv_is_q):
+    """The splash backward kernels (dq, dkv) with the dynamic mask and with the static causal mask + segment ids;
+    padding rows get no gradient."""
+    q, k, v, kw, w = _grad_case()
 
     def loss(impl):
         def f(q, k, v):
-            return jnp.sum(A.attention(q, k, v, **kw, impl=impl, interpret=True) * w)
+            return jnp.sum(A.attention(q, k, v, **kw, impl=impl, interpret=True, kv_is_q=kv_is_q) * w)
         return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
 
     for g, r in zip(loss("pallas"), loss("xla"), strict=True):

@@ -76,6 +76,28 @@ def test_pallas_under_shard_map_equals_xla(name, spec):
     assert spec[2] == ("tensor" if t > 1 and q.shape[2] % t == 0 else None)  # heads stay split
 
 
+@pytest.mark.parametrize("spec", ["data=2,fsdp=4", "fsdp=4,tensor=2"])
+def test_one_packed_vision_row_splits_its_queries(spec):
+    """The packed vision tower is one row of P patches, which the batch axes cannot split: the kernel then runs
+    with the queries split along P over those axes (each shard: P/n queries against all P keys), equal to the
+    reference, instead of every shard repeating the whole (P x P) attention."""
+    rng = np.random.default_rng(7)
+    seg = _seg([[(1, 100), (2, 130), (3, 200), (4, 50), (0, 32)]])
+    p = seg.shape[1]
+    q, k, v = (jnp.asarray(rng.standard_normal((1, p, 4, 32)), jnp.float32) for _ in range(3))
+    kw = dict(q_segment_ids=seg, kv_segment_ids=seg, causal=False)
+    ref = A.attention(q, k, v, **kw, impl="xla")
+    mesh = make_mesh(spec)
+    out, jaxpr = _sharded(lambda q, k, v: A.attention(q, k, v, **kw, impl="pallas", interpret=True), mesh, q, k, v)
+    assert "pallas_call" in jaxpr
+    rows = _visible(kw)
+    np.testing.assert_allclose(np.asarray(out)[rows], np.asarray(ref)[rows], atol=1e-5, rtol=0)
+    split = tuple(out.sharding.spec) + (None,) * 4
+    batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+    got = split[1] if isinstance(split[1], tuple) else (split[1],)
+    assert got == batch_axes, split  # the queries are split along P over the batch axes
+
+
 @pytest.mark.parametrize("spec", MESHES)
 @pytest.mark.parametrize("name", ["cache", "vision"])
 def test_cudnn_call_under_shard_map_equals_xla(name, spec):
