@@ -159,10 +159,15 @@ def test_python_dash_m(argv, tmp_path):
 
 
 def test_empty_and_folder_paths_are_named(run_cli, tmp_path):
-    """`glm41v verify ''` was read as the current folder; `glm41v loss --data FOLDER` said 'no such file'."""
+    """`glm41v verify ''` was read as the current folder, `glm41v generate --batch-file ''` as no batch file;
+    `glm41v loss --data FOLDER` said 'no such file'."""
     rc, _, err = run_cli("verify", "")
     assert (rc, err) == (2, "error: the directory path is empty\n")
     folder = tmp_path / "my data"
     folder.mkdir()
     rc, _, err = run_cli("loss", "--model", "tiny", "--data", str(folder))
     assert (rc, err) == (2, f"error: --data {folder}: is a directory, expected a JSONL file\n")
+    rc, _, err = run_cli("generate", "--batch-file", "")
+    assert (rc, err) == (2, "error: --batch-file: the path is empty\n")
+    rc, _, err = run_cli("generate", "--prompt", "hi", "--image", " ")
+    assert (rc, err) == (2, "error: image path is empty\n")

@@ -144,6 +144,8 @@ def configure_env() -> None:
 def check_media(paths: list[str], kind: str) -> None:
     """Each path names an existing file (not a folder, not a broken link): CliError naming the path otherwise."""
     for p in paths:
+        if not p.strip():
+            raise CliError(f"{kind} path is empty")
         if not os.path.exists(p):
             what = "is a broken symbolic link or a symbolic link loop" if os.path.lexists(p) else "not found"
             raise CliError(f"{kind} file {what}: {p}")

@@ -134,6 +134,8 @@ def _open_batch_file(path: str) -> Iterator[tuple[int, Request | RequestError]]:
     """The batch file's requests, its first line read now, before the model loads: a missing or empty file is
     refused at once. Anything readable but a directory is a batch file: a file, a pipe (`--batch-file <(...)`,
     /dev/stdin), /dev/null."""
+    if not path.strip():
+        raise CliError("--batch-file: the path is empty")
     if os.path.isdir(path) or not os.path.exists(path):
         what = "is a directory" if os.path.isdir(path) else (
             "is a broken symbolic link or a symbolic link loop" if os.path.lexists(path) else "not found")
@@ -148,7 +150,7 @@ def _open_batch_file(path: str) -> Iterator[tuple[int, Request | RequestError]]:
 def _generate(args: argparse.Namespace) -> int:
     configure_env()
     _check_args(args)
-    lines = _open_batch_file(args.batch_file) if args.batch_file else None
+    lines = _open_batch_file(args.batch_file) if args.batch_file is not None else None
     pipe, load_s, sampling = load_pipeline(args)
     engine = pipe.engine
     ctx = engine.max_context
