@@ -171,3 +171,17 @@ def test_empty_and_folder_paths_are_named(run_cli, tmp_path):
     assert (rc, err) == (2, "error: --batch-file: the path is empty\n")
     rc, _, err = run_cli("generate", "--prompt", "hi", "--image", " ")
     assert (rc, err) == (2, "error: image path is empty\n")
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["plan", "--tpu", "v5e-8", "train", "--config", "c.yaml", "--step-time", "nan"], "--step-time"),
+    (["plan", "--tpu", "v5e-8", "generate", "--max-context", "1e9"], "--max-context"),
+    (["plan", "--tpu", "v5e-8", "generate", "--chunk-size", "0"], "--chunk-size"),
+    (["train", "--config", "c.yaml", "--process-id", "-1"], "--process-id"),
+    (["train", "--config", "c.yaml", "--num-processes", "0"], "--num-processes"),
+])
+def test_numbers_are_range_checked_by_the_parser(argv, flag, capsys):
+    """Every number flag has a range-checked type (argtypes): one usage line naming the flag, before any work."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: argument {flag}: expected ") and err.count("\n") == 1, err

@@ -30,6 +30,7 @@ import jax
 import yaml
 
 from glm41v_jax import tiny
+from glm41v_jax.cli import argtypes
 from glm41v_jax.cli.common import CliError, guarded
 from glm41v_jax.config import Glm4vConfig
 from glm41v_jax.loading import resolve_model_dir
@@ -66,8 +67,9 @@ def register_train(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("more_overrides", nargs="*", metavar="KEY=VALUE", help="more overrides, as with --set")
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="jax.distributed coordinator (process 0's address), with --num-processes and --process-id")
-    p.add_argument("--num-processes", type=int, default=None, help="number of processes (hosts) in the run")
-    p.add_argument("--process-id", type=int, default=None, help="this process's index in [0, num-processes)")
+    p.add_argument("--num-processes", type=argtypes.positive_int, default=None,
+                   help="number of processes (hosts) in the run")
+    p.add_argument("--process-id", type=argtypes.count, default=None, help="this process's index in [0, num-processes)")
     p.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
                    help="jax.distributed.initialize() without flags: auto (on Cloud TPU VMs), on, off")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")

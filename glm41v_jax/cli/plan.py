@@ -29,6 +29,7 @@ from ..plan import (
     plan_generate,
     plan_train,
 )
+from . import argtypes
 from .common import guarded
 
 
@@ -55,21 +56,23 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="plan_kind", required=True)
     g = sub.add_parser("generate", help="the Engine's prefill and decode programs")
     _common(g, sub=True)
-    g.add_argument("--batch", type=int, default=1, help="rows decoded together (default 1)")
-    g.add_argument("--max-context", type=int, default=8192, help="KV-cache slots: prompt + new tokens (default 8192)")
-    g.add_argument("--max-new-tokens", type=int, default=1024,
+    g.add_argument("--batch", type=argtypes.positive_int, default=1, help="rows decoded together (default 1)")
+    g.add_argument("--max-context", type=argtypes.positive_int, default=8192,
+                   help="KV-cache slots: prompt + new tokens (default 8192)")
+    g.add_argument("--max-new-tokens", type=argtypes.positive_int, default=1024,
                    help="new tokens; the prompt fills the rest of --max-context (default 1024)")
     g.add_argument("--image", action="append", default=[], metavar="WxH",
                    help="an image of this size in pixels in the prompt (resized as the processor does; repeatable)")
     g.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="weights and activations")
     g.add_argument("--attention", choices=("auto", "xla", "pallas"), default="auto", help="attention backend")
-    g.add_argument("--chunk-size", type=int, default=16, help="decode steps per device call (default 16)")
+    g.add_argument("--chunk-size", type=argtypes.int_in(1, 4096), default=16,
+                   help="decode steps per device call (default 16)")
     t = sub.add_parser("train", help="the SFT train step of a training config")
     _common(t, sub=True, model_config_flag="--model-config")
     t.add_argument("--config", dest="train_config", required=True, metavar="YAML", help="the training config file")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set data.seq_len=8192 (repeatable)")
-    t.add_argument("--step-time", type=float, default=None, metavar="S",
+    t.add_argument("--step-time", type=argtypes.float_in(0, lo_open=True), default=None, metavar="S",
                    help="a measured step time in seconds: print the MFU it means")
     t.add_argument("--no-flops-count", action="store_true",
                    help="skip the unrolled 1- and 2-layer compiles that count the compiled FLOPs per layer")
