@@ -235,8 +235,11 @@ class Engine:
         """Put the rows of `prefix` into rows [slot, slot + b) of `state` (donated): continuous batching's step.
         The prefix must have been prefilled with the state's cache length and end no later than its write slot."""
         b, n, s = int(np.shape(prefix.tok)[0]), int(np.shape(state.tok)[0]), int(np.shape(state.kv_seg)[1])
-        if not 0 <= slot <= n - b:
+        if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)) or not 0 <= slot <= n - b:
             raise GenerationError(f"slot {slot}: rows [{slot}, {slot + b}) are not inside the batch of {n} rows")
+        if jax.tree.structure(prefix) != jax.tree.structure(state):
+            raise GenerationError("the prefix and the state differ in their optional parts (repetition penalty, "
+                                  "thinking budget): prefill the request with the batch's sampling and thinking")
         if np.shape(prefix.kv_seg)[1] != s:
             raise GenerationError(f"the prefix has {np.shape(prefix.kv_seg)[1]} cache slots, the state {s}")
         start, index = int(prefix.index), int(state.index)
@@ -367,6 +370,7 @@ class Engine:
         if stream_callback is not None:
             stream_callback([list(r) for r in out])
         steps = 0
+        statics, args = self._decode_args(state, sampling, eos_array(eos))  # the same for every chunk
         c0 = self._compile_s
         t_dec = time.perf_counter()
         pending = None
@@ -375,7 +379,8 @@ class Engine:
             # dispatched after the end returns at once with no tokens.
             nxt = None
             if not all(done):
-                state, buf, n = self.decode(state, sampling=sampling, eos_ids=eos)
+                args = (args[0], state, *args[2:])
+                state, buf, n = self._executable("decode", statics, args, donate=(1,))(*args)
                 nxt = (buf, n)
             if pending is not None:
                 buf_np, n_np = np.asarray(pending[0]), int(pending[1])

@@ -304,78 +304,99 @@ class Pipeline:
         think = {}
         if max_thinking_tokens is not None:
             think = {"max_thinking_tokens": int(max_thinking_tokens), "think_end_ids": self.think_end_ids}
-        totals = {"prefill_s": 0.0, "decode_s": 0.0, "decode_tokens": 0.0, "compile_s": 0.0}
-        counts = {"requests": 0, "failed": 0, "batches": 0, "generated_tokens": 0}
-        # The records not yielded yet, in input order: [index, record or None while its batch has not run].
-        queue: collections.deque[list[Any]] = collections.deque()
-        batch: list[tuple[int, dict[str, np.ndarray], int]] = []
-
-        def error_record(e: BaseException) -> dict[str, Any]:
-            if errors == "raise":
-                raise e
-            counts["failed"] += 1
-            return {"error": one_line(e)}
-
-        def run(pad_to: int) -> None:
-            idx = [c[0] for c in batch]
-            done: dict[int, dict[str, Any]] = {}
-            try:
-                inputs = collate([c[1] for c in batch], self.engine.cfg.text.pad_token_id)
-                results = self.engine.generate_batch(
-                    inputs, max_new_tokens=[c[2] for c in batch], sampling=sampling, seed=seed + counts["batches"],
-                    eos_ids=self.eos_ids, pad_batch_to=pad_to, **think)
-            except GenerationError as e:
-                for i in idx:
-                    done[i] = error_record(e)
-            else:
-                counts["batches"] += 1
-                tm = results[0].timings
-                for k in totals:
-                    totals[k] += tm[k]
-                for i, res in zip(idx, results, strict=True):
-                    done[i] = self.record(res)
-                    counts["generated_tokens"] += len(res.token_ids)
-            batch.clear()
-            for item in queue:
-                if item[1] is None:
-                    item[1] = done[item[0]]
-
-        def ready() -> Iterator[tuple[int, dict[str, Any]]]:
-            while queue and queue[0][1] is not None:
-                i, rec = queue.popleft()
-                yield i, rec
-
+        work = _Batches(self, errors, dict(sampling=sampling, eos_ids=self.eos_ids, **think), seed)
         t0 = time.perf_counter()
         ran_full = False
         try:
             for i, req in enumerate(requests):
-                counts["requests"] += 1
-                try:
-                    if isinstance(req, BaseException):
-                        raise req
-                    r = req if isinstance(req, Request) else Request.from_dict(req)
-                    n = r.max_new_tokens or max_new_tokens
-                    enc = self.encode(r, no_thinking=no_thinking, text_special_tokens=text_special_tokens)
-                    self.engine.prepare(enc, n)  # per-request limits, before any device work
-                except (Glm41vError, OSError) as e:
-                    queue.append([i, error_record(e)])
-                else:
-                    batch.append((i, enc, n))
-                    queue.append([i, None])
-                if len(batch) == batch_size or (batch and len(queue) - len(batch) > MAX_WAITING_RECORDS):
+                work.add(i, req, max_new_tokens, no_thinking=no_thinking, text_special_tokens=text_special_tokens)
+                if len(work.batch) == batch_size or (work.batch and
+                                                     len(work.queue) - len(work.batch) > MAX_WAITING_RECORDS):
                     ran_full = True
-                    run(batch_size)
-                yield from ready()
-            if batch:
+                    work.run(batch_size)
+                yield from work.ready()
+            if work.batch:
                 # A file that fits in one batch is padded to its own size; otherwise every batch to batch_size.
-                run(batch_size if ran_full else len(batch))
-            yield from ready()
+                work.run(batch_size if ran_full else len(work.batch))
+            yield from work.ready()
         finally:
-            wall = time.perf_counter() - t0
-            self.last_summary = {
-                "requests": counts["requests"], "failed": counts["failed"], "batches": counts["batches"],
-                "batch_size": int(batch_size), "prefill_s": totals["prefill_s"], "decode_s": totals["decode_s"],
-                "generated_tokens": counts["generated_tokens"],
-                "decode_tokens_per_s": totals["decode_tokens"] / totals["decode_s"] if totals["decode_s"] > 0 else 0.0,
-                "compile_s": totals["compile_s"], "wall_s": wall, "num_compiles": self.engine.num_compiles,
-            }
+            self.last_summary = work.summary(int(batch_size), time.perf_counter() - t0)
+
+
+class _Batches:
+    """The requests of one `Pipeline.stream` call: the batch being filled, the records not yielded yet (in input
+    order: [index, record or None while its batch has not run]) and the running totals."""
+
+    def __init__(self, pipe: Pipeline, errors: str, generate_kw: dict[str, Any], seed: int) -> None:
+        self.pipe = pipe
+        self.errors = errors
+        self.generate_kw = generate_kw
+        self.seed = seed
+        self.totals = {"prefill_s": 0.0, "decode_s": 0.0, "decode_tokens": 0.0, "compile_s": 0.0}
+        self.counts = {"requests": 0, "failed": 0, "batches": 0, "generated_tokens": 0}
+        self.queue: collections.deque[list[Any]] = collections.deque()
+        self.batch: list[tuple[int, dict[str, np.ndarray], int]] = []
+
+    def error_record(self, e: BaseException) -> dict[str, Any]:
+        if self.errors == "raise":
+            raise e
+        self.counts["failed"] += 1
+        return {"error": one_line(e)}
+
+    def add(self, i: int, req: Request | Mapping[str, Any] | BaseException, max_new_tokens: int, *,
+            no_thinking: bool, text_special_tokens: bool) -> None:
+        """Encode and check one request (its limits, before any device work): into the batch, or an error record."""
+        self.counts["requests"] += 1
+        try:
+            if isinstance(req, BaseException):
+                raise req
+            r = req if isinstance(req, Request) else Request.from_dict(req)
+            n = r.max_new_tokens or max_new_tokens
+            enc = self.pipe.encode(r, no_thinking=no_thinking, text_special_tokens=text_special_tokens)
+            self.pipe.engine.prepare(enc, n)
+        except (Glm41vError, OSError) as e:
+            self.queue.append([i, self.error_record(e)])
+        else:
+            self.batch.append((i, enc, n))
+            self.queue.append([i, None])
+
+    def run(self, pad_to: int) -> None:
+        """Generate the batch (padded to `pad_to` rows) and fill in its records."""
+        engine = self.pipe.engine
+        idx = [c[0] for c in self.batch]
+        done: dict[int, dict[str, Any]] = {}
+        try:
+            inputs = collate([c[1] for c in self.batch], engine.cfg.text.pad_token_id)
+            results = engine.generate_batch(inputs, max_new_tokens=[c[2] for c in self.batch],
+                                            seed=self.seed + self.counts["batches"], pad_batch_to=pad_to,
+                                            **self.generate_kw)
+        except GenerationError as e:
+            for i in idx:
+                done[i] = self.error_record(e)
+        else:
+            self.counts["batches"] += 1
+            tm = results[0].timings
+            for k in self.totals:
+                self.totals[k] += tm[k]
+            for i, res in zip(idx, results, strict=True):
+                done[i] = self.pipe.record(res)
+                self.counts["generated_tokens"] += len(res.token_ids)
+        self.batch.clear()
+        for item in self.queue:
+            if item[1] is None:
+                item[1] = done[item[0]]
+
+    def ready(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """The records at the head of the queue whose batch has run."""
+        while self.queue and self.queue[0][1] is not None:
+            i, rec = self.queue.popleft()
+            yield i, rec
+
+    def summary(self, batch_size: int, wall: float) -> dict[str, Any]:
+        c, t = self.counts, self.totals
+        return {
+            "requests": c["requests"], "failed": c["failed"], "batches": c["batches"], "batch_size": batch_size,
+            "prefill_s": t["prefill_s"], "decode_s": t["decode_s"], "generated_tokens": c["generated_tokens"],
+            "decode_tokens_per_s": t["decode_tokens"] / t["decode_s"] if t["decode_s"] > 0 else 0.0,
+            "compile_s": t["compile_s"], "wall_s": wall, "num_compiles": self.pipe.engine.num_compiles,
+        }

@@ -26,6 +26,7 @@ from glm41v_jax.buckets import bucket_length, cache_length, kv_cache_bytes, visi
 from glm41v_jax.config import Glm4vConfig
 from glm41v_jax.engine import Engine
 from glm41v_jax.requests import GenerationError, collate
+from glm41v_jax.sampling import SamplingParams
 from glm41v_jax.sharding import make_mesh
 
 THINK, END_THINK, ANSWER = 151350, 151351, 151347
@@ -230,6 +231,8 @@ def test_insert_a_prefilled_request_into_a_running_batch(ref_a, spec):
         eng.insert(prefix, state, 2)
     with pytest.raises(GenerationError, match="the prefix has 256 cache slots, the state 128"):
         eng.insert(eng.prefill(eng.prepare(short, 100)), state, 0)
+    with pytest.raises(GenerationError, match="optional parts"):
+        eng.insert(eng.prefill(sprep, max_len=prep.max_len, sampling=SamplingParams(repetition_penalty=1.2)), state, 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
