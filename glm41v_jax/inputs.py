@@ -30,7 +30,7 @@ import numpy as np
 
 from .config import Glm4vConfig
 from .errors import Glm41vError
-from .vision_plan import plan_tables
+from .vision_plan import PLANS, plan_tables
 
 
 class InputError(Glm41vError, ValueError):
@@ -161,6 +161,8 @@ def pack_vision(cfg: Glm4vConfig, pixel_values: np.ndarray | None, image_grid_th
 
     `vision_attention`: the attention plan, "auto" (the cheaper of dense and grouped), "dense" or "grouped"
     (vision_plan.py)."""
+    if vision_attention not in PLANS:
+        raise InputError(f"vision_attention must be one of {', '.join(PLANS)}; got {vision_attention!r}")
     v = cfg.vision
     pix = [p for p in (pixel_values, pixel_values_videos) if p is not None and len(p)]
     if not pix:

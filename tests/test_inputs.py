@@ -96,6 +96,8 @@ def test_errors_are_one_base(cfg):
         inputs.pack_vision(cfg, _pixels(cfg, 50), GRIDS, None, None)
     with pytest.raises(InputError, match="multiple of 4"):
         inputs.pack_vision(cfg, _pixels(cfg, 52), GRIDS, None, None, pad_to=54)
+    with pytest.raises(InputError, match="vision_attention must be one of auto, dense, grouped; got 'banded'"):
+        inputs.prepare_inputs(cfg, np.array([[1, 2]]), vision_attention="banded")  # refused even without media
 
 
 def test_model_inputs_is_a_pytree(cfg):

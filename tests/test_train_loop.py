@@ -614,6 +614,7 @@ def test_flop_counter_and_peaks():
     from transformers import Glm4vForConditionalGeneration
 
     from glm41v_jax.config import Glm4vConfig
+    from glm41v_jax.inputs import VisionInputs
     from glm41v_train.metrics import FlopCounter, device_peak_tflops
     from glm41v_train.optim import OptimConfig
     from glm41v_train.step import StepConfig, TrainStep, train_config
@@ -635,7 +636,8 @@ def test_flop_counter_and_peaks():
     t, v = cfg.text, cfg.vision
     seg = np.array([[1] * 10 + [2] * 6 + [0] * 4, [1] * 20], np.int32)
     vseg = np.array([1] * 24 + [2] * 16 + [0] * 8, np.int32)
-    stats = FlopCounter.batch_stats({"segment_ids": seg, "vision": {"segment_ids": vseg}})
+    vision = VisionInputs.empty(len(vseg), v.patch_dim).replace(segment_ids=vseg)
+    stats = FlopCounter.batch_stats({"segment_ids": seg, "vision": vision})
     assert stats["tokens"] == 36 and stats["patches"] == 40 and stats["slots"] == 40
     attn = 2 * t.num_hidden_layers * t.num_attention_heads * t.head_dim * (10 * 11 + 6 * 7 + 20 * 21)
     vattn = 4 * v.depth * v.hidden_size * (24**2 + 16**2)

@@ -169,7 +169,7 @@ def _random_grid(rng):  # 8x8 to 64x64 patches (112 to 896 px), even sides
 
 @pytest.mark.parametrize("seed", range(3))
 def test_compiled_shapes_stay_bounded(setup, seed):
-    """Compile keys (programs.signature of the vision dict) over 12 random image sizes: one image per request and
+    """Compile keys (programs.signature of the VisionInputs) over 12 random image sizes: one image per request and
     batches of 4 equal images add no key to the dense path's (one per patch bucket); batches of 4 images of 4
     random sizes add at most a few per patch bucket."""
     cfg, _ = setup
