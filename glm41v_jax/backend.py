@@ -7,9 +7,9 @@ design choices".
 
 * `target_platform()`: the platform of the devices of the mesh the program is traced for ("tpu" when compiling
   for a TPU topology from a CPU host), else `jax.default_backend()`. Every switch below reads it.
-* `BACKEND_TUNING` / `backend_default(platform, key)`: the per-platform defaults. Today one key,
-  `engine_kernel_layout`, the Engine's decode kernel layout ("out_in" on CPU, "in_out" on TPU and GPU; see
-  `layers.Dense`).
+* `BACKEND_TUNING` / `backend_default(platform, key)`: the per-platform defaults: `engine_kernel_layout`, the
+  Engine's decode kernel layout ("out_in" on CPU, "in_out" on TPU and GPU; see `layers.Dense`), and `dtype`, the
+  Pipeline's weights and compute dtype when none is given ("float32" on CPU, "bfloat16" on TPU and GPU).
 * XLA:CPU special cases (no other module tests the platform for speed):
   - `use_blocked_attention(num_queries)`: prefill and vision attention (32+ queries) run
     `attention.blocked_attention`, the reference math over query chunks whose fp32 logits stay within
@@ -89,10 +89,12 @@ def target_platform() -> str:
 #   tpu "in_out": both layouts read the same HBM bytes per decode step; the TPU compiler tiles each weight itself,
 #       so the checkpoint layout needs no re-layout.
 #   gpu "in_out": not measured on a GPU; like TPU, the checkpoint layout (cuBLAS takes either transpose).
+# dtype: the Pipeline's default param/compute dtype. bfloat16 is native on TPU and GPU matrix units and halves the
+#   weights' memory; XLA:CPU has no fast bf16 matmul, and float32 keeps CPU results comparable with transformers.
 BACKEND_TUNING: dict[str, dict[str, str]] = {
-    "cpu": {"engine_kernel_layout": "out_in"},
-    "tpu": {"engine_kernel_layout": "in_out"},
-    "gpu": {"engine_kernel_layout": "in_out"},
+    "cpu": {"engine_kernel_layout": "out_in", "dtype": "float32"},
+    "tpu": {"engine_kernel_layout": "in_out", "dtype": "bfloat16"},
+    "gpu": {"engine_kernel_layout": "in_out", "dtype": "bfloat16"},
 }
 
 

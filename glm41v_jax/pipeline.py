@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from .backend import backend_default
+from .config import RuntimeConfig
 from .engine import Engine
 from .errors import Glm41vError, one_line
 from .requests import GenerationError, collate, read_eos_ids
@@ -188,27 +190,32 @@ class Pipeline:
         self.last_summary: dict[str, Any] = {}
 
     @classmethod
-    def load(cls, model: str | os.PathLike | None = None, *, dtype: str | None = None, mesh: Any = "auto",
-             chunk_size: int = 16, max_context: int | None = None,
-             check_directory: Callable[[str], Any] | None = None, **runtime: Any) -> Pipeline:
+    def load(cls, model: str | os.PathLike | None = None, runtime: RuntimeConfig | None = None, *,
+             mesh: Any = "auto", chunk_size: int = 16, max_context: int | None = None,
+             check_directory: Callable[[str], Any] | None = None, **overrides: Any) -> Pipeline:
         """Load a checkpoint (HF dir, converted dir or hub id; None: the embedded tiny random checkpoint).
 
-        dtype: weights and activations (default float32 on CPU, bfloat16 on accelerators). mesh: a `Mesh`, a spec
-        string "data=D,fsdp=F,tensor=T", "auto" (`auto_mesh_spec` over all devices) or None (one device).
+        runtime, overrides: how to run, as `loading.load` takes them (a `RuntimeConfig`, and its fields by name:
+        `param_dtype`, `compute_dtype`, `attention_impl`, ...; also `verify`). Without a `runtime`, the weights and the
+        computation default to the platform's dtype (`backend.BACKEND_TUNING`: float32 on CPU, bfloat16 on TPU/GPU);
+        the CLIs' `--dtype D` is `**config.dtype_flag(D)`. mesh: a `Mesh`, a spec string "data=D,fsdp=F,tensor=T",
+        "auto" (`auto_mesh_spec` over all devices) or None (one device).
         The config's limits and the side files (generation config, tokenizer, chat template, processor configs) are
         checked before the weights are read; `check_directory(directory)` runs then too, for the caller's checks.
         """
         import jax
 
         from . import tiny
-        from .config import Glm4vConfig, dtype_flag
+        from .config import Glm4vConfig
         from .loading import load, resolve_model_dir
         from .processing import Processor
         from .sharding import make_mesh
 
         random_weights = model is None
         directory = tiny.materialize_tiny_checkpoint() if random_weights else resolve_model_dir(model)
-        dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+        if runtime is None:
+            default = backend_default(jax.default_backend(), "dtype")
+            overrides = {"param_dtype": default, "compute_dtype": default, **overrides}
         # Everything that can be checked before the weights are read: the config's limits, the side files.
         config_path = os.path.join(directory, "config.json")
         text_cfg = Glm4vConfig.from_file(config_path).text if os.path.isfile(config_path) else None
@@ -226,7 +233,7 @@ class Pipeline:
                 heads = Glm4vConfig.from_file(config_path).text.num_attention_heads
                 mesh = auto_mesh_spec(heads, jax.device_count())
             mesh = None if mesh is None else make_mesh(mesh)
-        params, cfg = load(directory, mesh=mesh, **{**runtime, **dtype_flag(dtype)})
+        params, cfg = load(directory, runtime, mesh=mesh, **overrides)
         engine = Engine(params, cfg, mesh=mesh, chunk_size=chunk_size, max_context=max_context)
         return cls(engine, processor, eos_ids=read_eos_ids(directory, cfg), directory=directory,
                    random_weights=random_weights)

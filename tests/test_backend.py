@@ -67,6 +67,7 @@ def test_backend_defaults():
         assert backend.backend_default(gpu, "engine_kernel_layout") == backend.BACKEND_TUNING["gpu"][
             "engine_kernel_layout"]
     assert backend.backend_default("metal", "engine_kernel_layout") == "out_in"  # unknown: the CPU row
+    assert [backend.backend_default(p, "dtype") for p in ("cpu", "tpu", "cuda")] == ["float32", "bfloat16", "bfloat16"]
 
 
 def test_cpu_switches_follow_the_target_platform():

@@ -39,7 +39,7 @@ def test_cli_dtype_flag_reaches_weights_and_compute(tiny_cache_dir, monkeypatch)
     add_model_args(parser)
     for argv, want in ((["--dtype", "bfloat16"], "bfloat16"), ([], "float32")):
         args = parser.parse_args(argv)
-        pipe = Pipeline.load(None, dtype=args.dtype, mesh=None)
+        pipe = Pipeline.load(None, mesh=None, **dtype_flag(args.dtype))  # as cli.common.load_pipeline calls it
         rt = pipe.engine.cfg.runtime
         assert (rt.param_dtype, rt.compute_dtype) == (want, want), argv
         assert {str(x.dtype) for x in jax.tree.leaves(pipe.engine.params)} == {want}, argv

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from ..config import dtype_flag
 from ..errors import Glm41vError, one_line
 from ..pipeline import Pipeline
 from ..sampling import SamplingParams, read_generation_config, resolve_sampling
@@ -194,7 +195,7 @@ def load_pipeline(args: argparse.Namespace) -> tuple[Pipeline, float, SamplingPa
     mesh = getattr(args, "mesh", None)
     t0 = time.perf_counter()
     sampling: dict[str, SamplingParams] = {}
-    pipe = Pipeline.load(args.model, dtype=args.dtype, mesh=None if mesh in (None, "none") else mesh,
+    pipe = Pipeline.load(args.model, **dtype_flag(args.dtype), mesh=None if mesh in (None, "none") else mesh,
                          chunk_size=args.chunk_size, max_context=getattr(args, "max_context", None),
                          check_directory=lambda d: sampling.update(params=sampling_from(args, d)),
                          verify=bool(getattr(args, "verify", False)))  # passed on to loading.load
