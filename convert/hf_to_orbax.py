@@ -1,7 +1,7 @@
 """HF safetensors checkpoint -> Orbax checkpoint of the unrolled Flax tree, streamed with bounded host memory.
 
 What is special here:
-  * Streaming: tensors are read one at a time (`glm41v_jax.loading.HFCheckpoint`, its own short-lived `safe_open`
+  * Streaming: tensors are read one at a time (`glm41v_jax.hf_checkpoint.HFCheckpoint`, its own short-lived `safe_open`
     per tensor), mapped through the strict `weights.build_rules` table, and buffered only until about
     `flush_bytes` (default 512 MiB) are pending. Each buffer is written as one Orbax *partial save*
     (`orbax.checkpoint.experimental.v1.partial.save_async`: each call adds new leaves to a pending checkpoint)
@@ -54,8 +54,10 @@ from orbax.checkpoint.experimental.v1 import partial as ocp_partial
 from tqdm import tqdm
 
 from glm41v_jax.checkpoint_files import copy_side_files, finish_converted
+from glm41v_jax.checkpoint_format import FORMAT_NAME, FORMAT_VERSION, PARAMS_SUBDIR, CheckpointError, is_converted_dir
 from glm41v_jax.config import Glm4vConfig
 from glm41v_jax.errors import Glm41vError
+from glm41v_jax.hf_checkpoint import HFCheckpoint, to_flax_layout
 from glm41v_jax.integrity import (
     CHECKSUM_ALGORITHM,
     abs_path,
@@ -64,16 +66,7 @@ from glm41v_jax.integrity import (
     quiet_storage_threads,
     storage_error,
 )
-from glm41v_jax.loading import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    PARAMS_SUBDIR,
-    CheckpointError,
-    HFCheckpoint,
-    is_converted_dir,
-    resolve_model_dir,
-    to_flax_layout,
-)
+from glm41v_jax.model_dir import resolve_model_dir
 from glm41v_jax.weights import iter_leaves, set_path, unstack_layers
 
 DTYPES = ("bfloat16", "float32")
