@@ -14,10 +14,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from importlib import resources
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import save_file
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from .config import Glm4vConfig
+from .weights import hf_param_shapes
 
 # Real GLM-4 family special tokens (docs/MODEL.md §6.2).
 SPECIAL_TOKENS: dict[str, int] = {
@@ -72,8 +78,6 @@ def tiny_vocab() -> dict[str, int]:
 
 def build_tokenizer():
     """A character-level WordLevel tokenizer with the real GLM special-token ids. Returns a `tokenizers.Tokenizer`."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-
     tok = Tokenizer(models.WordLevel(vocab=tiny_vocab(), unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"."), behavior="isolated")
     tok.decoder = decoders.Fuse()
@@ -182,8 +186,6 @@ TINY_VIDEO_PREPROCESSOR = {
 
 def random_hf_state_dict(hf_config: dict[str, Any], seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
     """HF-named weights with O(1) scale (norm weights 1 +- 0.1, embeddings N(0,1), matrices N(0, 1/fan_in))."""
-    from .config import Glm4vConfig
-    from .weights import hf_param_shapes  # local import: weights imports config only
 
     cfg = Glm4vConfig.from_hf(hf_config)
     rng = np.random.default_rng(seed)
@@ -210,7 +212,6 @@ TINY_SEED = 20250701
 def write_random_hf_dir(directory: str | os.PathLike, seed: int = 0, **text_overrides: Any) -> str:
     """A weights-only HF checkpoint folder (config.json + model.safetensors, no tokenizer) of the tiny config with
     random fp32 weights: what the converter and loader tests feed. Returns the folder."""
-    from safetensors.numpy import save_file  # (as in materialize_tiny_checkpoint)
 
     d = os.fspath(directory)
     os.makedirs(d, exist_ok=True)
@@ -230,7 +231,6 @@ def default_cache_dir() -> str:
 
 def materialize_tiny_checkpoint(directory: str | None = None) -> str:
     """Write the embedded tiny random checkpoint as an HF-layout directory (once) and return its path."""
-    from safetensors.numpy import save_file
 
     directory = directory or default_cache_dir()
     marker = os.path.join(directory, "model.safetensors")
@@ -262,7 +262,6 @@ def materialize_tiny_checkpoint(directory: str | None = None) -> str:
     try:
         os.replace(tmp, directory)
     except OSError:  # another process won the race
-        import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
     return directory

@@ -34,8 +34,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from .config import Glm4vConfig
+from .decode import step_logits
+from .engine import Engine
+from .model import init_cache
+from .sharding import under_mesh
 
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4, "u32": 4, "s64": 8, "u64": 8, "f16": 2,
                 "bf16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5, "u4": 0.5, "f8e4m3fn": 1,
@@ -235,9 +241,6 @@ def compiler_bytes(compiled: Any) -> float:
 def calibration_programs(mesh: jax.sharding.Mesh, d: int = 4096, f: int = 16384) -> dict[str, tuple[Any, float]]:
     """Programs with a known HBM minimum, compiled for `mesh` (W sharded over "tensor"): name -> (compiled,
     minimum bytes per device)."""
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
     def sds(shape, spec):
         return jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=NamedSharding(mesh, spec))
 
@@ -286,11 +289,6 @@ def decode_step(cfg: Glm4vConfig, mesh: jax.sharding.Mesh, batch: int, max_len: 
     """Compile one decode step of the Engine (`decode.step_logits`: the body of its decode loop) for `mesh`
     from shapes only, with the Engine's param / KV-cache / row shardings and the cache donated.
     Returns (compiled, {"params_bytes", "kv_cache_bytes", "minimum_bytes"} per device)."""
-    from .decode import step_logits
-    from .engine import Engine
-    from .model import init_cache
-    from .sharding import under_mesh
-
     eng = Engine(None, cfg, mesh=mesh, kernel_layout=kernel_layout)
     cache = jax.eval_shape(functools.partial(init_cache, eng.cfg, batch, max_len))
     cache_sh = eng.cache_shardings(cache)

@@ -31,6 +31,8 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .config import Glm4vConfig
@@ -265,9 +267,6 @@ LAYER_GROUPS = (  # (parent, name) of the layer stacks: name_0, name_1, ... <-> 
 
 def stack_layers(params: Mapping) -> dict:
     """Unrolled (`layers_0`, ...) -> scanned (`layers` with a leading axis). Works on numpy or jax arrays."""
-    import jax
-    import jax.numpy as jnp
-
     out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in params.items()}
     for parent, name in LAYER_GROUPS:
         if parent not in out:
@@ -284,8 +283,6 @@ def stack_layers(params: Mapping) -> dict:
 
 def unstack_layers(params: Mapping) -> dict:
     """Scanned -> unrolled."""
-    import jax
-
     out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in params.items()}
     for parent, name in LAYER_GROUPS:
         if parent not in out or name not in out[parent]:

@@ -14,7 +14,11 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+import jinja2
 import numpy as np
+from jinja2 import nodes
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .image import ProcessingError, read_json_object
 
@@ -46,11 +50,6 @@ def plain_template_data(value: Any) -> Any:
 
 def compile_chat_template(template: str):
     """Compile a chat template in the same jinja2 environment transformers uses."""
-    import jinja2
-    from jinja2 import nodes
-    from jinja2.ext import Extension
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     class _Generation(Extension):  # `{% generation %}...{% endgeneration %}` renders its body unchanged
         tags = {"generation"}
 

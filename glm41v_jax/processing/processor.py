@@ -21,7 +21,9 @@ import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jinja2
 import numpy as np
+from tokenizers import Tokenizer
 
 from ..inputs import token_types
 from .chat_template import (
@@ -77,8 +79,6 @@ class Processor:
         self.padding_side = padding_side
         self._template = None
         if chat_template is not None:
-            import jinja2
-
             try:
                 self._template = compile_chat_template(chat_template)
             except (jinja2.TemplateError, *TEMPLATE_RUNTIME_ERRORS) as e:
@@ -100,8 +100,6 @@ class Processor:
     @classmethod
     def from_dir(cls, checkpoint_dir: str | os.PathLike) -> Processor:
         """tokenizer.json (+ tokenizer_config.json), chat template, preprocessor / video preprocessor configs."""
-        from tokenizers import Tokenizer
-
         d = os.fspath(checkpoint_dir)
         if not os.path.isdir(d):
             raise ProcessingError(f"checkpoint directory not found: {d!r}")
@@ -172,8 +170,6 @@ class Processor:
                                     if isinstance(c, dict) and c.get("type") == "text" else c for c in m["content"]]
             chat.append(m)
         variables = {**self.special_tokens, **plain_template_data(dict(kwargs or {}))}
-        import jinja2
-
         try:
             text = self._template.render(
                 messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables
@@ -304,8 +300,6 @@ class Processor:
         if not text:
             return []
         if self._plain_tokenizer is None:
-            from tokenizers import Tokenizer
-
             spec = json.loads(self.tokenizer.to_str())
             spec["added_tokens"] = []
             self._plain_tokenizer = Tokenizer.from_str(json.dumps(spec))

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import av
 import numpy as np
 
 from .image import ProcessingError, pil_resize
@@ -82,8 +83,6 @@ def load_video(
       before decoding and on every decoded frame), raise ProcessingError. So do a missing, corrupt, audio-only or
       empty file, a still image, and frames that change size mid-stream; every message names the file.
     """
-    import av  # local import: only needed for file decoding
-
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ProcessingError(f"video file not found: {path!r}")
