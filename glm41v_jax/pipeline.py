@@ -25,14 +25,19 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
+from . import tiny
 from .backend import backend_default
-from .config import RuntimeConfig
+from .config import Glm4vConfig, RuntimeConfig
 from .engine import Engine
 from .errors import Glm41vError, one_line
+from .loading import load, resolve_model_dir
+from .processing import Processor
 from .requests import GenerationError, collate, read_eos_ids
 from .sampling import SamplingParams, read_generation_config
+from .sharding import make_mesh
 from .thinking import FORCED_ANSWER, NO_THINKING_PREFIX, parse_response
 
 REQUEST_FIELDS = ("prompt", "system", "images", "videos", "max_new_tokens")
@@ -203,14 +208,6 @@ class Pipeline:
         The config's limits and the side files (generation config, tokenizer, chat template, processor configs) are
         checked before the weights are read; `check_directory(directory)` runs then too, for the caller's checks.
         """
-        import jax
-
-        from . import tiny
-        from .config import Glm4vConfig
-        from .loading import load, resolve_model_dir
-        from .processing import Processor
-        from .sharding import make_mesh
-
         random_weights = model is None
         directory = tiny.materialize_tiny_checkpoint() if random_weights else resolve_model_dir(model)
         if runtime is None:
