@@ -13,7 +13,7 @@ ones that run, not copies:
 A multi-host slice (v5p-16 and up, v5e/v6e above 8 chips) is compiled for all its devices at once, as one program.
 
 Figures (per chip: per jax device, which is a chip except on v4, where each of the 2 TensorCores is a device):
-  * memory, from `compiled.memory_analysis()`: arguments + outputs - aliased + temporaries of the largest program;
+  * memory, from `compiled.memory_analysis()`: the compiler's peak of the largest program (`memory_figures`);
     the parameter, optimizer-state and KV-cache parts are the shard sizes of those arrays under their shardings;
   * FLOPs and HBM bytes: analytic (model FLOPs as in `glm41v_train.metrics.FlopCounter`; decode bytes = the text
     weights and the KV cache read once), next to the compiler's `cost_analysis()`. The compiler counts a loop body
@@ -194,13 +194,18 @@ def shard_bytes(tree: Any, shardings: Any = None) -> int:
 
 
 def memory_figures(compiled: Any) -> dict[str, int]:
-    """Per-device bytes of a compiled program (memory_analysis)."""
+    """Per-device bytes of a compiled program (memory_analysis). `total_bytes` is the compiler's peak (what it checks
+    against HBM) where it reports one: the temporaries may reuse donated argument buffers, so arguments + outputs -
+    aliased + temporaries can exceed the real peak (by GiBs for a train step). `live_bytes`: peak - arguments,
+    what the program needs beyond its inputs."""
     m = compiled.memory_analysis()
     get = lambda k: int(getattr(m, k, 0) or 0)  # noqa: E731
     arg, out, alias, temp = (get("argument_size_in_bytes"), get("output_size_in_bytes"), get("alias_size_in_bytes"),
                              get("temp_size_in_bytes"))
+    peak = get("peak_memory_in_bytes") or arg + out - alias + temp
     return {"argument_bytes": arg, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
-            "code_bytes": get("generated_code_size_in_bytes"), "total_bytes": arg + out - alias + temp}
+            "code_bytes": get("generated_code_size_in_bytes"), "peak_bytes": peak, "total_bytes": peak,
+            "live_bytes": max(peak - arg, 0)}
 
 
 def cost_figures(compiled: Any) -> dict[str, float]:
@@ -371,10 +376,10 @@ def _finish(report: dict[str, Any], hbm: float) -> dict[str, Any]:
     progs = report["programs"]
     if progs:
         # Resident: every weight (a program's own arguments leave out what it does not read, e.g. the vision tower
-        # in decode), the optimizer state and the KV cache, plus the largest program's temporaries.
+        # in decode), the optimizer state and the KV cache, plus what the largest program needs beyond its inputs.
         resident = pc["params_bytes"] + pc["opt_state_bytes"] + pc["kv_cache_bytes"]
-        pc["temp_bytes"] = max(p["memory"]["temp_bytes"] for p in progs)
-        pc["total_bytes"] = max(max(resident + p["memory"]["temp_bytes"], p["memory"]["total_bytes"]) for p in progs)
+        pc["temp_bytes"] = max(p["memory"]["live_bytes"] for p in progs)
+        pc["total_bytes"] = max(max(resident + p["memory"]["live_bytes"], p["memory"]["total_bytes"]) for p in progs)
     report["fits"] = pc["total_bytes"] <= hbm
     if not report["fits"]:
         report["advice"] = [f"the compiled total {format_bytes(pc['total_bytes'])} per chip exceeds "

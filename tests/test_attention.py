@@ -96,8 +96,8 @@ CASES = ["prefill", "prefill_restart", "cache", "decode", "vision"]
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("block_bytes", [1, 64 << 10, None])
 def test_blocked_matches_dense(name, block_bytes):
-    """The CPU path (query chunks of 16 rows up to backend.ATTENTION_BLOCK_BYTES; T not a chunk multiple) = the one-block math,
-    fully masked padding rows included (both give the mean of v there), in float32 and bfloat16."""
+    """The CPU path (query chunks of 16 rows up to backend.ATTENTION_BLOCK_BYTES; T not a chunk multiple) = the
+    one-block math, fully masked padding rows included (both give the mean of v there), in float32 and bfloat16."""
     for dtype, tol in ((jnp.float32, F32_TOL), (jnp.bfloat16, BF16_TOL)):
         q, k, v, kw = _case(name, dtype)
         ref = jax.jit(functools.partial(A.dense_attention, **kw))(q, k, v)

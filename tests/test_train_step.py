@@ -539,3 +539,34 @@ def test_head_over_label_rows_equals_full_logits(label_rows, vocab_major):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-5)
     if label_rows == 0:
         assert float(lf) == 0.0 and not np.asarray(gf[0]).any() and not np.asarray(gf[1]).any()
+
+
+def test_bf16_params_update_by_stochastic_rounding():
+    """`apply_updates` on bf16 leaves: an update of a quarter bf16 step is kept in expectation (round-to-nearest, as
+    optax.apply_updates does, drops it), different leaves get different draws, fp32 leaves add exactly."""
+    w = jnp.full((1 << 15,), 1.0, jnp.bfloat16)
+    u = jnp.full(w.shape, 2.0**-9, jnp.float32)  # a quarter of the bf16 step at 1.0
+    out = S.apply_updates({"a": w, "b": w, "c": w.astype(jnp.float32)}, {"a": u, "b": u, "c": u},
+                          jax.random.key(3))
+    assert out["a"].dtype == out["b"].dtype == jnp.bfloat16 and out["c"].dtype == jnp.float32
+    np.testing.assert_allclose(float(out["a"].astype(jnp.float32).mean()), 1.0 + 2.0**-9, rtol=5e-5)
+    assert not np.array_equal(np.asarray(out["a"]), np.asarray(out["b"]))
+    np.testing.assert_array_equal(np.asarray(out["c"]), 1.0 + 2.0**-9)
+    assert float(optax.apply_updates({"a": w}, {"a": u})["a"].astype(jnp.float32).mean()) == 1.0  # what SR avoids
+
+
+def test_bf16_param_dtype_step(small):
+    """`step.param_dtype: bfloat16`: the weights and their moments' params stay bf16 through steps, the gradients
+    are bf16, and the losses follow the fp32-master run of the same batches within bf16 precision."""
+    cfg, params = small
+    batches = [_batch_rows(cfg, 20 + i, 2, 40, 32)[0] for i in range(3)]
+    sc16 = S.dataclasses.replace(FP32, param_dtype="bfloat16", grad_dtype="bfloat16")
+    ts16, ts32 = S.TrainStep(cfg, OC, sc=sc16), S.TrainStep(cfg, OC, sc=FP32)
+    p16, _, l16 = _run(ts16, params, batches)
+    _, _, l32 = _run(ts32, params, batches)
+    assert {x.dtype for x in jax.tree.leaves(p16)} == {jnp.dtype(jnp.bfloat16)}
+    assert all(np.isfinite(l16))
+    np.testing.assert_allclose(l16, l32, rtol=0.05)
+    assert l16[-1] < l16[0]
+    with pytest.raises(ValueError, match="param_dtype"):
+        S.StepConfig(param_dtype="float16")

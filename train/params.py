@@ -19,9 +19,9 @@ from .step import TrainStep
 
 
 def place_unrolled(params: Mapping[str, Any], ts: TrainStep) -> Any:
-    """Unrolled host params (NumPy, any float dtype) -> the step's stacked fp32 global arrays. Each device's shard
-    is cut (and the layers stacked) on the host by `jax.make_array_from_callback`: no full fp32 or stacked copy
-    is made, and it works the same on every host."""
+    """Unrolled host params (NumPy, any float dtype) -> the step's stacked global arrays in its param dtype. Each
+    device's shard is cut (and the layers stacked) on the host by `jax.make_array_from_callback`: no full fp32 or
+    stacked copy is made, and it works the same on every host."""
     flat = jax.tree_util.tree_flatten_with_path(ts.abstract_params)[0]
     shardings = jax.tree.leaves(ts.param_shardings)
     leaves = []
@@ -32,15 +32,15 @@ def place_unrolled(params: Mapping[str, Any], ts: TrainStep) -> Any:
             layers = [get_path(params, (names[0], f"{names[1]}_{i}") + names[2:]) for i in range(n_layers)]
             got = (n_layers, *np.shape(layers[0]))
 
-            def cb(idx, layers=layers):
+            def cb(idx, layers=layers, dtype=abstract.dtype):
                 sel = range(len(layers))[idx[0]]
-                return np.stack([np.asarray(layers[i][idx[1:]], np.float32) for i in sel])
+                return np.stack([np.asarray(layers[i][idx[1:]], dtype) for i in sel])
         else:
             leaf = get_path(params, names)
             got = tuple(np.shape(leaf))
 
-            def cb(idx, leaf=leaf):
-                return np.asarray(leaf[idx], np.float32)
+            def cb(idx, leaf=leaf, dtype=abstract.dtype):
+                return np.asarray(leaf[idx], dtype)
         if got != tuple(abstract.shape):
             raise CheckpointError(f"param {'/'.join(names)}: shape {got}, expected {tuple(abstract.shape)}")
         leaves.append(jax.make_array_from_callback(tuple(abstract.shape), sharding, cb))

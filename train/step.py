@@ -14,6 +14,11 @@ Precision: fp32 master weights (`param_dtype`), activations and matmuls in `comp
 for CPU tests), fp32 log-softmax. `grad_dtype="bfloat16"` casts the trainable weights to bf16 *before* the
 differentiated function, so gradients are produced and accumulated in bf16 (half the memory; the matmuls see the
 same bf16 weights either way); the Adam arithmetic is fp32 (train/optim.py has the memory budget).
+`param_dtype="bfloat16"` keeps the weights themselves in bf16 (no fp32 master copy): half the parameter memory,
+bf16 gradients with no separate bf16 copy of the weights, and each update summed in fp32 and stochastically rounded
+back (`apply_updates`), so updates far below a bf16 step are not lost. It is what makes full fine-tuning of the 9B
+model fit 16 GB chips with gradient accumulation (train/configs/kaggle_v5e8.yaml; the fp32 master weights are the
+default and what the parity tests use).
 
 Frozen groups are not differentiated at all: the trainable leaves are split off and only they are arguments of
 `jax.value_and_grad`; the frozen ones enter as constants, so XLA prunes their backward (a frozen vision tower runs
@@ -63,7 +68,15 @@ from glm41v_jax.sharding import logical_to_spec, make_mesh, param_shardings, unb
 from glm41v_jax.weights import stack_layers, unstack_layers
 
 from .loss import DEFAULT_CHUNK, label_count, loss_and_count
-from .optim import OptimConfig, global_norm, lr_schedule, make_optimizer, opt_state_shardings, trainable_mask
+from .optim import (
+    OptimConfig,
+    global_norm,
+    lr_schedule,
+    make_optimizer,
+    opt_state_shardings,
+    stochastic_round,
+    trainable_mask,
+)
 
 VISION_SHARDING = ("batch", "replicated")
 
@@ -74,6 +87,9 @@ class StepConfig:
     remat_policy: str = "full"  # none | full | dots | dots_no_batch | everything (glm41v_jax.layers.remat_policy)
     compute_dtype: str = "bfloat16"  # activations / matmul inputs ("float32" on CPU)
     grad_dtype: str = "float32"  # dtype gradients are produced and accumulated in
+    # dtype the trained weights are kept in: "float32" master weights, or "bfloat16" weights updated with stochastic
+    # rounding (half the parameter memory and no separate bf16 copy for bf16 gradients; module docstring)
+    param_dtype: str = "float32"
     loss_chunk: int = DEFAULT_CHUNK  # label rows per head chunk in the loss (train/loss.py)
     vision_sharding: str = "batch"  # "batch" | "replicated" (module docstring)
     # True: layers under nn.scan over stacked weights (compile time flat in depth: TPU pods). False: unrolled layers
@@ -95,7 +111,7 @@ class StepConfig:
         if self.vision_sharding not in VISION_SHARDING:
             raise ValueError(f"vision_sharding must be one of {', '.join(VISION_SHARDING)}; got "
                              f"{self.vision_sharding!r}")
-        for name in ("compute_dtype", "grad_dtype"):
+        for name in ("compute_dtype", "grad_dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16"):
                 raise ValueError(f"{name} must be float32 or bfloat16, got {getattr(self, name)!r}")
 
@@ -103,7 +119,7 @@ class StepConfig:
 def train_config(cfg: Glm4vConfig, sc: StepConfig) -> Glm4vConfig:
     """The model config the step runs: scanned (or unrolled) layers, remat, compute dtype, fp32 master weights."""
     return cfg.with_runtime(scan_layers=sc.scan_layers, remat_policy=sc.remat_policy, compute_dtype=sc.compute_dtype,
-                            param_dtype="float32", attention_impl=sc.attention_impl)
+                            param_dtype=sc.param_dtype, attention_impl=sc.attention_impl)
 
 
 def stack_batches(batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -162,6 +178,23 @@ def compute_grads(params: Any, batch: Mapping[str, Any], cfg: Glm4vConfig, sc: S
     return loss, count, grads
 
 
+def apply_updates(params: Any, updates: Any, key: jax.Array) -> Any:
+    """params + updates. fp32 leaves as optax.apply_updates; bf16 leaves (`param_dtype="bfloat16"`) are summed in
+    fp32 and stochastically rounded back to bf16 (`optim.stochastic_round`), one key per leaf: an update far below
+    a bf16 step (lr 1e-5 on weights ~1e-2) moves the weight by one step with the matching probability instead of
+    being rounded away, so the expected weight follows the fp32 trajectory."""
+    leaves, tree = jax.tree.flatten(params)
+    ups = tree.flatten_up_to(updates)
+    out = []
+    for i, (p, u) in enumerate(zip(leaves, ups, strict=True)):
+        if p.dtype == jnp.bfloat16:
+            out.append(stochastic_round(p.astype(jnp.float32) + u.astype(jnp.float32), jax.random.fold_in(key, i),
+                                        jnp.bfloat16))
+        else:
+            out.append((p + u.astype(p.dtype)).astype(p.dtype))
+    return jax.tree.unflatten(tree, out)
+
+
 def _schedule_count(opt_state: Any) -> jax.Array:
     """Updates applied so far (the learning-rate schedule's step)."""
     is_sched = lambda x: isinstance(x, optax.ScaleByScheduleState)
@@ -181,7 +214,7 @@ def train_step(params: Any, opt_state: Any, batch: Mapping[str, Any], *, cfg: Gl
                         is_leaf=lambda x: x is None)
     with jax.named_scope("optimizer"):
         updates, new_opt_state = tx.update(full, opt_state, params, grad_norm=grad_norm)  # one norm per step
-        new_params = optax.apply_updates(params, updates)
+        new_params = apply_updates(params, updates, jax.random.fold_in(jax.random.key(oc.seed + 1), step))
     # A non-finite loss or gradient norm: the update is not applied (params and optimizer state, its step count
     # included, stay as they were), so params never turn non-finite; the loop stops after `nonfinite_patience` such
     # steps (train/loop.py). An elementwise select in the same program: no host sync.
@@ -239,8 +272,8 @@ class TrainStep:
                                 strict=True):
             if tuple(np.shape(x)) != tuple(a.shape):
                 raise ValueError(f"param {jax.tree_util.keystr(path)}: shape {np.shape(x)}, expected {a.shape}")
-        return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x, jnp.float32), s), params,
-                            self.param_shardings)
+        return jax.tree.map(lambda x, a, s: jax.device_put(jnp.asarray(x, a.dtype), s), params,
+                            self.abstract_params, self.param_shardings)
 
     def init_opt_state(self, params: Any) -> Any:
         return jax.jit(self.tx.init, in_shardings=(self.param_shardings,), out_shardings=self.opt_shardings)(params)
