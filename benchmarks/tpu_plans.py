@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import print_table  # noqa: E402
 
-from glm41v_jax.plan import model_config, parse_tpu, plan_generate, plan_train  # noqa: E402
+from glm41v_jax.plan import model_config, plan_generate, plan_train  # noqa: E402
+from glm41v_jax.tpu_slices import parse_tpu  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GENERATE = [("v5e-1", 1, None), ("v5e-8", 1, None), ("v5e-8", 8, None), ("v5e-8", 32, None),

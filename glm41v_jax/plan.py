@@ -1,19 +1,16 @@
 """`glm41v plan`: will it fit on a Cloud TPU slice, and how fast can it be, before anyone pays for one.
 
-The real TPU compiler (libtpu, from `pip install 'glm41v-jax[tpu]'`) runs on any machine: the devices of a TPU
-topology come from `jax.experimental.topologies.get_topology_desc`, and the programs are lowered with abstract
-inputs (ShapeDtypeStructs with shardings: no weights, no TPU) and compiled for those devices. The programs are the
-ones that run, not copies:
+The programs are compiled by the real TPU compiler (libtpu) for the devices of a slice (`glm41v_jax.tpu_slices`:
+the slice types, their published per-chip figures, the devices; no TPU needed), lowered with abstract inputs
+(ShapeDtypeStructs with shardings: no weights). The programs are the ones that run, not copies:
 
   * generation: an `Engine` without params (`Engine(None, cfg, mesh=...)`) whose `warmup` compiles its prefill and
     decode programs for one bucket (batch, prompt, new tokens, images);
   * training: `TrainStep(...).jitted(batch)`, the step `glm41v train` runs, with the abstract params and optimizer
     state of `train/loop.py` (`abstract_state`) and a batch of the config's static shapes.
 
-A multi-host slice (v5p-16 and up, v5e/v6e above 8 chips) is compiled for all its devices at once, as one program.
-
 Figures (per chip: per jax device, which is a chip except on v4, where each of the 2 TensorCores is a device):
-  * memory, from `compiled.memory_analysis()`: the compiler's peak of the largest program (`memory_figures`);
+  * memory, from `compiled.memory_analysis()`: the compiler's peak of the largest program (`compiled_figures`);
     the parameter, optimizer-state and KV-cache parts are the shard sizes of those arrays under their shardings;
   * FLOPs and HBM bytes: analytic (model FLOPs as in `glm41v_train.metrics.FlopCounter`; decode bytes = the text
     weights and the KV cache read once), next to the compiler's `cost_analysis()`. The compiler counts a loop body
@@ -26,13 +23,13 @@ Figures (per chip: per jax device, which is a chip except on v4, where each of t
     its compiled FLOPs (the remat recompute shows here: ~0.75 with full remat).
 
 A plan that does not fit (the compiler's RESOURCE_EXHAUSTED, or a total above HBM) exits 1 with the compiler's
-figures and what would fit.
+figures and what would fit. The report is a dict (`--json`); `glm41v_jax.plan_report.format_report` renders it as
+text. The public names of `tpu_slices`, `compiled_figures` and `plan_report` are re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import re
 import time
@@ -45,114 +42,26 @@ import numpy as np
 from glm41v_train.metrics import FlopCounter
 
 from .buckets import bucket_length, cache_length, format_bytes
+from .compiled_figures import compile_oom, cost_figures, memory_figures, parse_oom, shard_bytes
 from .config import Glm4vConfig, dtype_flag
 from .engine import Engine
 from .errors import Glm41vError
 from .model import init_cache
 from .pipeline import auto_mesh_spec
+from .plan_report import format_report
 from .processing.image import ImageProcessor
 from .requests import synthetic_inputs
 from .sharding import make_mesh
 from .tpu_cost import calibrated_bytes, decode_minimum_bytes
+from .tpu_slices import FAMILIES, Family, PlanError, TpuType, next_size, parse_tpu, per_device, topology_devices
 
-GiB = 1 << 30
+__all__ = ["BUILTIN_CONFIGS", "CONFIG_DIR", "FAMILIES", "FRAME_PATCHES", "Family", "PlanError", "TpuType",
+           "cost_figures", "format_report", "memory_figures", "model_config", "parse_image_size", "parse_oom",
+           "parse_tpu", "plan_generate", "plan_train", "shard_bytes", "topology_devices"]
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "configs")
 BUILTIN_CONFIGS = {"9b": "glm41v_9b.json", "glm41v-9b": "glm41v_9b.json", "glm-4.1v-9b-thinking": "glm41v_9b.json"}
 FRAME_PATCHES = 1024  # train plans: vision attention FLOPs assume images of 32 x 32 patches (448 x 448 px)
-
-
-class PlanError(Glm41vError, ValueError):
-    """A bad plan request (TPU name, mesh, sizes, config); the message says what was expected."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Cloud TPU types.
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    hbm_bytes: int  # per chip (what the runtime lets programs allocate)
-    peak_flops: float  # dense bf16 FLOP/s per chip
-    hbm_bandwidth: float  # bytes/s per chip
-    counts_cores: bool  # the type name counts TensorCores (2 per chip), not chips
-    shapes: Mapping[int, str] = dataclasses.field(hash=False)  # chips -> topology shape
-
-
-_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
-              512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
-
-# Google's published per-chip figures (cloud.google.com/tpu/docs/v5e, v6e, v5p, v4).
-FAMILIES: dict[str, Family] = {
-    "v5e": Family(16 * GiB, 197e12, 819e9, False, _SHAPES_2D),
-    "v6e": Family(32 * GiB, 918e12, 1640e9, False, _SHAPES_2D),
-    "v5p": Family(95 * GiB, 459e12, 2765e9, True, _SHAPES_3D),
-    "v4": Family(32 * GiB, 275e12, 1228e9, True, _SHAPES_3D),
-}
-_ALIASES = {"v5litepod": "v5e", "v5e": "v5e", "v6e": "v6e", "v5p": "v5p", "v4": "v4"}
-
-
-@dataclasses.dataclass(frozen=True)
-class TpuType:
-    name: str  # as Google spells it, e.g. "v5e-8", "v5p-64"
-    family: str
-    chips: int
-    hosts: int
-    topology: str  # get_topology_desc's name, e.g. "v5e:2x4"
-    chips_per_host_bounds: tuple[int, int, int] | None  # one-host shapes only
-    spec: Family
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "family": self.family, "chips": self.chips, "hosts": self.hosts,
-                "topology": self.topology, "hbm_bytes_per_chip": self.spec.hbm_bytes,
-                "peak_bf16_flops_per_chip": self.spec.peak_flops, "hbm_bandwidth_per_chip": self.spec.hbm_bandwidth}
-
-
-def parse_tpu(name: str) -> TpuType:
-    """'v5e-8' / 'v5litepod-8' / 'v6e-4' (chips), 'v5p-64' / 'v4-32' (TensorCores, 2 per chip) -> TpuType."""
-    m = re.fullmatch(r"\s*(v5litepod|v5e|v6e|v5p|v4)-(\d+)\s*", str(name).lower())
-    if m is None:
-        raise PlanError(f"--tpu: unknown TPU type {name!r}; expected v5e-N (or v5litepod-N), v6e-N, v5p-N or v4-N, "
-                        "e.g. v5e-8, v5p-64")
-    family = _ALIASES[m.group(1)]
-    spec = FAMILIES[family]
-    count = int(m.group(2))
-    chips = count // 2 if spec.counts_cores else count
-    valid = sorted(c * 2 if spec.counts_cores else c for c in spec.shapes)
-    if (spec.counts_cores and count % 2) or chips not in spec.shapes:
-        raise PlanError(f"--tpu: {name!r} is not a {family} slice; valid sizes: "
-                        f"{', '.join(f'{family}-{v}' for v in valid)}")
-    shape = spec.shapes[chips]
-    dims = tuple(int(d) for d in shape.split("x"))
-    one_host = chips <= (8 if family in ("v5e", "v6e") else 4)
-    bounds = (tuple(dims) + (1,) * (3 - len(dims))) if one_host else None
-    return TpuType(f"{family}-{count}", family, chips, 1 if one_host else chips // 4, f"{family}:{shape}", bounds,
-                   spec)
-
-
-def topology_devices(tpu: TpuType) -> tuple[Any, ...]:
-    """The jax devices of the slice, for compiling only (the real TPU compiler; no TPU needed)."""
-    return _topology(tpu.name, tpu.topology, tpu.chips_per_host_bounds)
-
-
-@functools.lru_cache(maxsize=16)
-def _topology(name: str, topology: str, bounds: tuple[int, int, int] | None) -> tuple[Any, ...]:
-    # Several processes may load libtpu at once here (it only compiles); without this flag the second one fails
-    # on libtpu's lock file.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    # Not on a TPU VM: tell libtpu so instead of letting it query the metadata server and log errors.
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", name)
-    from jax.experimental import topologies  # only plan needs the TPU plugin
-
-    kw = {} if bounds is None else {"chips_per_host_bounds": bounds}
-    try:
-        topo = topologies.get_topology_desc(topology_name=topology, platform="tpu", **kw)
-    except Exception as e:  # noqa: BLE001 - no libtpu, or a libtpu that does not know the shape
-        raise PlanError(f"cannot build the {name} topology ({topology}) with the TPU compiler: "
-                        f"{' '.join(str(e).split())[:300]} (install libtpu: pip install 'glm41v-jax[tpu]')") from None
-    return tuple(topo.devices)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -179,76 +88,6 @@ def parse_image_size(text: str) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Compiler figures.
-
-
-def shard_bytes(tree: Any, shardings: Any = None) -> int:
-    """Bytes one device holds of `tree` (ShapeDtypeStructs or arrays) under its shardings (or `shardings`)."""
-    leaves = jax.tree.leaves(tree)
-    shs = [getattr(x, "sharding", None) for x in leaves] if shardings is None else jax.tree.leaves(shardings)
-    total = 0
-    for x, s in zip(leaves, shs, strict=True):
-        shape = tuple(x.shape) if s is None else tuple(s.shard_shape(tuple(x.shape)))
-        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
-    return total
-
-
-def memory_figures(compiled: Any) -> dict[str, int]:
-    """Per-device bytes of a compiled program (memory_analysis). `total_bytes` is the compiler's peak (what it checks
-    against HBM) where it reports one: the temporaries may reuse donated argument buffers, so arguments + outputs -
-    aliased + temporaries can exceed the real peak (by GiBs for a train step). `live_bytes`: peak - arguments,
-    what the program needs beyond its inputs."""
-    m = compiled.memory_analysis()
-    get = lambda k: int(getattr(m, k, 0) or 0)  # noqa: E731
-    arg, out, alias, temp = (get("argument_size_in_bytes"), get("output_size_in_bytes"), get("alias_size_in_bytes"),
-                             get("temp_size_in_bytes"))
-    peak = get("peak_memory_in_bytes") or arg + out - alias + temp
-    return {"argument_bytes": arg, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
-            "code_bytes": get("generated_code_size_in_bytes"), "peak_bytes": peak, "total_bytes": peak,
-            "live_bytes": max(peak - arg, 0)}
-
-
-def cost_figures(compiled: Any) -> dict[str, float]:
-    """The compiler's per-device FLOPs and HBM bytes accessed (cost_analysis; a loop body is counted once)."""
-    c = compiled.cost_analysis()
-    if isinstance(c, (list, tuple)):
-        c = c[0] if c else {}
-    c = c or {}
-    return {"flops": float(c.get("flops", 0.0)), "bytes_accessed": float(c.get("bytes accessed", 0.0))}
-
-
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_oom(message: str) -> dict[str, Any] | None:
-    """The figures of a TPU compiler RESOURCE_EXHAUSTED error: {"required_bytes", "available_bytes", "message"}
-    (None when the message is not an out-of-memory one)."""
-    text = " ".join(str(message).split())
-    if "RESOURCE_EXHAUSTED" not in text and "exceeds available HBM" not in text:
-        return None
-    m = re.search(r"([\d.]+)\s*([KMGT]?)(?:i?B)?\)?\s*exceeds available HBM \(([\d.]+)\s*([KMGT]?)(?:i?B)?\)", text)
-    out: dict[str, Any] = {"message": text[:400], "required_bytes": None, "available_bytes": None}
-    if m:
-        out["required_bytes"] = int(float(m.group(1)) * _UNITS[m.group(2)])
-        out["available_bytes"] = int(float(m.group(3)) * _UNITS[m.group(4)])
-    return out
-
-
-def _compile_oom(e: BaseException) -> dict[str, Any] | None:
-    return parse_oom(str(e)) if isinstance(e, (jax.errors.JaxRuntimeError, RuntimeError)) else None
-
-
-def _next_size(tpu: TpuType, need_per_chip: float) -> str | None:
-    """The smallest larger slice of the family whose HBM holds the same bytes spread over more chips (to 90%)."""
-    spec = tpu.spec
-    total = need_per_chip * tpu.chips
-    for chips in sorted(spec.shapes):
-        if chips > tpu.chips and total / chips <= 0.9 * spec.hbm_bytes:
-            return f"{tpu.family}-{chips * 2 if spec.counts_cores else chips}"
-    return None
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Plans.
 
 
@@ -262,21 +101,13 @@ def _devices_and_mesh(tpu: TpuType, spec: str | None, default: str | None) -> tu
     return devices, mesh, ",".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1) or "1 device"
 
 
-def _per_device(tpu: TpuType, n_devices: int) -> tuple[float, float, float]:
-    """(HBM bytes, peak FLOP/s, HBM bytes/s) per jax device (a chip; half a chip on v4)."""
-    share = tpu.chips / n_devices
-    return tpu.spec.hbm_bytes * share, tpu.spec.peak_flops * share, tpu.spec.hbm_bandwidth * share
+def _report_header(kind: str, tpu: TpuType, n_devices: int, mesh_desc: str, cfg: Glm4vConfig) -> dict[str, Any]:
+    """The first keys of every report: what was planned, on which slice and mesh, for which model."""
+    return {"kind": kind, "tpu": tpu.name, "topology": tpu.topology, "chips": tpu.chips, "hosts": tpu.hosts,
+            "devices": n_devices, "mesh": mesh_desc, "model": _model_desc(cfg)}
 
 
-def plan_generate(cfg: Glm4vConfig, tpu: TpuType, *, batch: int = 1, max_context: int = 8192,
-                  max_new_tokens: int = 1024, images: Sequence[tuple[int, int]] = (), dtype: str = "bfloat16",
-                  mesh: str | None = None, attention: str = "auto", chunk_size: int = 16,
-                  kernel_layout: str | None = None) -> dict[str, Any]:
-    """Compile the Engine's prefill and decode for one bucket: `batch` rows, `max_new_tokens` new tokens after the
-    longest prompt whose KV cache (prompt bucket + new tokens, rounded up) fits in `max_context` slots (8192 and
-    1024: a 7168-token prompt); images ((width, height) in pixels, resized as the processor does) are part of it.
-    `kernel_layout` None: the Engine's own choice for the slice's platform."""
-
+def _check_generate_args(cfg: Glm4vConfig, batch: int, max_context: int, max_new_tokens: int, dtype: str) -> None:
     if batch < 1:
         raise PlanError(f"--batch must be >= 1, got {batch}")
     if not 1 <= max_new_tokens < max_context:
@@ -287,62 +118,111 @@ def plan_generate(cfg: Glm4vConfig, tpu: TpuType, *, batch: int = 1, max_context
                         f"{cfg.text.max_position_embeddings}")
     if dtype not in ("bfloat16", "float32"):
         raise PlanError(f"--dtype must be bfloat16 or float32, got {dtype!r}")
+
+
+def _longest_prompt(max_context: int, max_new_tokens: int) -> int:
+    """The longest prompt whose bucketed cache (prompt bucket + new tokens, rounded up) stays within max_context."""
+    prompt = max_context - max_new_tokens
+    while prompt > 1 and cache_length(bucket_length(prompt), max_new_tokens) > max_context:
+        prompt -= 1
+    return prompt
+
+
+def _generate_figures(cfg: Glm4vConfig, eng: Engine, batch: int, n_prompt: int, slots: int,
+                      sizes: Sequence[tuple[int, int]]) -> dict[str, Any]:
+    """The analytic per-device figures of a generate plan: weights, KV cache, decode's minimum bytes, FLOPs."""
+    params_b = shard_bytes(eng.params)
+    cache = jax.eval_shape(lambda: init_cache(eng.cfg, batch, slots))
+    kv_b = shard_bytes(cache, eng.cache_shardings(cache))
+    decode_min = decode_minimum_bytes(eng.params, cache, eng.cache_shardings(cache), batch)["minimum_bytes"]
+    p = cfg.vision.patch_size
+    patches = sum((h // p) * (w // p) for h, w in sizes)  # one frame each
+    counter = FlopCounter(eng.cfg, eng.params, freeze=("vision", "projector", "decoder"))  # forward only
+    prefill_flops = counter.step_flops({"tokens": batch * n_prompt, "attn_s2": batch * n_prompt * (n_prompt + 1),
+                                        "patches": patches,
+                                        "frame_n2": sum(((h // p) * (w // p)) ** 2 for h, w in sizes)})
+    if not cfg.tie_word_embeddings:  # prefill computes the logits of the last slot only
+        prefill_flops -= 2.0 * cfg.text.vocab_size * cfg.text.hidden_size * batch * (n_prompt - 1)
+    decode_flops = counter.step_flops({"tokens": batch, "attn_s2": 2 * batch * slots, "patches": 0, "frame_n2": 0})
+    return {"params_bytes": params_b, "kv_cache_bytes": kv_b, "decode_min_bytes": decode_min, "patches": patches,
+            "prefill_flops": prefill_flops, "decode_flops": decode_flops}
+
+
+def _generate_bounds(f: Mapping[str, Any], batch: int, n_prompt: int, n_dev: int, peak: float,
+                     bw: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(analytic, roofline) of a generate report from `_generate_figures`."""
+    prefill_flops, decode_min = f["prefill_flops"], f["decode_min_bytes"]
+    analytic = {"prefill_flops": prefill_flops, "prefill_flops_per_chip": prefill_flops / n_dev,
+                "decode_flops_per_step": f["decode_flops"],
+                "decode_min_bytes_per_chip": decode_min,
+                "note": "prefill: 2*N*tokens (logits of the last slot only) + causal attention + vision; "
+                        "decode minimum: text weights (embedding table excluded: B rows gathered) and the "
+                        "KV cache, read once per step"}
+    roofline = {
+        "decode_tokens_per_s_bound": batch * bw / decode_min,
+        "decode_step_s_bound": decode_min / bw,
+        "prefill_s_at_peak": prefill_flops / (peak * n_dev),
+        "prefill_tokens_per_s_at_peak": batch * n_prompt * peak * n_dev / prefill_flops,
+    }
+    return analytic, roofline
+
+
+def _generate_efficiency(report: dict[str, Any], f: Mapping[str, Any], batch: int, n_dev: int, bw: float) -> None:
+    """The compiled programs against the analytic figures: decode bytes and prefill FLOPs ratios."""
+    progs = {p["name"]: p for p in report["programs"]}
+    dec = progs["decode"]
+    dec_hbm = dec["hbm_bytes"]
+    decode_min, prefill_flops = f["decode_min_bytes"], f["prefill_flops"]
+    report["roofline"]["decode_tokens_per_s_at_compiled_bytes"] = batch * bw / dec_hbm if dec_hbm else None
+    report["efficiency"] = {
+        "decode_bytes_ratio": decode_min / dec_hbm if dec_hbm else None,
+        "decode_bytes_ratio_uncalibrated": decode_min / dec["bytes_accessed"] if dec["bytes_accessed"] else None,
+        "prefill_flops_ratio": (prefill_flops / n_dev) / progs["prefill"]["flops"]
+        if progs["prefill"]["flops"] else None,
+        "note": "decode: minimum bytes / the HBM bytes of one step of the compiled decode loop (tpu_cost."
+                "calibrated_bytes; the compiler's own 'bytes accessed' also counts on-chip copies: the "
+                "uncalibrated ratio); prefill: model FLOPs / compiled FLOPs"}
+
+
+def plan_generate(cfg: Glm4vConfig, tpu: TpuType, *, batch: int = 1, max_context: int = 8192,
+                  max_new_tokens: int = 1024, images: Sequence[tuple[int, int]] = (), dtype: str = "bfloat16",
+                  mesh: str | None = None, attention: str = "auto", chunk_size: int = 16,
+                  kernel_layout: str | None = None) -> dict[str, Any]:
+    """Compile the Engine's prefill and decode for one bucket: `batch` rows, `max_new_tokens` new tokens after the
+    longest prompt whose KV cache (prompt bucket + new tokens, rounded up) fits in `max_context` slots (8192 and
+    1024: a 7168-token prompt); images ((width, height) in pixels, resized as the processor does) are part of it.
+    `kernel_layout` None: the Engine's own choice for the slice's platform."""
+    _check_generate_args(cfg, batch, max_context, max_new_tokens, dtype)
     devices, mesh_obj, mesh_desc = _devices_and_mesh(tpu, mesh, auto_mesh_spec(cfg.text.num_attention_heads,
                                                                                  len(topology_devices(tpu))))
-    hbm, peak, bw = _per_device(tpu, len(devices))
+    n_dev = len(devices)
+    hbm, peak, bw = per_device(tpu, n_dev)
     rcfg = cfg.with_runtime(**dtype_flag(dtype), attention_impl=attention, scan_layers=False)
     eng = Engine(None, rcfg, mesh=mesh_obj, chunk_size=chunk_size, max_context=max_context,
                  kernel_layout=kernel_layout)
     proc = ImageProcessor()
     sizes = [tuple(proc.target_size(h, w)) for w, h in images]
-    prompt = max_context - max_new_tokens  # the longest prompt whose bucketed cache stays within max_context
-    while prompt > 1 and cache_length(bucket_length(prompt), max_new_tokens) > max_context:
-        prompt -= 1
-    bucket = {"batch": batch, "prompt_tokens": prompt, "max_new_tokens": max_new_tokens, "images": sizes}
+    bucket = {"batch": batch, "prompt_tokens": _longest_prompt(max_context, max_new_tokens),
+              "max_new_tokens": max_new_tokens, "images": sizes}
     prep = eng.prepare(synthetic_inputs(eng.cfg, **bucket), max_new_tokens)
     n_prompt, slots = prep.prompt_len, prep.max_len
-
-    # Analytic per-device figures.
-    params_b = shard_bytes(eng.params)
-    cache = jax.eval_shape(lambda: init_cache(eng.cfg, batch, slots))
-    kv_b = shard_bytes(cache, eng.cache_shardings(cache))
-    decode_min = decode_minimum_bytes(eng.params, cache, eng.cache_shardings(cache), batch)["minimum_bytes"]
-    patches = sum((h // cfg.vision.patch_size) * (w // cfg.vision.patch_size) for h, w in sizes)  # one frame each
-    counter = FlopCounter(eng.cfg, eng.params, freeze=("vision", "projector", "decoder"))  # forward only
-    prefill_flops = counter.step_flops({"tokens": batch * n_prompt, "attn_s2": batch * n_prompt * (n_prompt + 1),
-                                        "patches": patches,
-                                        "frame_n2": sum(((h // cfg.vision.patch_size) * (w // cfg.vision.patch_size))
-                                                        ** 2 for h, w in sizes)})
-    if not cfg.tie_word_embeddings:  # prefill computes the logits of the last slot only
-        prefill_flops -= 2.0 * cfg.text.vocab_size * cfg.text.hidden_size * batch * (n_prompt - 1)
-    decode_flops = counter.step_flops({"tokens": batch, "attn_s2": 2 * batch * slots, "patches": 0, "frame_n2": 0})
+    f = _generate_figures(cfg, eng, batch, n_prompt, slots, sizes)
+    params_b, kv_b = f["params_bytes"], f["kv_cache_bytes"]
 
     report: dict[str, Any] = {
-        "kind": "generate", "tpu": tpu.name, "topology": tpu.topology, "chips": tpu.chips, "hosts": tpu.hosts,
-        "devices": len(devices), "mesh": mesh_desc, "model": _model_desc(cfg), "dtype": dtype,
+        **_report_header("generate", tpu, n_dev, mesh_desc, cfg), "dtype": dtype,
         "attention_impl": attention, "kernel_layout": eng.cfg.runtime.kernel_layout,
         "bucket": {"batch": batch, "prompt_tokens": n_prompt, "max_new_tokens": max_new_tokens, "cache_slots": slots,
-                   "images": [list(s) for s in sizes], "vision_patches": patches},
+                   "images": [list(s) for s in sizes], "vision_patches": f["patches"]},
         "per_chip": {"params_bytes": params_b, "opt_state_bytes": 0, "kv_cache_bytes": kv_b, "temp_bytes": 0,
                      "total_bytes": params_b + kv_b, "hbm_bytes": int(hbm)},
         "programs": [],
     }
-    report["analytic"] = {"prefill_flops": prefill_flops, "prefill_flops_per_chip": prefill_flops / len(devices),
-                          "decode_flops_per_step": decode_flops,
-                          "decode_min_bytes_per_chip": decode_min,
-                          "note": "prefill: 2*N*tokens (logits of the last slot only) + causal attention + vision; "
-                                  "decode minimum: text weights (embedding table excluded: B rows gathered) and the "
-                                  "KV cache, read once per step"}
-    report["roofline"] = {
-        "decode_tokens_per_s_bound": batch * bw / decode_min,
-        "decode_step_s_bound": decode_min / bw,
-        "prefill_s_at_peak": prefill_flops / (peak * len(devices)),
-        "prefill_tokens_per_s_at_peak": batch * n_prompt * peak * len(devices) / prefill_flops,
-    }
+    report["analytic"], report["roofline"] = _generate_bounds(f, batch, n_prompt, n_dev, peak, bw)
     try:
         eng.warmup([bucket])
     except Exception as e:  # the compiler's RESOURCE_EXHAUSTED; anything else is a bug and is re-raised
-        oom = _compile_oom(e)
+        oom = compile_oom(e)
         if oom is None:
             raise
         failed = "prefill" if not eng.programs() else "decode"
@@ -350,19 +230,164 @@ def plan_generate(cfg: Glm4vConfig, tpu: TpuType, *, batch: int = 1, max_context
         return _not_fit(report, oom, failed, _generate_advice(tpu, batch, kv_b, params_b, hbm, oom, mesh_obj,
                                                               cfg.text.num_key_value_heads))
     _record_programs(report, eng.programs())
-    progs = {p["name"]: p for p in report["programs"]}
-    dec = progs["decode"]
-    dec_hbm = dec["hbm_bytes"]
-    report["roofline"]["decode_tokens_per_s_at_compiled_bytes"] = batch * bw / dec_hbm if dec_hbm else None
-    report["efficiency"] = {
-        "decode_bytes_ratio": decode_min / dec_hbm if dec_hbm else None,
-        "decode_bytes_ratio_uncalibrated": decode_min / dec["bytes_accessed"] if dec["bytes_accessed"] else None,
-        "prefill_flops_ratio": (prefill_flops / len(devices)) / progs["prefill"]["flops"]
-        if progs["prefill"]["flops"] else None,
-        "note": "decode: minimum bytes / the HBM bytes of one step of the compiled decode loop (tpu_cost."
-                "calibrated_bytes; the compiler's own 'bytes accessed' also counts on-chip copies: the "
-                "uncalibrated ratio); prefill: model FLOPs / compiled FLOPs"}
+    _generate_efficiency(report, f, batch, n_dev, bw)
     return _finish(report, hbm)
+
+
+def _global_rows(tpu: TpuType, mesh: Any, batch_size: int) -> int:
+    """The rows of one train micro-batch over every host (`data.batch_size` per host), checked against the mesh."""
+    n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+    if n_batch % tpu.hosts == 0 and batch_size % (n_batch // tpu.hosts):
+        raise PlanError(f"data.batch_size ({batch_size}) must be a multiple of the batch shards per host "
+                        f"({n_batch // tpu.hosts} = data x fsdp / {tpu.hosts} hosts)")
+    return batch_size * tpu.hosts
+
+
+def _train_step(cfg: Glm4vConfig, optim: Any, mesh: Any, step: Any) -> Any:
+    """The `TrainStep` that `glm41v train` runs, built under the slice's mesh: tracing the model (abstract params)
+    with a TPU kernel as the attention backend must see the TPU platform, not this host's CPU."""
+    # The training modules need the train extra (pyyaml, grain): imported here, not at the top.
+    from glm41v_train.step import TrainStep
+
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return TrainStep(cfg, optim, mesh, step)
+
+
+def _abstract_train_state(ts: Any) -> tuple[Any, Any]:
+    """(params, optimizer state) of `ts` as ShapeDtypeStructs with their shardings."""
+    from glm41v_train.params import abstract_state  # the train extra, as in _train_step
+
+    return abstract_state(ts)
+
+
+def _compile_train_step(ts: Any, cfg: Glm4vConfig, data: Any, hosts: int, accum: int) -> tuple[Any, float]:
+    """(compiled, seconds): `ts` compiled for a global batch of the config's static shapes over `hosts` hosts."""
+    # The training modules need the train extra (pyyaml, grain): imported here, not at the top.
+    from glm41v_train.assembly import global_shapes
+    from glm41v_train.packing import assemble_batch
+    from glm41v_train.step import stack_batches
+
+    local = assemble_batch([[] for _ in range(data.batch_size)], seq_len=data.seq_len, max_patches=data.max_patches,
+                           model_cfg=cfg, pad_id=0)
+    if accum > 1:
+        local = stack_batches([local] * accum)
+    shapes = global_shapes(local, hosts, 1 if accum > 1 else 0)
+    batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                         ts.batch_shardings(shapes))
+    params, opt = _abstract_train_state(ts)
+    t0 = time.perf_counter()
+    exe = ts.jitted(batch).lower(params, opt, batch).compile()
+    return exe, time.perf_counter() - t0
+
+
+def _train_bounds(report: dict[str, Any], model_flops: float, tokens: int, peak: float,
+                  step_time: float | None) -> None:
+    """The analytic FLOPs and the roofline of a train report."""
+    n_dev = report["devices"]
+    report["analytic"] = {
+        "model_flops_per_step": model_flops, "model_flops_per_chip": model_flops / n_dev,
+        "note": "6*N*tokens (trained groups; frozen ones 2x or 1x) + attention, every row one sequence of seq_len "
+                f"tokens, images of {FRAME_PATCHES} patches; the compiled figure counts the scanned layer once"}
+    at_peak = model_flops / (peak * n_dev)
+    report["roofline"] = {"step_s_at_peak": at_peak, "step_s_at_50pct_mfu": 2 * at_peak,
+                          "tokens_per_s_at_50pct_mfu": tokens / (2 * at_peak)}
+    if step_time is not None:
+        report["roofline"]["step_time_s"] = step_time
+        report["roofline"]["mfu_at_step_time"] = at_peak / step_time
+
+
+def _train_advice(tpu: TpuType, per_chip: Mapping[str, Any], oom: Mapping[str, Any], data: Any, step: Any,
+                  optim: Any) -> list[str]:
+    """What would make a train step that the compiler refused fit."""
+    advice = []
+    bigger = next_size(tpu, max(oom.get("required_bytes") or 0, per_chip["total_bytes"]))
+    if bigger:
+        advice.append(f"more chips: {bigger} (params, moments and gradients shard over fsdp)")
+    if step.remat_policy != "full":
+        advice.append("step.remat_policy: full (recompute each layer in the backward pass: least memory)")
+    a = step.accum_steps
+    advice.append(f"fewer rows per micro-batch: data.batch_size {data.batch_size} -> {max(data.batch_size // 2, 1)} "
+                  f"with step.accum_steps {a} -> {a * 2} (the same tokens per update), or a shorter data.seq_len")
+    if getattr(optim, "state_dtype", "float32") != "bfloat16":
+        advice.append("optim.state_dtype: bfloat16 (half the Adam moments)")
+    if "vision" not in optim.freeze:
+        advice.append("optim.freeze: [vision] (no vision moments, gradients or backward)")
+    return advice
+
+
+def plan_train(train_config: Any, cfg: Glm4vConfig, tpu: TpuType, *, mesh: str | None = None,
+               step_time: float | None = None, count_flops: bool = True) -> dict[str, Any]:
+    """Compile the train step of a `glm41v_train.config.TrainConfig` for the slice (every host's batch: the
+    config's `data.batch_size` rows of `data.seq_len` tokens and `data.max_patches` patches)."""
+    if step_time is not None and not step_time > 0:
+        raise PlanError(f"--step-time must be > 0 seconds, got {step_time}")
+    devices, mesh_obj, mesh_desc = _devices_and_mesh(tpu, mesh, train_config.mesh)
+    hbm, peak, bw = per_device(tpu, len(devices))
+    dc, sc, oc = train_config.data, train_config.step, train_config.optim
+    rows = _global_rows(tpu, mesh_obj, dc.batch_size)
+    a = sc.accum_steps
+    ts = _train_step(cfg, oc, mesh_obj, sc)
+    a_params, a_opt = _abstract_train_state(ts)
+    counter = FlopCounter(ts.cfg, ts.abstract_params, oc.freeze)
+    patches = dc.max_patches * tpu.hosts * a
+    tokens = rows * dc.seq_len * a
+    stats = {"tokens": tokens, "attn_s2": rows * a * dc.seq_len * (dc.seq_len + 1), "patches": patches,
+             "frame_n2": patches * min(FRAME_PATCHES, dc.max_patches)}
+    report: dict[str, Any] = {
+        **_report_header("train", tpu, len(devices), mesh_desc, cfg),
+        "step": {"global_rows": rows, "seq_len": dc.seq_len, "accum_steps": a, "tokens_per_step": tokens,
+                 "patches_per_step": patches, "remat_policy": sc.remat_policy, "compute_dtype": sc.compute_dtype,
+                 "grad_dtype": sc.grad_dtype, "freeze": list(oc.freeze), "state_dtype": getattr(oc, "state_dtype",
+                                                                                                  None)},
+        "per_chip": {"params_bytes": shard_bytes(a_params), "opt_state_bytes": shard_bytes(a_opt),
+                     "kv_cache_bytes": 0, "temp_bytes": 0, "total_bytes": shard_bytes(a_params) + shard_bytes(a_opt),
+                     "hbm_bytes": int(hbm)},
+        "programs": [],
+    }
+    _train_bounds(report, counter.step_flops(stats), tokens, peak, step_time)
+    try:
+        exe, secs = _compile_train_step(ts, cfg, dc, tpu.hosts, a)
+    except Exception as e:  # the compiler's RESOURCE_EXHAUSTED; anything else is a bug and is re-raised
+        oom = compile_oom(e)
+        if oom is None:
+            raise
+        return _not_fit(report, oom, "train_step", _train_advice(tpu, report["per_chip"], oom, dc, sc, oc))
+    _record_programs(report, [("train_step", exe, secs)])
+    report["efficiency"] = {"flops_ratio": None}
+    if count_flops:
+        _count_layer_flops(report, ts, counter, cfg, mesh_obj, train_config, rows)
+    return _finish(report, hbm)
+
+
+def _count_layer_flops(report: dict[str, Any], ts: Any, counter: FlopCounter, cfg: Glm4vConfig, mesh: Any,
+                       train_config: Any, rows: int) -> None:
+    """The train step's FLOPs ratio of one decoder layer: model FLOPs / compiled FLOPs. The compiler counts a
+    scanned body once: the per-layer count comes from the unrolled step at 1 and 2 decoder layers (one micro-batch,
+    a 1-block vision tower; the same mesh, remat and shapes)."""
+    dc, sc, oc = train_config.data, train_config.step, train_config.optim
+    counts = []
+    for n_layers in (1, 2):
+        small = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_hidden_layers=n_layers),
+                                    vision=dataclasses.replace(cfg.vision, depth=1))
+        sts = _train_step(small, oc, mesh, dataclasses.replace(sc, accum_steps=1, scan_layers=False))
+        exe_n, secs_n = _compile_train_step(sts, cfg, dc, report["hosts"], 1)
+        counts.append(cost_figures(exe_n)["flops"])
+        _record_programs(report, [(f"train_step_unrolled_{n_layers}_layer", exe_n, secs_n)])
+    layer_compiled = (counts[1] - counts[0]) * report["devices"]
+    t = cfg.text
+    flat = jax.tree_util.tree_flatten_with_path(ts.abstract_params)[0]
+    layer_kernels = sum(int(np.prod(x.shape)) for p, x in flat
+                        if [str(getattr(k, "key", k)) for k in p][:2] == ["language_model", "layers"]
+                        and str(getattr(p[-1], "key", p[-1])) == "kernel") / t.num_hidden_layers
+    layer_model = counter.mult["decoder"] * (
+        2.0 * layer_kernels * (rows * dc.seq_len)
+        + 2 * t.num_attention_heads * t.head_dim * rows * dc.seq_len * (dc.seq_len + 1))
+    report["efficiency"] = {
+        "flops_ratio": layer_model / layer_compiled if layer_compiled > 0 else None,
+        "layer_model_flops": layer_model, "layer_compiled_flops": layer_compiled,
+        "note": "one decoder layer, one micro-batch: model FLOPs / compiled FLOPs (unrolled 2-layer minus 1-layer "
+                "step); < 1 is the remat recompute and the attention's masked blocks"}
+    report["analytic"]["compiled_flops_per_step_estimate"] = layer_compiled * t.num_hidden_layers * sc.accum_steps
 
 
 def _record_programs(report: dict[str, Any], programs: Sequence[tuple[str, Any, float]]) -> None:
@@ -402,7 +427,7 @@ def _generate_advice(tpu: TpuType, batch: int, kv_b: float, params_b: float, hbm
                      oom: Mapping[str, Any], mesh: Any, kv_heads: int) -> list[str]:
     need = max(oom.get("required_bytes") or 0, params_b + kv_b)
     out = []
-    bigger = _next_size(tpu, need)
+    bigger = next_size(tpu, need)
     if bigger:
         out.append(f"more chips: {bigger} (the weights and the cache shard over the tensor/fsdp axes)")
     free = 0.9 * hbm - params_b
@@ -427,207 +452,3 @@ def _model_desc(cfg: Glm4vConfig) -> str:
     t, v = cfg.text, cfg.vision
     return (f"text {t.num_hidden_layers}x{t.hidden_size} ({t.num_attention_heads}/{t.num_key_value_heads} heads, "
             f"vocab {t.vocab_size}), vision {v.depth}x{v.hidden_size}")
-
-
-def plan_train(train_config: Any, cfg: Glm4vConfig, tpu: TpuType, *, mesh: str | None = None,
-               step_time: float | None = None, count_flops: bool = True) -> dict[str, Any]:
-    """Compile the train step of a `glm41v_train.config.TrainConfig` for the slice (every host's batch: the
-    config's `data.batch_size` rows of `data.seq_len` tokens and `data.max_patches` patches)."""
-    # The training modules need the train extra (pyyaml, grain): imported here, not at the top.
-    from glm41v_train.assembly import global_shapes
-    from glm41v_train.packing import assemble_batch
-    from glm41v_train.params import abstract_state
-    from glm41v_train.step import TrainStep, stack_batches
-
-    if step_time is not None and not step_time > 0:
-        raise PlanError(f"--step-time must be > 0 seconds, got {step_time}")
-    devices, mesh_obj, mesh_desc = _devices_and_mesh(tpu, mesh, train_config.mesh)
-    hbm, peak, bw = _per_device(tpu, len(devices))
-    dc, sc, oc = train_config.data, train_config.step, train_config.optim
-    n_batch = mesh_obj.shape["data"] * mesh_obj.shape["fsdp"]
-    rows = dc.batch_size * tpu.hosts
-    if n_batch % tpu.hosts == 0 and dc.batch_size % (n_batch // tpu.hosts):
-        raise PlanError(f"data.batch_size ({dc.batch_size}) must be a multiple of the batch shards per host "
-                        f"({n_batch // tpu.hosts} = data x fsdp / {tpu.hosts} hosts)")
-    a = sc.accum_steps
-
-    def abstract_batch(ts: Any, accum: int) -> Any:
-        local = assemble_batch([[] for _ in range(dc.batch_size)], seq_len=dc.seq_len, max_patches=dc.max_patches,
-                               model_cfg=cfg, pad_id=0)
-        if accum > 1:
-            local = stack_batches([local] * accum)
-        shapes = global_shapes(local, tpu.hosts, 1 if accum > 1 else 0)
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
-                            ts.batch_shardings(shapes))
-
-    def compile_step(ts: Any, accum: int) -> tuple[Any, float]:
-        params, opt = abstract_state(ts)
-        batch = abstract_batch(ts, accum)
-        t0 = time.perf_counter()
-        exe = ts.jitted(batch).lower(params, opt, batch).compile()
-        return exe, time.perf_counter() - t0
-
-    # Built under the slice's mesh: tracing the model (abstract params) with a TPU kernel as the attention backend
-    # must see the TPU platform, not this host's CPU.
-    with jax.sharding.use_abstract_mesh(mesh_obj.abstract_mesh):
-        ts = TrainStep(cfg, oc, mesh_obj, sc)
-    a_params, a_opt = abstract_state(ts)
-    counter = FlopCounter(ts.cfg, ts.abstract_params, oc.freeze)
-    patches = dc.max_patches * tpu.hosts * a
-    tokens = rows * dc.seq_len * a
-    stats = {"tokens": tokens, "attn_s2": rows * a * dc.seq_len * (dc.seq_len + 1), "patches": patches,
-             "frame_n2": patches * min(FRAME_PATCHES, dc.max_patches)}
-    model_flops = counter.step_flops(stats)
-    report: dict[str, Any] = {
-        "kind": "train", "tpu": tpu.name, "topology": tpu.topology, "chips": tpu.chips, "hosts": tpu.hosts,
-        "devices": len(devices), "mesh": mesh_desc, "model": _model_desc(cfg),
-        "step": {"global_rows": rows, "seq_len": dc.seq_len, "accum_steps": a, "tokens_per_step": tokens,
-                 "patches_per_step": patches, "remat_policy": sc.remat_policy, "compute_dtype": sc.compute_dtype,
-                 "grad_dtype": sc.grad_dtype, "freeze": list(oc.freeze), "state_dtype": getattr(oc, "state_dtype",
-                                                                                                  None)},
-        "per_chip": {"params_bytes": shard_bytes(a_params), "opt_state_bytes": shard_bytes(a_opt),
-                     "kv_cache_bytes": 0, "temp_bytes": 0, "total_bytes": shard_bytes(a_params) + shard_bytes(a_opt),
-                     "hbm_bytes": int(hbm)},
-        "programs": [],
-    }
-    n_dev = len(devices)
-    report["analytic"] = {
-        "model_flops_per_step": model_flops, "model_flops_per_chip": model_flops / n_dev,
-        "note": "6*N*tokens (trained groups; frozen ones 2x or 1x) + attention, every row one sequence of seq_len "
-                f"tokens, images of {FRAME_PATCHES} patches; the compiled figure counts the scanned layer once"}
-    at_peak = model_flops / (peak * n_dev)
-    report["roofline"] = {"step_s_at_peak": at_peak, "step_s_at_50pct_mfu": 2 * at_peak,
-                          "tokens_per_s_at_50pct_mfu": tokens / (2 * at_peak)}
-    if step_time is not None:
-        report["roofline"]["step_time_s"] = step_time
-        report["roofline"]["mfu_at_step_time"] = at_peak / step_time
-    try:
-        exe, secs = compile_step(ts, a)
-    except Exception as e:  # the compiler's RESOURCE_EXHAUSTED; anything else is a bug and is re-raised
-        oom = _compile_oom(e)
-        if oom is None:
-            raise
-        pc = report["per_chip"]
-        advice = []
-        bigger = _next_size(tpu, max(oom.get("required_bytes") or 0, pc["total_bytes"]))
-        if bigger:
-            advice.append(f"more chips: {bigger} (params, moments and gradients shard over fsdp)")
-        if sc.remat_policy != "full":
-            advice.append("step.remat_policy: full (recompute each layer in the backward pass: least memory)")
-        advice.append(f"fewer rows per micro-batch: data.batch_size {dc.batch_size} -> {max(dc.batch_size // 2, 1)} "
-                      f"with step.accum_steps {a} -> {a * 2} (the same tokens per update), or a shorter data.seq_len")
-        if getattr(oc, "state_dtype", "float32") != "bfloat16":
-            advice.append("optim.state_dtype: bfloat16 (half the Adam moments)")
-        if "vision" not in oc.freeze:
-            advice.append("optim.freeze: [vision] (no vision moments, gradients or backward)")
-        return _not_fit(report, oom, "train_step", advice)
-    report["programs"].append({"name": "train_step", "compile_s": round(secs, 2), **cost_figures(exe),
-                               "hbm_bytes": calibrated_bytes(exe), "memory": memory_figures(exe)})
-    report["efficiency"] = {"flops_ratio": None}
-    if count_flops:
-        # The compiler counts a scanned body once: the per-layer count comes from the unrolled step at 1 and 2
-        # decoder layers (one micro-batch, a 1-block vision tower; the same mesh, remat and shapes).
-        counts = []
-        for n_layers in (1, 2):
-            small = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_hidden_layers=n_layers),
-                                        vision=dataclasses.replace(cfg.vision, depth=1))
-            with jax.sharding.use_abstract_mesh(mesh_obj.abstract_mesh):
-                sts = TrainStep(small, oc, mesh_obj, dataclasses.replace(sc, accum_steps=1, scan_layers=False))
-            exe_n, secs_n = compile_step(sts, 1)
-            counts.append(cost_figures(exe_n)["flops"])
-            report["programs"].append({"name": f"train_step_unrolled_{n_layers}_layer", "compile_s": round(secs_n, 2),
-                                       **cost_figures(exe_n), "hbm_bytes": calibrated_bytes(exe_n),
-                                       "memory": memory_figures(exe_n)})
-        layer_compiled = (counts[1] - counts[0]) * n_dev
-        t = cfg.text
-        flat = jax.tree_util.tree_flatten_with_path(ts.abstract_params)[0]
-        layer_kernels = sum(int(np.prod(x.shape)) for p, x in flat
-                            if [str(getattr(k, "key", k)) for k in p][:2] == ["language_model", "layers"]
-                            and str(getattr(p[-1], "key", p[-1])) == "kernel") / t.num_hidden_layers
-        layer_model = counter.mult["decoder"] * (
-            2.0 * layer_kernels * (rows * dc.seq_len)
-            + 2 * t.num_attention_heads * t.head_dim * rows * dc.seq_len * (dc.seq_len + 1))
-        report["efficiency"] = {
-            "flops_ratio": layer_model / layer_compiled if layer_compiled > 0 else None,
-            "layer_model_flops": layer_model, "layer_compiled_flops": layer_compiled,
-            "note": "one decoder layer, one micro-batch: model FLOPs / compiled FLOPs (unrolled 2-layer minus 1-layer "
-                    "step); < 1 is the remat recompute and the attention's masked blocks"}
-        report["analytic"]["compiled_flops_per_step_estimate"] = layer_compiled * t.num_hidden_layers * a
-    return _finish(report, hbm)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Output.
-
-
-def _fmt_flops(x: float | None) -> str:
-    if not x:
-        return "-"
-    for unit, f in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
-        if x >= f:
-            return f"{x / f:.2f} {unit}"
-    return f"{x:.3g} FLOP"
-
-
-def format_report(r: Mapping[str, Any]) -> str:
-    """The plan as a few aligned lines (per chip)."""
-    lines = [f"plan: {r['kind']} on {r['tpu']} ({r['topology']}: {r['chips']} chips, {r['hosts']} host"
-             f"{'s' if r['hosts'] > 1 else ''}, {r['devices']} devices), mesh {r['mesh']}",
-             f"model: {r['model']}"]
-    if r["kind"] == "generate":
-        b = r["bucket"]
-        lines.append(f"bucket: batch {b['batch']}, prompt {b['prompt_tokens']} tokens ({b['vision_patches']} vision "
-                     f"patches), {b['max_new_tokens']} new tokens, KV cache {b['cache_slots']} slots; {r['dtype']}, "
-                     f"attention {r['attention_impl']}")
-    else:
-        s = r["step"]
-        lines.append(f"step: {s['global_rows']} rows x {s['seq_len']} tokens x {s['accum_steps']} micro-batches = "
-                     f"{s['tokens_per_step']} tokens, {s['patches_per_step']} patches; remat {s['remat_policy']}, "
-                     f"grads {s['grad_dtype']}, moments {s['state_dtype']}, frozen {s['freeze'] or 'none'}")
-    pc = r["per_chip"]
-    hbm = pc["hbm_bytes"]
-    lines.append("per chip:")
-    for label, key in (("parameters", "params_bytes"), ("optimizer state", "opt_state_bytes"),
-                       ("KV cache", "kv_cache_bytes"), ("temporaries", "temp_bytes"), ("total", "total_bytes")):
-        lines.append(f"  {label:<18}{format_bytes(pc[key]):>12}  {100 * pc[key] / hbm:5.1f}% of "
-                     f"{format_bytes(hbm)} HBM")
-    if r["programs"]:
-        lines.append("programs (per chip; the compiler counts a loop body once):")
-        for p in r["programs"]:
-            lines.append(f"  {p['name']:<30} compile {p['compile_s']:7.2f} s  {_fmt_flops(p['flops']):>12}  "
-                         f"HBM {format_bytes(p.get('hbm_bytes', p['bytes_accessed'])):>11}  "
-                         f"total {format_bytes(p['memory']['total_bytes'])}")
-    an = r.get("analytic", {})
-    ro = r.get("roofline", {})
-    ef = r.get("efficiency", {})
-    if r["kind"] == "generate" and ro:
-        lines.append(f"prefill: {_fmt_flops(an['prefill_flops'])} ({_fmt_flops(an['prefill_flops_per_chip'])} per chip)"
-                     f", {ro['prefill_s_at_peak'] * 1e3:.1f} ms at peak")
-        lines.append(f"decode: minimum {format_bytes(an['decode_min_bytes_per_chip'])} per chip per step -> at most "
-                     f"{ro['decode_tokens_per_s_bound']:.0f} tokens/s ({ro['decode_step_s_bound'] * 1e3:.2f} ms/step)")
-        if ef.get("decode_bytes_ratio") is not None:
-            lines.append(f"efficiency: decode bytes ratio {ef['decode_bytes_ratio']:.2f} (minimum / the compiled "
-                         f"step's HBM bytes; {ef['decode_bytes_ratio_uncalibrated']:.2f} against the compiler's "
-                         "'bytes accessed')")
-    if r["kind"] == "train" and ro:
-        lines.append(f"model FLOPs per step: {_fmt_flops(an['model_flops_per_step'])} "
-                     f"({_fmt_flops(an['model_flops_per_chip'])} per chip); step {ro['step_s_at_peak']:.2f} s at peak, "
-                     f"{ro['step_s_at_50pct_mfu']:.2f} s at 50% MFU ({ro['tokens_per_s_at_50pct_mfu']:.0f} tokens/s)")
-        if "mfu_at_step_time" in ro:
-            lines.append(f"a measured step of {ro['step_time_s']:.3g} s means MFU {100 * ro['mfu_at_step_time']:.1f}%")
-        if ef.get("flops_ratio") is not None:
-            lines.append(f"efficiency: decoder-layer FLOPs ratio {ef['flops_ratio']:.2f} (model / compiled; remat "
-                         "recompute)")
-    if r.get("compile_error"):
-        ce = r["compile_error"]
-        req, avail = ce.get("required_bytes"), ce.get("available_bytes")
-        figs = f"{format_bytes(req)} needed, {format_bytes(avail)} available" if req else ce["message"]
-        lines.append(f"DOES NOT FIT: the TPU compiler refused the {ce['program']} program: {figs}")
-        lines.append(f"  compiler: {ce['message']}")
-    elif not r["fits"]:
-        lines.append("DOES NOT FIT")
-    else:
-        lines.append(f"fits: {format_bytes(pc['total_bytes'])} of {format_bytes(hbm)} per chip")
-    for a in r.get("advice", []):
-        lines.append(f"  would fit: {a}" if not r["fits"] else f"  {a}")
-    return "\n".join(lines)

@@ -9,9 +9,11 @@ import os
 import pytest
 
 from glm41v_jax.cli import main
+from glm41v_jax.compiled_figures import parse_oom
 from glm41v_jax.config import Glm4vConfig
-from glm41v_jax.plan import PlanError, model_config, parse_image_size, parse_oom, parse_tpu
+from glm41v_jax.plan import model_config, parse_image_size
 from glm41v_jax.tiny import tiny_hf_config
+from glm41v_jax.tpu_slices import PlanError, parse_tpu
 
 
 @pytest.mark.parametrize("name, family, chips, hosts, topology, bounds", [

@@ -19,16 +19,9 @@ import jax
 
 from glm41v_train.config import load_config
 
-from ..plan import (
-    BUILTIN_CONFIGS,
-    PlanError,
-    format_report,
-    model_config,
-    parse_image_size,
-    parse_tpu,
-    plan_generate,
-    plan_train,
-)
+from ..plan import BUILTIN_CONFIGS, model_config, parse_image_size, plan_generate, plan_train
+from ..plan_report import format_report
+from ..tpu_slices import PlanError, parse_tpu
 from . import argtypes
 from .common import guarded
 
