@@ -49,7 +49,6 @@ Axis legend: B batch, T query tokens, S key/value tokens, N query heads, K kv he
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable
 
@@ -424,15 +423,16 @@ def pallas_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal, q_positi
     block_sizes = sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
                                 block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
     # A bf16 kernel multiplies at the MXU's native precision: a global "highest" matmul precision (fp32 contract
-    # precision) on bf16 operands is refused by Mosaic ("Bad lhs type"), and means nothing for bf16 inputs.
+    # precision) on bf16 operands is refused by Mosaic ("Bad lhs type"), and means nothing for bf16 inputs. The
+    # backward kernels are traced later (at transpose time), so the precision wraps both passes (`_native_precision`).
     low = jnp.dtype(q.dtype).itemsize < 4
-    precision = jax.default_matmul_precision("default") if low else contextlib.nullcontext()
-    with jax.named_scope("attention_splash"), precision:
+    wrap = _native_precision if low else (lambda f: f)
+    with jax.named_scope("attention_splash"):
         if static_mask:
             kernel = _static_kernel(causal, tp, sp, n, block_sizes, interpret)
             seg = sa.SegmentIds(q=jnp.pad(q_segment_ids, ((0, 0), (0, tp - t))).astype(jnp.int32),
                                 kv=jnp.pad(kv_segment_ids, ((0, 0), (0, sp - s))).astype(jnp.int32))
-            out = jax.vmap(kernel)(qs, ks, vs, segment_ids=seg)  # (B, N, Tp, H)
+            out = wrap(lambda q, k, v, seg: jax.vmap(kernel)(q, k, v, segment_ids=seg))(qs, ks, vs, seg)
             seen = _has_key(q_segment_ids, kv_segment_ids)
         else:
             mask = segment_mask(q_segment_ids, kv_segment_ids, causal, q_positions, kv_positions)
@@ -440,9 +440,30 @@ def pallas_attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal, q_positi
             seen = jnp.any(mask, axis=-1)[:, :t]  # (B, T)
             mask = mask | (~jnp.any(mask, axis=-1)[:, :, None] & (jnp.arange(sp) == 0)[None, None, :])
             one = functools.partial(_splash_one, block_sizes=block_sizes, interpret=interpret)
-            out = jax.vmap(one)(qs, ks, vs, mask[:, None])  # (B, N, Tp, H)
+            out = wrap(jax.vmap(one))(qs, ks, vs, mask[:, None])  # (B, N, Tp, H)
     out = out.transpose(0, 2, 1, 3)[:, :t]
     return jnp.where(seen[:, :, None, None], out, 0).astype(q.dtype)
+
+
+def _native_precision(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """`fn` traced at the default matmul precision in its forward and in its backward pass (a custom_vjp whose
+    backward runs the vjp under the same setting), whatever the caller's global `jax_default_matmul_precision`."""
+
+    @jax.custom_vjp
+    def call(*args):
+        with jax.default_matmul_precision("default"):
+            return fn(*args)
+
+    def fwd(*args):
+        with jax.default_matmul_precision("default"):
+            return jax.vjp(fn, *args)
+
+    def bwd(vjp, g):
+        with jax.default_matmul_precision("default"):
+            return vjp(g)
+
+    call.defvjp(fwd, bwd)
+    return call
 
 
 def _has_key(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:

@@ -270,6 +270,18 @@ def test_sharded_splash_compiles_for_a_tpu_v5e_8():
     # The same without a context mesh, through sharding.under_mesh (how the Engine and the train step trace).
     compiled = jax.jit(under_mesh(f, mesh)).lower(q, kv, kv, seg, seg).compile()
     assert "tpu_custom_call" in compiled.as_text()
+    # Gradients through the kernel, both masks (the static causal mask of self-attention and the dynamic one), with
+    # the global "highest" matmul precision these tests run under (conftest): the backward kernels are traced at
+    # transpose time, and Mosaic refuses fp32 contract precision on bf16 operands ("Bad lhs type").
+    assert jax.config.jax_default_matmul_precision == "highest"
+    for kv_is_q in (True, False):
+        def loss(q, k, v, seg, pos, kv_is_q=kv_is_q):
+            out = A.attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True, q_positions=pos,
+                              kv_positions=pos, impl="auto", kv_is_q=kv_is_q)
+            return jnp.sum(out.astype(jnp.float32))
+
+        compiled = jax.jit(under_mesh(jax.grad(loss, argnums=(0, 1, 2)), mesh)).lower(q, kv, kv, seg, seg).compile()
+        assert compiled.as_text().count("tpu_custom_call") >= 2  # forward and backward kernels
     # An abstract Engine for this mesh takes the TPU entry of the backend table.
     eng = Engine(None, Glm4vConfig.from_hf(_gqa_dict()), mesh=mesh)
     assert eng.platform == "tpu" and eng.cfg.runtime.kernel_layout == BACKEND_TUNING["tpu"]["engine_kernel_layout"]
