@@ -12,12 +12,13 @@ Backends (`impl`, also `RuntimeConfig.attention_impl`):
            everywhere; every other path is tested against it. On the CPU backend, calls with 32+ queries run the
            same math blocked over cache-sized pieces (`blocked_attention`; `dense_attention` is the one block).
 * "pallas" TPU: JAX's splash-attention Pallas kernel (`jax.experimental.pallas.ops.tpu.splash_attention`) for
-           prefill (T > 1), text and vision alike. The exact reference mask (segments, padding, causal by
-           *positions*, so prefill into a longer KV cache at any offset is exact) is handed to the kernel as a
-           dynamic block-sparse mask: fully masked (bq, bkv) tiles (upper triangle, empty cache slots, other
-           images' patches) are skipped. Decode (T == 1) runs the XLA reference: one query row per head is a
-           matrix-vector product the kernel's 128-row tiles would waste. Off-TPU the kernel only runs in Pallas
-           interpret mode (`PALLAS_INTERPRET` / `interpret=`), which is how the tests check it on CPU.
+           prefill (T > 1), text and vision alike. Self-attention (`kv_is_q`: training, prefill) and non-causal
+           calls (vision) give the kernel its static CausalMask / FullMask plus `SegmentIds`: no (T, S) array.
+           Causal calls into a longer KV cache (causal by *positions*, any offset) hand it the exact mask as a
+           dynamic block-sparse mask, fully masked (bq, bkv) tiles skipped. The backward kernels run at the MXU's
+           native precision whatever the global matmul precision. Decode (T == 1) runs the XLA reference: one
+           query row per head is a matrix-vector product the kernel's 128-row tiles would waste. Off-TPU the
+           kernel only runs in Pallas interpret mode (`PALLAS_INTERPRET` / `interpret=`), as the CPU tests run it.
 * "cudnn"  GPU: `jax.nn.dot_product_attention(implementation="cudnn")` (cuDNN flash attention) with the same mask
            passed as a boolean (B, 1, T, S) `mask`; GQA natively (K < N heads). Needs bf16/fp16 inputs and
            head_dim % 8 == 0, <= 128 (256 on Hopper).
