@@ -97,6 +97,15 @@ BACKEND_TUNING: dict[str, dict[str, str]] = {
     "gpu": {"engine_kernel_layout": "in_out", "dtype": "bfloat16"},
 }
 
+# quant_matmul: how a weight-only int8 Dense multiplies (layers.Dense; measured by benchmarks/quant_matmul.py).
+#   cpu "int8_dot": XLA:CPU materialises codes.astype(f32) and reads it at fp32 width ("dequant" ran 2-8x slower
+#       than the fp32 matmul); an int8 x int8 -> int32 dot of dynamically quantized activation rows is the one form
+#       faster than fp32 (rows padded to layers.INT8_DOT_MIN_ROWS: its 1-row GEMV is slow).
+#   tpu/gpu "dequant": the convert fuses into the dot's operand read; the activations stay in the compute dtype.
+QUANT_MATMUL = {"cpu": "int8_dot", "tpu": "dequant", "gpu": "dequant"}
+for _platform, _how in QUANT_MATMUL.items():
+    BACKEND_TUNING[_platform]["quant_matmul"] = _how
+
 
 def backend_default(platform: str, key: str) -> str:
     """`BACKEND_TUNING[platform][key]`; "cuda"/"rocm" read "gpu", and platforms not in the table read "cpu"."""

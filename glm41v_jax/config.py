@@ -27,6 +27,8 @@ from .errors import Glm41vError
 # Attention backends (glm41v_jax.attention): the XLA reference, TPU splash (Pallas), GPU cuDNN, or per-call choice.
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 KERNEL_LAYOUTS = ("in_out", "out_in")  # RuntimeConfig.kernel_layout (see layers.Dense)
+QUANT_SCHEMES = ("none", "int8", "int4")  # RuntimeConfig.quantize (see quant.py)
+QUANT_SKIPPABLE = ("lm_head", "vision")  # RuntimeConfig.quant_skip: the parts that may stay in float
 
 
 class ConfigError(Glm41vError, ValueError):
@@ -286,15 +288,38 @@ class RuntimeConfig:
     # How the text decoder's and lm_head's kernels are stored: "in_out" (checkpoints, training) or "out_in" (the
     # Engine's decode layout on CPU; see layers.Dense and model.to_kernel_layout). The vision tower is "in_out".
     kernel_layout: str = "in_out"
+    # Weight-only quantization (quant.py): "none" | "int8" (per output channel) | "int4" (groups of
+    # `quant_group_size` along the last input axis). The text decoder's projections are always quantized; the parts
+    # named in `quant_skip` ("lm_head", "vision": the tower with its merger) stay in float; the embedding never is.
+    quantize: str = "none"
+    quant_group_size: int = 128
+    quant_skip: tuple[str, ...] = ("vision",)
 
     def __post_init__(self) -> None:
         for name in ("compute_dtype", "param_dtype"):
             object.__setattr__(self, name, _float_dtype(getattr(self, name), name))
+        if self.quantize not in QUANT_SCHEMES:
+            raise ConfigError(f"runtime: quantize must be one of {', '.join(map(repr, QUANT_SCHEMES))}; "
+                              f"got {str(self.quantize)[:40]!r}")
+        g = self.quant_group_size
+        if isinstance(g, bool) or not isinstance(g, int | np.integer) or g < 1:
+            raise ConfigError(f"runtime: quant_group_size must be a positive integer; got {str(g)[:40]!r}")
+        object.__setattr__(self, "quant_group_size", int(g))
+        skip = (self.quant_skip,) if isinstance(self.quant_skip, str) else self.quant_skip
+        if not isinstance(skip, Sequence) or any(p not in QUANT_SKIPPABLE for p in skip):
+            raise ConfigError(f"runtime: quant_skip must name parts among {', '.join(map(repr, QUANT_SKIPPABLE))}; "
+                              f"got {str(self.quant_skip)[:60]!r}")
+        object.__setattr__(self, "quant_skip", tuple(sorted(set(skip))))
         if self.kernel_layout not in KERNEL_LAYOUTS:
             raise ConfigError(f"runtime: kernel_layout must be 'in_out' or 'out_in'; got {self.kernel_layout!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"runtime: attention_impl must be one of {', '.join(map(repr, ATTENTION_IMPLS))}; "
                               f"got {self.attention_impl!r}")
+
+    def quant_of(self, part: str) -> str:
+        """The scheme of `part`'s Dense layers: "text" (the decoder: always `quantize`), "lm_head" or "vision"
+        ("none" when `quant_skip` names it)."""
+        return "none" if part in self.quant_skip else self.quantize
 
 
 def _float_dtype(value: Any, name: str) -> str:

@@ -19,6 +19,7 @@ import numpy as np
 from . import backend
 from .attention import NEG_INF, attention  # noqa: F401  (re-exported: the one attention lives in attention.py)
 from .config import KERNEL_LAYOUTS
+from .errors import Glm41vError
 
 Dtype = Any
 
@@ -26,6 +27,61 @@ Dtype = Any
 def _init(scale_fan_in: int):
     std = 1.0 / np.sqrt(max(scale_fan_in, 1))
     return nn.initializers.normal(stddev=std)
+
+
+# Weight-only quantization (quant.py has the schemes and the host quantizer; the math lives here because Dense
+# reads it and quant.py imports the model): the largest code of each scheme and the dtype the codes are stored in.
+QUANT_QMAX = {"int8": 127, "int4": 7}
+QUANT_DTYPES = {"int8": jnp.int8, "int4": jnp.int4}
+
+
+class QuantError(Glm41vError, ValueError):
+    """A layer that cannot be quantized as asked (e.g. int4 with an input width that is not a multiple of the group
+    size); the message names the layer and the sizes."""
+
+
+def quant_shapes(kshape: tuple[int, ...], axes: tuple[str | None, ...], n_in: int, n_lead: int, kernel_layout: str,
+                 scheme: str, group_size: int, where: str = "kernel"
+                 ) -> tuple[tuple[int, ...], tuple[str | None, ...], tuple[int, ...], tuple[str | None, ...]]:
+    """(codes shape, codes logical axes, scale shape, scale logical axes) of a float kernel `kshape` with logical
+    `axes` (its own storage order), `n_lead` leading batch axes (the scan's "layers") then in/out axes.
+
+    int8: the codes keep the kernel's shape and axes; the scale drops the input axes. int4: the last input axis I
+    becomes (I/g, g), named (its name, None); the scale drops the g axis. QuantError when g does not divide I."""
+    nd = len(kshape)
+    in_pos = tuple(range(n_lead, n_lead + n_in)) if kernel_layout == "in_out" else tuple(range(nd - n_in, nd))
+    if scheme == "int8":
+        keep = [i for i in range(nd) if i not in in_pos]
+        return kshape, axes, tuple(kshape[i] for i in keep), tuple(axes[i] for i in keep)
+    last, size = in_pos[-1], kshape[in_pos[-1]]
+    if size % group_size:
+        raise QuantError(f"{where}: int4 groups of {group_size} along an input axis of {size}: {size} is not a "
+                         f"multiple of {group_size} (choose a quant_group_size that divides it)")
+    codes = (*kshape[:last], size // group_size, group_size, *kshape[last + 1:])
+    caxes = (*axes[:last], axes[last], None, *axes[last + 1:])
+    return codes, caxes, (*kshape[:last], size // group_size, *kshape[last + 1:]), axes[:last + 1] + axes[last + 1:]
+
+
+def _quant_init(scheme: str):
+    q = QUANT_QMAX[scheme]
+    return lambda key, shape, dtype: jax.random.randint(key, shape, -q, q + 1, jnp.int32).astype(dtype)
+
+
+def _scale_init(fan_in: int, scheme: str):
+    s = np.float32(np.sqrt(3.0 / max(fan_in, 1)) / QUANT_QMAX[scheme])  # codes uniform in [-q, q]: std 1/sqrt(fan_in)
+    return lambda key, shape, dtype: jnp.full(shape, s, dtype)
+
+
+def dynamic_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x (..., *in) float -> (int8 codes, fp32 scale (..., 1...)): symmetric per row over the trailing axes given
+    by the caller's flattening (x is (rows, I) here); an all-zero row gets scale 0 and codes 0."""
+    xf = x.astype(jnp.float32)
+    s = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) / 127.0
+    q = jnp.clip(jnp.round(xf / jnp.where(s == 0, 1.0, s)), -127, 127).astype(jnp.int8)
+    return q, s
+
+
+INT8_DOT_MIN_ROWS = 4  # quant_matmul "int8_dot": fewer rows are zero-padded to this many (XLA:CPU's int8 GEMV is slow)
 
 
 class Dense(nn.Module):
@@ -39,6 +95,13 @@ class Dense(nn.Module):
     decode layout on CPU, where XLA:CPU streams it at the memory bandwidth at small batch and x . W does not
     (`backend.BACKEND_TUNING`); x . W^T instead would copy the kernel before every matmul.
     `model.to_kernel_layout` converts a params tree between the two.
+
+    `quant` ("none" | "int8" | "int4", quant.py): the params are `kernel` = the integer codes and `scale` (fp32)
+    instead of a float kernel (`quant_shapes`); the bias stays float. The activations stay in `dtype`. The matmul
+    (`backend_default(platform, "quant_matmul")`): "dequant" = int8: dot(x, codes.astype(dtype)) * scale (the
+    per-output scale factors out of the dot); int4: the codes times their group scales, then the float dot.
+    "int8_dot" (int8 weights only; XLA:CPU, where the dequantized kernel is materialised and read at fp32 width):
+    the activation rows quantized to int8 on the fly (per-row scale), an int8 x int8 -> int32 dot, times both scales.
     """
 
     features: tuple[int, ...]
@@ -48,6 +111,8 @@ class Dense(nn.Module):
     kernel_layout: str = "in_out"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quant: str = "none"  # RuntimeConfig.quantize, where this layer is quantized (see quant.py)
+    quant_group_size: int = 128
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -58,23 +123,60 @@ class Dense(nn.Module):
         out_in = self.kernel_layout == "out_in"
         kshape = (*self.features, *in_shape) if out_in else (*in_shape, *self.features)
         axes = (*self.axes[self.n_in:], *self.axes[:self.n_in]) if out_in else self.axes
-        kernel = self.param("kernel", nn.with_logical_partitioning(_init(int(np.prod(in_shape))), axes),
-                            kshape, self.param_dtype)
+        fan_in = int(np.prod(in_shape))
         x = x.astype(self.dtype)
-        kernel = kernel.astype(self.dtype)
-        nd = x.ndim
-        x_in = tuple(range(nd - self.n_in, nd))
-        if not out_in:
-            y = jax.lax.dot_general(x, kernel, ((x_in, tuple(range(self.n_in))), ((), ())))
+        if self.quant == "none":
+            kernel = self.param("kernel", nn.with_logical_partitioning(_init(fan_in), axes), kshape, self.param_dtype)
+            y = self._dot(x, kernel.astype(self.dtype))
+        elif self.quant in QUANT_QMAX:
+            cshape, caxes, sshape, saxes = quant_shapes(kshape, axes, self.n_in, 0, self.kernel_layout, self.quant,
+                                                        self.quant_group_size, where=self.name or "Dense")
+            codes = self.param("kernel", nn.with_logical_partitioning(_quant_init(self.quant), caxes), cshape,
+                               QUANT_DTYPES[self.quant])
+            scale = self.param("scale", nn.with_logical_partitioning(_scale_init(fan_in, self.quant), saxes), sshape,
+                               jnp.float32)
+            how = backend.backend_default(backend.target_platform(), "quant_matmul")
+            if self.quant == "int8" and how == "int8_dot":
+                y = self._int8_dot(x, codes, scale)
+            elif self.quant == "int8":
+                y = self._dot(x, codes.astype(self.dtype)) * scale.astype(self.dtype)  # (..., *out) * (*out)
+            else:
+                g_axis = len(sshape) if out_in else len(sshape) - n_out  # where the codes have the group axis
+                w = codes.astype(jnp.float32) * jnp.expand_dims(scale, g_axis)
+                y = self._dot(x, w.reshape(kshape).astype(self.dtype))
         else:
-            k_in = tuple(range(n_out, n_out + self.n_in))
-            y = jax.lax.dot_general(kernel, x, ((k_in, x_in), ((), ())))  # (*out, *rows)
-            y = jnp.moveaxis(y, tuple(range(n_out)), tuple(range(nd - self.n_in, nd - self.n_in + n_out)))
+            raise QuantError(f"{self.name}: quant must be one of 'none', 'int8', 'int4'; got {self.quant!r}")
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.n_in:]),
                               self.features, self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
+
+    def _dot(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        """x (..., *in) . kernel in this layer's layout -> (..., *out)."""
+        n_out, nd = len(self.features), x.ndim
+        x_in = tuple(range(nd - self.n_in, nd))
+        if self.kernel_layout == "in_out":
+            return jax.lax.dot_general(x, kernel, ((x_in, tuple(range(self.n_in))), ((), ())),
+                                       preferred_element_type=None if kernel.dtype != jnp.int8 else jnp.int32)
+        k_in = tuple(range(n_out, n_out + self.n_in))
+        y = jax.lax.dot_general(kernel, x, ((k_in, x_in), ((), ())),
+                                preferred_element_type=None if kernel.dtype != jnp.int8 else jnp.int32)  # (*out, *rows)
+        return jnp.moveaxis(y, tuple(range(n_out)), tuple(range(nd - self.n_in, nd - self.n_in + n_out)))
+
+    def _int8_dot(self, x: jax.Array, codes: jax.Array, scale: jax.Array) -> jax.Array:
+        """The "int8_dot" matmul: rows of x quantized per row to int8, int32 accumulation, both scales applied."""
+        lead, in_shape = x.shape[:-self.n_in], x.shape[-self.n_in:]
+        rows = int(np.prod(lead))
+        x2 = x.reshape(rows, int(np.prod(in_shape)))
+        pad = max(INT8_DOT_MIN_ROWS - rows, 0)
+        if pad:
+            x2 = jnp.pad(x2, ((0, pad), (0, 0)))
+        xq, xs = dynamic_int8(x2)
+        acc = self._dot(xq.reshape(rows + pad, *in_shape), codes)  # (rows + pad, *out) int32
+        xs = xs.reshape(rows + pad, *([1] * len(self.features)))
+        y = acc.astype(jnp.float32) * xs * scale
+        return y[:rows].reshape(*lead, *self.features).astype(self.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -123,10 +225,13 @@ class GatedMLP(nn.Module):
     kernel_layout: str = "in_out"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quant: str = "none"  # Dense.quant of its three projections
+    quant_group_size: int = 128
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_layout=self.kernel_layout)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_layout=self.kernel_layout, quant=self.quant,
+                  quant_group_size=self.quant_group_size)
         if self.fused:
             gu = Dense((2, self.hidden), ("embed", None, "mlp"), name="gate_up", **kw)(x)
             gate, up = gu[..., 0, :], gu[..., 1, :]

@@ -37,7 +37,8 @@ class Glm4v(nn.Module):
         if not self.cfg.tie_word_embeddings:
             self.lm_head = Dense((self.cfg.text.vocab_size,), ("embed", "vocab"), name="lm_head",
                                  kernel_layout=rt.kernel_layout, dtype=jnp.dtype(rt.compute_dtype),
-                                 param_dtype=jnp.dtype(rt.param_dtype))
+                                 param_dtype=jnp.dtype(rt.param_dtype), quant=rt.quant_of("lm_head"),
+                                 quant_group_size=rt.quant_group_size)
 
     def encode_vision(self, vision: VisionInputs) -> jax.Array:
         """The packed patches -> LLM tokens (P / merge**2, D)."""

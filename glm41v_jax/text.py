@@ -47,12 +47,15 @@ class TextAttention(nn.Module):
     param_dtype: Any
     attention_impl: str = "xla"  # RuntimeConfig.attention_impl
     kernel_layout: str = "in_out"  # RuntimeConfig.kernel_layout
+    quant: str = "none"  # RuntimeConfig.quantize (the decoder's projections are always quantized with it)
+    quant_group_size: int = 128
 
     @nn.compact
     def __call__(self, x: jax.Array, inp: LayerInputs, kv_cache: tuple[jax.Array, jax.Array] | None = None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         c = self.cfg
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_layout=self.kernel_layout)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_layout=self.kernel_layout, quant=self.quant,
+                  quant_group_size=self.quant_group_size)
         n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         q = Dense((n, h), ("embed", "heads", "head_dim"), use_bias=True, name="q_proj", **kw)(x)
         kk = Dense((k, h), ("embed", "kv_heads", "head_dim"), use_bias=True, name="k_proj", **kw)(x)
@@ -80,19 +83,21 @@ class DecoderLayer(nn.Module):
     param_dtype: Any
     attention_impl: str = "xla"
     kernel_layout: str = "in_out"
+    quant: str = "none"
+    quant_group_size: int = 128
 
     @nn.compact
     def __call__(self, x: jax.Array, inp: LayerInputs, kv_cache: tuple[jax.Array, jax.Array] | None = None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        qkw = dict(kernel_layout=self.kernel_layout, quant=self.quant, quant_group_size=self.quant_group_size)
         h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
-        h, new_cache = TextAttention(c, name="self_attn", attention_impl=self.attention_impl,
-                                     kernel_layout=self.kernel_layout, **kw)(h, inp, kv_cache)
+        h, new_cache = TextAttention(c, name="self_attn", attention_impl=self.attention_impl, **qkw, **kw)(
+            h, inp, kv_cache)
         x = x + RMSNorm(c.rms_norm_eps, name="post_self_attn_layernorm", **kw)(h)
         h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
-        h = GatedMLP(c.intermediate_size, c.hidden_size, fused=True, kernel_layout=self.kernel_layout, name="mlp",
-                     **kw)(h)
+        h = GatedMLP(c.intermediate_size, c.hidden_size, fused=True, name="mlp", **qkw, **kw)(h)
         x = x + RMSNorm(c.rms_norm_eps, name="post_mlp_layernorm", **kw)(h)
         return x, new_cache
 
@@ -108,14 +113,14 @@ class TextModel(nn.Module):
         kw = dict(dtype=self._dtype, param_dtype=pdtype)
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, **kw)
         layer = maybe_remat(DecoderLayer, rt.remat_policy)
+        lkw = dict(attention_impl=rt.attention_impl, kernel_layout=rt.kernel_layout, quant=rt.quant_of("text"),
+                   quant_group_size=rt.quant_group_size, **kw)
         if rt.scan_layers:
             self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                                   in_axes=(nn.broadcast, 0), length=c.num_hidden_layers,  # (inp, kv_cache)
-                                  metadata_params={nn.PARTITION_NAME: "layers"})(c, attention_impl=rt.attention_impl,
-                                                                                 kernel_layout=rt.kernel_layout, **kw)
+                                  metadata_params={nn.PARTITION_NAME: "layers"})(c, **lkw)
         else:
-            self.layers = [layer(c, name=f"layers_{i}", attention_impl=rt.attention_impl,
-                                 kernel_layout=rt.kernel_layout, **kw) for i in range(c.num_hidden_layers)]
+            self.layers = [layer(c, name=f"layers_{i}", **lkw) for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, **kw)
 
     def embed(self, ids: jax.Array) -> jax.Array:

@@ -53,11 +53,14 @@ class VisionAttention(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     attention_impl: str = "xla"  # RuntimeConfig.attention_impl
+    quant: str = "none"  # RuntimeConfig.quant_of("vision")
+    quant_group_size: int = 128
 
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, vision: VisionInputs) -> jax.Array:
         c = self.cfg
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, quant=self.quant,
+                  quant_group_size=self.quant_group_size)
         qkv = Dense((3, c.num_heads, c.head_dim), ("embed", None, "heads", "head_dim"), use_bias=c.attention_bias,
                     name="qkv", **kw)(x)  # (B, P, 3, Nv, Hv)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -78,15 +81,18 @@ class VisionBlock(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     attention_impl: str = "xla"
+    quant: str = "none"
+    quant_group_size: int = 128
 
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, vision: VisionInputs) -> tuple[jax.Array, None]:
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        qkw = dict(quant=self.quant, quant_group_size=self.quant_group_size)
         h = RMSNorm(c.rms_norm_eps, name="norm1", **kw)(x)
-        x = x + VisionAttention(c, name="attn", attention_impl=self.attention_impl, **kw)(h, cos, sin, vision)
+        x = x + VisionAttention(c, name="attn", attention_impl=self.attention_impl, **qkw, **kw)(h, cos, sin, vision)
         h = RMSNorm(c.rms_norm_eps, name="norm2", **kw)(x)
-        x = x + GatedMLP(c.out_hidden_size, c.hidden_size, name="mlp", **kw)(h)
+        x = x + GatedMLP(c.out_hidden_size, c.hidden_size, name="mlp", **qkw, **kw)(h)
         return x, None
 
 
@@ -104,8 +110,9 @@ class VisionModel(nn.Module):
         c = self.cfg.vision
         rt = self.cfg.runtime
         dtype, pdtype = jnp.dtype(rt.compute_dtype), jnp.dtype(rt.param_dtype)
-        kw = dict(dtype=dtype, param_dtype=pdtype, attention_impl=rt.attention_impl)
-        with jax.named_scope("patch_embed"):
+        qkw = dict(quant=rt.quant_of("vision"), quant_group_size=rt.quant_group_size)
+        kw = dict(dtype=dtype, param_dtype=pdtype, attention_impl=rt.attention_impl, **qkw)
+        with jax.named_scope("patch_embed"):  # float always (quant.py: small, and 1176 inputs are no int4 groups)
             x = Dense((c.hidden_size,), ("patch", "embed"), use_bias=True, name="patch_embed", dtype=dtype,
                       param_dtype=pdtype)(vision.pixel_values)
             x = RMSNorm(c.rms_norm_eps, name="post_conv_layernorm", dtype=dtype, param_dtype=pdtype)(x)
@@ -130,8 +137,8 @@ class VisionModel(nn.Module):
             m2 = c.spatial_merge_size**2
             x = x.reshape(x.shape[0] // m2, m2 * c.hidden_size)  # 4 consecutive block-major patches, (a, b, d)
             x = Dense((c.out_hidden_size,), ("mlp", "embed"), use_bias=True, name="downsample", dtype=dtype,
-                      param_dtype=pdtype)(x)
-            x = _Merger(c, name="merger", dtype=dtype, param_dtype=pdtype)(x)
+                      param_dtype=pdtype, **qkw)(x)
+            x = _Merger(c, name="merger", dtype=dtype, param_dtype=pdtype, **qkw)(x)
         return x
 
 
@@ -139,14 +146,17 @@ class _Merger(nn.Module):
     cfg: VisionConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    quant: str = "none"
+    quant_group_size: int = 128
 
     @nn.compact
     def __call__(self, x):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = Dense((c.out_hidden_size,), ("embed", "embed_out"), name="proj", **kw)(x)
+        qkw = dict(quant=self.quant, quant_group_size=self.quant_group_size, **kw)
+        x = Dense((c.out_hidden_size,), ("embed", "embed_out"), name="proj", **qkw)(x)
         x = LayerNorm(1e-5, name="post_projection_norm", **kw)(x)
         x = jax.nn.gelu(x, approximate=False)
-        g = Dense((c.intermediate_size,), ("embed", "mlp"), name="gate", **kw)(x)
-        u = Dense((c.intermediate_size,), ("embed", "mlp"), name="up", **kw)(x)
-        return Dense((c.out_hidden_size,), ("mlp", "embed"), name="down", **kw)(jax.nn.silu(g) * u)
+        g = Dense((c.intermediate_size,), ("embed", "mlp"), name="gate", **qkw)(x)
+        u = Dense((c.intermediate_size,), ("embed", "mlp"), name="up", **qkw)(x)
+        return Dense((c.out_hidden_size,), ("mlp", "embed"), name="down", **qkw)(jax.nn.silu(g) * u)
