@@ -9,7 +9,12 @@ design choices".
   for a TPU topology from a CPU host), else `jax.default_backend()`. Every switch below reads it.
 * `BACKEND_TUNING` / `backend_default(platform, key)`: the per-platform defaults: `engine_kernel_layout`, the
   Engine's decode kernel layout ("out_in" on CPU, "in_out" on TPU and GPU; see `layers.Dense`), and `dtype`, the
-  Pipeline's weights and compute dtype when none is given ("float32" on CPU, "bfloat16" on TPU and GPU).
+  Pipeline's weights and compute dtype when none is given ("float32" on CPU, "bfloat16" on TPU and GPU), and
+  `cache_layout`, the KV cache's device layout in the Engine's programs: "compiler" (TPU) lets the compiler choose
+  it for the decode loop (`jax.experimental.layout.Layout.AUTO`) and makes the prefill and insert programs write
+  that layout, "default" (CPU, GPU) keeps row-major. On a v5e-8 at batch 8 the TPU compiler's decode loop wants
+  (K, S, B, H)-major, so with row-major arguments every chunk copied each layer's cache in and out (BENCHMARKS.md,
+  "TPU decode efficiency"); XLA:CPU takes only default layouts, and GPU is not measured yet.
 * XLA:CPU special cases (no other module tests the platform for speed):
   - `use_blocked_attention(num_queries)`: prefill and vision attention (32+ queries) run
     `attention.blocked_attention`, the reference math over query chunks whose fp32 logits stay within
@@ -92,9 +97,9 @@ def target_platform() -> str:
 # dtype: the Pipeline's default param/compute dtype. bfloat16 is native on TPU and GPU matrix units and halves the
 #   weights' memory; XLA:CPU has no fast bf16 matmul, and float32 keeps CPU results comparable with transformers.
 BACKEND_TUNING: dict[str, dict[str, str]] = {
-    "cpu": {"engine_kernel_layout": "out_in", "dtype": "float32"},
-    "tpu": {"engine_kernel_layout": "in_out", "dtype": "bfloat16"},
-    "gpu": {"engine_kernel_layout": "in_out", "dtype": "bfloat16"},
+    "cpu": {"engine_kernel_layout": "out_in", "dtype": "float32", "cache_layout": "default"},
+    "tpu": {"engine_kernel_layout": "in_out", "dtype": "bfloat16", "cache_layout": "compiler"},
+    "gpu": {"engine_kernel_layout": "in_out", "dtype": "bfloat16", "cache_layout": "default"},
 }
 
 # quant_matmul: how a weight-only int8 Dense multiplies (layers.Dense; measured by benchmarks/quant_matmul.py).

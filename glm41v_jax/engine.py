@@ -22,6 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental.layout import Format, Layout
 
 from . import decode as D
 from .backend import backend_default
@@ -138,6 +139,11 @@ class Engine:
         """(shape key, seconds) per compiled program, in order."""
         return [(desc, dt) for _, _, desc, dt in self._cache.entries()]
 
+    @property
+    def compiling(self) -> str | None:
+        """The kind of program being compiled when a compile raised ("prefill" | "insert" | "decode"), else None."""
+        return self._cache.compiling
+
     def programs(self) -> list[tuple[str, Any, float]]:
         """(kind "prefill" | "insert" | "decode", compiled executable, compile seconds) of every program, in order."""
         return [(kind, exe, dt) for kind, exe, _, dt in self._cache.entries()]
@@ -162,7 +168,19 @@ class Engine:
 
         return jax.tree.map(one, cache)
 
-    def _in_out_shardings(self, kind: str, fn: Callable, args: tuple) -> tuple[Any, Any]:
+    def _state_formats(self, state: Any, cache_layouts: Any = None) -> Any:
+        """The shardings of a decode state; with `cache_layouts` (a {"k", "v"} tree of `Layout`s, or `Layout.AUTO`
+        for every leaf) its KV cache's leaves as `Format(layout, sharding)`."""
+        st = D.state_shardings(state, self.mesh)
+        if cache_layouts is None:
+            return st
+        if not isinstance(cache_layouts, dict):
+            cache_layouts = jax.tree.map(lambda _: cache_layouts, st.cache)
+        return st.replace(cache=jax.tree.map(Format, cache_layouts, st.cache))
+
+    def _in_out_shardings(self, kind: str, fn: Callable, args: tuple, cache_layouts: Any = None) -> tuple[Any, Any]:
+        """In and out shardings of a program; `cache_layouts` (decode: `Layout.AUTO`; prefill and insert: the
+        decode program's choice) lays out the KV cache of the states it takes and returns."""
         rep = self.replicated()
         if kind == "prefill":
             _, kw, pos, limit, think, *_ = args
@@ -172,24 +190,48 @@ class Engine:
             think_sh = None if think is None else D.state_shardings(think, self.mesh)
             ins = (self.param_shardings, kw_sh, self.batch_sharding(pos), self.batch_sharding(limit), think_sh,
                    rep, jax.tree.map(lambda _: rep, args[6]), rep)
-            return ins, D.state_shardings(jax.eval_shape(fn, *args), self.mesh)
+            return ins, self._state_formats(jax.eval_shape(fn, *args), cache_layouts)
         if kind == "insert":
             prefix, state, _ = args
-            st = D.state_shardings(state, self.mesh)
-            return (D.state_shardings(prefix, self.mesh), st, rep), st
+            st = self._state_formats(state, cache_layouts)
+            return (self._state_formats(prefix, cache_layouts), st, rep), st
         _, state, scalars, _, _ = args
-        st = D.state_shardings(state, self.mesh)
+        st = self._state_formats(state, cache_layouts)
         ins = (self.param_shardings, st, jax.tree.map(lambda _: rep, scalars), rep, rep)
         return ins, (st, self.batch_sharding(np.zeros((np.shape(state.tok)[0], 1))), rep)
+
+    def _cache_layouts(self, kind: str, statics: dict[str, Any], args: tuple) -> Any:
+        """The KV cache layouts a program is compiled with (`backend` "cache_layout"): None = row-major (CPU, GPU,
+        no mesh); on TPU `Layout.AUTO` for decode (the compiler lays out the cache for its loop), and for prefill
+        the layouts the decode program of the state it returns chose (compiled first, if it is not yet), so the
+        cache is never re-laid out between the two. Insert takes the layouts of the arrays it is given."""
+        if self.mesh is None or backend_default(self.platform, "cache_layout") != "compiler":
+            return None
+        if kind == "decode":
+            return Layout.AUTO
+        if kind == "insert":
+            fmt = lambda x: getattr(x, "format", None)  # noqa: E731
+            layouts = jax.tree.map(lambda x: getattr(fmt(x), "layout", None), args[1].cache)
+            return None if any(v is None for v in jax.tree.leaves(layouts, is_leaf=lambda v: v is None)) else layouts
+        fn = under_mesh(functools.partial(D.prefill, model=self.model, **statics), self.mesh)
+        dstatics, dargs = self._decode_args(jax.eval_shape(fn, *args), statics["sampling"], args[7])
+        decode = self._executable("decode", dstatics, dargs, donate=(1,))
+        return jax.tree.map(lambda f: f.layout, decode.input_formats[0][1].cache)
 
     # -------------------------------------------------------------------------------------------- programs
     def _executable(self, kind: str, statics: dict[str, Any], args: tuple, donate: tuple[int, ...] = ()) -> Any:
         """The compiled program for these static choices and argument shapes (compiled ahead of time once)."""
         lead = args[1:] if kind != "insert" else args
-        key = (kind, self._params_key, tuple(sorted(statics.items(), key=lambda kv: kv[0])), signature(lead))
+        # prefill and decode choose their cache layouts from their own statics and shapes (in the key already);
+        # insert takes those of its arguments
+        layouts = self._cache_layouts(kind, statics, args) if kind == "insert" else None
+        key = (kind, self._params_key, tuple(sorted(statics.items(), key=lambda kv: kv[0])), signature(lead),
+               None if layouts is None else str(jax.tree.leaves(layouts)))
         exe = self._cache.get(key)
         if exe is not None:
             return exe
+        if kind != "insert":
+            layouts = self._cache_layouts(kind, statics, args)
         model_kw = {} if kind == "insert" else {"model": self.model}
         fn = under_mesh(functools.partial(_PROGRAMS[kind], **model_kw, **statics), self.mesh)
 
@@ -197,7 +239,7 @@ class Engine:
             if self.mesh is None:
                 jitted = jax.jit(fn, donate_argnums=donate)
             else:
-                ins, outs = self._in_out_shardings(kind, fn, args)
+                ins, outs = self._in_out_shardings(kind, fn, args, layouts)
                 jitted = jax.jit(fn, donate_argnums=donate, in_shardings=ins, out_shardings=outs)
             return jitted.lower(*args).compile()
 

@@ -52,7 +52,7 @@ from .plan_report import format_report
 from .processing.image import ImageProcessor
 from .requests import synthetic_inputs
 from .sharding import make_mesh
-from .tpu_cost import calibrated_bytes, decode_minimum_bytes
+from .tpu_cost import calibrated_bytes, calibrated_split, decode_minimum_bytes, kv_read_fraction
 from .tpu_slices import FAMILIES, Family, PlanError, TpuType, next_size, parse_tpu, per_device, topology_devices
 
 __all__ = ["BUILTIN_CONFIGS", "CONFIG_DIR", "FAMILIES", "FRAME_PATCHES", "Family", "PlanError", "TpuType",
@@ -135,7 +135,8 @@ def _generate_figures(cfg: Glm4vConfig, eng: Engine, batch: int, n_prompt: int, 
     params_b = shard_bytes(eng.params)
     cache = jax.eval_shape(lambda: init_cache(eng.cfg, batch, slots))
     kv_b = shard_bytes(cache, eng.cache_shardings(cache))
-    decode_min = decode_minimum_bytes(eng.params, cache, eng.cache_shardings(cache), batch)["minimum_bytes"]
+    decode_min = decode_minimum_bytes(eng.params, cache, eng.cache_shardings(cache), batch,
+                                      kv_read_fraction(cfg, eng.mesh))["minimum_bytes"]
     p = cfg.vision.patch_size
     patches = sum((h // p) * (w // p) for h, w in sizes)  # one frame each
     counter = FlopCounter(eng.cfg, eng.params, freeze=("vision", "projector", "decoder"))  # forward only
@@ -168,11 +169,14 @@ def _generate_bounds(f: Mapping[str, Any], batch: int, n_prompt: int, n_dev: int
     return analytic, roofline
 
 
-def _generate_efficiency(report: dict[str, Any], f: Mapping[str, Any], batch: int, n_dev: int, bw: float) -> None:
-    """The compiled programs against the analytic figures: decode bytes and prefill FLOPs ratios."""
+def _generate_efficiency(report: dict[str, Any], f: Mapping[str, Any], batch: int, n_dev: int, bw: float,
+                         chunk: int) -> None:
+    """The compiled programs against the analytic figures: decode bytes and prefill FLOPs ratios. One decode step
+    moves the loop body's bytes plus 1/chunk of the chunk program's entry (run once per `chunk` steps)."""
     progs = {p["name"]: p for p in report["programs"]}
     dec = progs["decode"]
-    dec_hbm = dec["hbm_bytes"]
+    dec_hbm = dec["hbm_bytes_split"]["loops"] + dec["hbm_bytes_split"]["entry"] / chunk
+    dec["hbm_bytes_per_step"] = dec_hbm
     decode_min, prefill_flops = f["decode_min_bytes"], f["prefill_flops"]
     report["roofline"]["decode_tokens_per_s_at_compiled_bytes"] = batch * bw / dec_hbm if dec_hbm else None
     report["efficiency"] = {
@@ -180,9 +184,9 @@ def _generate_efficiency(report: dict[str, Any], f: Mapping[str, Any], batch: in
         "decode_bytes_ratio_uncalibrated": decode_min / dec["bytes_accessed"] if dec["bytes_accessed"] else None,
         "prefill_flops_ratio": (prefill_flops / n_dev) / progs["prefill"]["flops"]
         if progs["prefill"]["flops"] else None,
-        "note": "decode: minimum bytes / the HBM bytes of one step of the compiled decode loop (tpu_cost."
-                "calibrated_bytes; the compiler's own 'bytes accessed' also counts on-chip copies: the "
-                "uncalibrated ratio); prefill: model FLOPs / compiled FLOPs"}
+        "note": "decode: minimum bytes / the HBM bytes of one step of the compiled decode chunk (tpu_cost."
+                "calibrated_split: the loop body + the entry / chunk; the compiler's own 'bytes accessed' also "
+                "counts on-chip copies: the uncalibrated ratio); prefill: model FLOPs / compiled FLOPs"}
 
 
 def plan_generate(cfg: Glm4vConfig, tpu: TpuType, *, batch: int = 1, max_context: int = 8192,
@@ -226,12 +230,12 @@ def plan_generate(cfg: Glm4vConfig, tpu: TpuType, *, batch: int = 1, max_context
         oom = compile_oom(e)
         if oom is None:
             raise
-        failed = "prefill" if not eng.programs() else "decode"
+        failed = eng.compiling or "prefill"
         _record_programs(report, eng.programs())
         return _not_fit(report, oom, failed, _generate_advice(tpu, batch, kv_b, params_b, hbm, oom, mesh_obj,
                                                               cfg.text.num_key_value_heads))
     _record_programs(report, eng.programs())
-    _generate_efficiency(report, f, batch, n_dev, bw)
+    _generate_efficiency(report, f, batch, n_dev, bw, chunk_size)
     return _finish(report, hbm)
 
 
@@ -400,7 +404,8 @@ def _count_layer_flops(report: dict[str, Any], ts: Any, counter: FlopCounter, cf
 def _record_programs(report: dict[str, Any], programs: Sequence[tuple[str, Any, float]]) -> None:
     for name, exe, seconds in programs:
         report["programs"].append({"name": name, "compile_s": round(seconds, 2), **cost_figures(exe),
-                                   "hbm_bytes": calibrated_bytes(exe), "memory": memory_figures(exe)})
+                                   "hbm_bytes": calibrated_bytes(exe), "hbm_bytes_split": calibrated_split(exe),
+                                   "memory": memory_figures(exe)})
 
 
 def _finish(report: dict[str, Any], hbm: float) -> dict[str, Any]:

@@ -56,6 +56,7 @@ class ProgramCache:
 
     def __init__(self, max_programs: int | None = None) -> None:
         self.max_programs = max_programs
+        self.compiling: str | None = None
         self._entries: collections.OrderedDict[tuple, tuple[str, Any, str, float]] = collections.OrderedDict()
 
     def __len__(self) -> int:
@@ -72,7 +73,9 @@ class ProgramCache:
     def compile(self, key: tuple, kind: str, desc: str, build: Callable[[], Any]) -> tuple[Any, float]:
         """Compile with `build()` and keep the executable under `key`; returns it and the seconds it took."""
         t0 = time.perf_counter()
+        self.compiling = kind  # what a compile error was raised by (glm41v plan names it)
         exe = build()
+        self.compiling = None
         dt = time.perf_counter() - t0
         self._entries[key] = (kind, exe, desc, dt)
         if self.max_programs is not None and len(self._entries) > self.max_programs:

@@ -177,16 +177,23 @@ def _sliced_params(comp: list[dict[str, Any]]) -> dict[int, float]:
 
 def hbm_bytes(hlo_text: str) -> float:
     """HBM bytes read and written by the top-level instructions of an optimized HLO module (module docstring)."""
+    return sum(hbm_bytes_by_computation(hlo_text).values())
+
+
+def hbm_bytes_by_computation(hlo_text: str) -> dict[str, float]:
+    """`hbm_bytes` per executed computation: {"entry": the entry computation's own instructions, "<name>": a loop
+    body / condition / branch (each counted once)}, in the order they are reached."""
     comps, entry = _parse(hlo_text)
     shapes = {i["name"]: i["shape"] for c in comps.values() for i in c}
     seen: set[str] = set()
-    total = 0.0
+    totals: dict[str, float] = {}
 
     def walk(name: str) -> None:
-        nonlocal total
         if name in seen or name not in comps:
             return
         seen.add(name)
+        key = "entry" if name == entry else name
+        totals[key] = 0.0
         for ins in comps[name]:
             op = ins["op"]
             if op in ("while", "conditional", "call"):
@@ -216,16 +223,24 @@ def hbm_bytes(hlo_text: str) -> float:
             if dus is not None and dus[0] < len(operands):
                 operands[dus[0]] = 0.0  # updated in place: only the slice is written
                 out = dus[1]
-            total += sum(operands) + out
+            totals[key] += sum(operands) + out
 
     walk(entry)
-    return total
+    return totals
 
 
 def calibrated_bytes(compiled: Any) -> float:
     """HBM bytes per device of one run of a compiled program (`jax.jit(...).lower(...).compile()`), counted from
     its optimized HLO (module docstring); a loop body is counted once."""
     return hbm_bytes(compiled.as_text())
+
+
+def calibrated_split(compiled: Any) -> dict[str, float]:
+    """`calibrated_bytes` as {"entry": once per run, "loops": the loop bodies, once per iteration}: a program that
+    runs `n` loop iterations moves about entry / n + loops per iteration (the decode chunk: n steps)."""
+    by = hbm_bytes_by_computation(compiled.as_text())
+    entry = by.pop("entry", 0.0)
+    return {"entry": entry, "loops": sum(by.values())}
 
 
 def compiler_bytes(compiled: Any) -> float:
@@ -306,13 +321,27 @@ def decode_step(cfg: Glm4vConfig, mesh: jax.sharding.Mesh, batch: int, max_len: 
     logits_sh = eng.batch_sharding(np.zeros((batch, cfg.text.vocab_size), np.float32))
     compiled = jax.jit(fn, in_shardings=(eng.param_shardings, cache_sh, row, rep, vec, vec),
                        out_shardings=(logits_sh, cache_sh, row), donate_argnums=(1, 2)).lower(*args).compile()
-    return compiled, decode_minimum_bytes(eng.params, cache, cache_sh, batch)
+    return compiled, decode_minimum_bytes(eng.params, cache, cache_sh, batch, kv_read_fraction(cfg, mesh))
 
 
-def decode_minimum_bytes(params: Mapping[str, Any], cache: Any, cache_shardings: Any, batch: int) -> dict[str, float]:
+def kv_read_fraction(cfg: Glm4vConfig, mesh: jax.sharding.Mesh) -> float:
+    """The part of its KV-cache shard a device must read per decode step: the kv heads its query heads use, out of
+    those it holds. KV heads that do not divide "tensor" are replicated (sharding.py), yet each device's N/t query
+    heads use only N/t / G of them (the 9B on tensor=8: 4 query heads, 1 of the 2 kv heads held; the compiled step
+    slices it out)."""
+    n, k = cfg.text.num_attention_heads, cfg.text.num_key_value_heads
+    t = mesh.shape.get("tensor", 1)
+    q_local = n // t if n % t == 0 else n
+    kv_local = k // t if k % t == 0 else k
+    used = len({h // (n // k) for h in range(q_local)})
+    return min(used, kv_local) / kv_local
+
+
+def decode_minimum_bytes(params: Mapping[str, Any], cache: Any, cache_shardings: Any, batch: int,
+                         kv_fraction: float = 1.0) -> dict[str, float]:
     """The floor of one decode step's HBM traffic per device: every text-decoder weight and the lm_head read once
-    (the shard this device holds), B rows of the embedding table, the KV cache read once (this device's shard).
-    The vision tower is not part of decode."""
+    (the shard this device holds), B rows of the embedding table, the KV cache read once (this device's shard, times
+    `kv_fraction`: `kv_read_fraction`). The vision tower is not part of decode."""
     text = 0.0
     for path, x in jax.tree_util.tree_flatten_with_path({k: v for k, v in params.items() if k != "visual"})[0]:
         keys = [str(getattr(p, "key", p)) for p in path]
@@ -322,4 +351,4 @@ def decode_minimum_bytes(params: Mapping[str, Any], cache: Any, cache_shardings:
         text += _per_device_bytes(x.shape, x.dtype, getattr(x, "sharding", None))
     kv = sum(_per_device_bytes(x.shape, x.dtype, s) for x, s in zip(jax.tree.leaves(cache),
                                                                      jax.tree.leaves(cache_shardings), strict=True))
-    return {"params_bytes": text, "kv_cache_bytes": kv, "minimum_bytes": text + kv}
+    return {"params_bytes": text, "kv_cache_bytes": kv, "minimum_bytes": text + kv * kv_fraction}

@@ -137,10 +137,17 @@ def test_generate_json_on_a_small_topology(tiny_model, capsys, monkeypatch, tmp_
     assert pc["hbm_bytes"] == 16 * 2**30 and pc["opt_state_bytes"] == 0
     assert pc["total_bytes"] >= pc["params_bytes"] + pc["kv_cache_bytes"]  # decode holds both as arguments
     names = [p["name"] for p in out["programs"]]
-    assert names == ["prefill", "decode"]
+    assert names == ["decode", "prefill"]  # on TPU the decode loop chooses the cache layout the prefill writes
     for p in out["programs"]:
         assert p["compile_s"] > 0 and p["flops"] > 0 and p["bytes_accessed"] > 0
-    assert 0 < out["efficiency"]["decode_bytes_ratio"] <= 1.5
+    dec = next(p for p in out["programs"] if p["name"] == "decode")
+    split = dec["hbm_bytes_split"]
+    assert split["entry"] + split["loops"] == pytest.approx(dec["hbm_bytes"])
+    # one step: the loop body + the chunk's entry over its 16 steps (the tiny weights are prefetched on chip once
+    # per chunk by the entry, so the body reads less than the minimum: the ratio is above 1 here)
+    assert dec["hbm_bytes_per_step"] == pytest.approx(split["loops"] + split["entry"] / 16)
+    assert out["efficiency"]["decode_bytes_ratio"] == pytest.approx(
+        out["analytic"]["decode_min_bytes_per_chip"] / dec["hbm_bytes_per_step"])
     ro = out["roofline"]
     bw = 819e9
     assert ro["decode_tokens_per_s_bound"] == pytest.approx(2 * bw / out["analytic"]["decode_min_bytes_per_chip"])

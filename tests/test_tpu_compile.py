@@ -13,7 +13,9 @@ Each program is compiled once per module (fixtures); the tier takes a few minute
 from __future__ import annotations
 
 import os
+import re
 
+import jax
 import pytest
 
 from glm41v_jax.cli import main
@@ -44,10 +46,30 @@ def engine_programs(request):
 def test_engine_prefill_runs_the_splash_kernel(engine_programs):
     mesh, _, programs = engine_programs
     kinds = [k for k, _, _ in programs]
-    assert kinds == ["prefill", "decode"], kinds
-    text = programs[0][1].as_text()
+    assert kinds == ["decode", "prefill"], kinds  # decode first: it chooses the cache layout the prefill writes
+    text = programs[1][1].as_text()
     assert "tpu_custom_call" in text, f"{mesh}: no Mosaic kernel in the compiled prefill"
     assert "splash" in text.lower(), f"{mesh}: the compiled prefill has a Mosaic kernel but not splash attention"
+
+
+def test_kv_cache_is_never_re_laid_out_between_prefill_and_decode(engine_programs):
+    """The decode loop takes its KV cache in the layout the TPU compiler chose for it (batch 8 wants (K, S, B, H)-
+    major, not row-major), the prefill writes exactly that layout, and the decode chunk's entry copies no cache: it
+    once copied every layer's cache into the loop's layout and back per chunk (10.6 GiB at 8k context)."""
+    mesh, _, programs = engine_programs
+    (_, decode, _), (_, prefill, _) = programs
+    dec_in = jax.tree.leaves(decode.input_formats[0][1].cache)
+    pre_out = jax.tree.leaves(prefill.output_formats.cache)
+    assert len(dec_in) == len(pre_out) == 2 * 40
+    assert all(a.layout == b.layout for a, b in zip(dec_in, pre_out, strict=True)), (dec_in[0], pre_out[0])
+    assert decode.output_formats[0].cache == decode.input_formats[0][1].cache  # donated in place
+    assert dec_in[0].layout.major_to_minor != (0, 1, 2, 3), f"{mesh}: the compiler kept row-major: nothing to prove"
+    shard = ",".join(map(str, dec_in[0].sharding.shard_shape((8, 2, 2048, 128))))
+    text = decode.as_text()
+    entry = text[text.index("\nENTRY "):]
+    entry = entry[: entry.index("\n}\n")]
+    moves = [ln for ln in entry.splitlines() if f"bf16[{shard}]" in ln and re.search(r" (copy|copy-start)\(", ln)]
+    assert not moves, f"{mesh}: the decode entry copies {len(moves)} cache arrays, e.g. {moves[0][:160]}"
 
 
 def test_engine_memory_below_hbm(engine_programs):

@@ -71,3 +71,38 @@ def test_calibrated_bytes_meet_the_known_minimum(v5e8_mesh):
         assert minimum <= got * 1.001 and got <= minimum * 1.01 + 4096, (name, got, minimum)
     compiled, minimum = progs["tanh(x@W), batch 8"]
     assert C.compiler_bytes(compiled) > 3 * minimum
+
+
+def test_entry_and_loop_bytes_are_split(v5e8_mesh):
+    """A loop over a donated (8, 1024) f32 buffer that adds a row per iteration: the entry moves nothing of it,
+    the body is counted once; `calibrated_bytes` is their sum."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    rep = NamedSharding(v5e8_mesh, P())
+
+    def f(buf, w):
+        return jax.lax.fori_loop(0, 16, lambda i, b: jnp.tanh(b @ w), buf)
+
+    buf = jax.ShapeDtypeStruct((8, 4096), jnp.bfloat16, sharding=rep)
+    w = jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16, sharding=rep)
+    compiled = jax.jit(f, donate_argnums=(0,)).lower(buf, w).compile()
+    split = C.calibrated_split(compiled)
+    assert split["entry"] + split["loops"] == pytest.approx(C.calibrated_bytes(compiled))
+    wbytes = 4096 * 4096 * 2
+    assert wbytes <= split["loops"] <= 1.1 * wbytes, split  # each iteration streams w once
+    assert split["entry"] < 0.1 * wbytes, split
+
+
+def test_kv_read_fraction_counts_the_kv_heads_each_device_uses():
+    """9B: 32 query heads, 2 kv heads. On tensor=8 or 4 the 2 kv heads are replicated (they do not divide), but a
+    device's 4 or 8 query heads all use one of them; tensor=2 splits the kv heads; tensor=1 reads both."""
+    from types import SimpleNamespace
+
+    from glm41v_jax.config import Glm4vConfig
+
+    cfg = Glm4vConfig()
+    got = {t: C.kv_read_fraction(cfg, SimpleNamespace(shape={"data": 1, "fsdp": 2, "tensor": t})) for t in (1, 2, 4, 8)}
+    assert got == {1: 1.0, 2: 1.0, 4: 0.5, 8: 0.5}, got
