@@ -216,7 +216,7 @@ def plan_generate(cfg: Glm4vConfig, tpu: TpuType, *, batch: int = 1, max_context
 
     report: dict[str, Any] = {
         **_report_header("generate", tpu, n_dev, mesh_desc, cfg), "dtype": dtype,
-        "attention_impl": attention, "kernel_layout": eng.cfg.runtime.kernel_layout,
+        "attention_impl": attention, "kernel_layout": eng.cfg.runtime.kernel_layout, "chunk_size": chunk_size,
         "bucket": {"batch": batch, "prompt_tokens": n_prompt, "max_new_tokens": max_new_tokens, "cache_slots": slots,
                    "images": [list(s) for s in sizes], "vision_patches": f["patches"]},
         "per_chip": {"params_bytes": params_b, "opt_state_bytes": 0, "kv_cache_bytes": kv_b, "temp_bytes": 0,

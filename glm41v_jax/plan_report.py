@@ -59,9 +59,13 @@ def format_report(r: Mapping[str, Any]) -> str:
         lines.append(f"decode: minimum {format_bytes(an['decode_min_bytes_per_chip'])} per chip per step -> at most "
                      f"{ro['decode_tokens_per_s_bound']:.0f} tokens/s ({ro['decode_step_s_bound'] * 1e3:.2f} ms/step)")
         if ef.get("decode_bytes_ratio") is not None:
+            dec = next(p for p in r["programs"] if p["name"] == "decode")
+            sp = dec["hbm_bytes_split"]
             lines.append(f"efficiency: decode bytes ratio {ef['decode_bytes_ratio']:.2f} (minimum / the compiled "
-                         f"step's HBM bytes; {ef['decode_bytes_ratio_uncalibrated']:.2f} against the compiler's "
-                         "'bytes accessed')")
+                         f"step's HBM bytes, {format_bytes(dec['hbm_bytes_per_step'])}: the loop body's "
+                         f"{format_bytes(sp['loops'])} + 1/{r['chunk_size']} of the chunk's "
+                         f"{format_bytes(sp['entry'])} outside it; {ef['decode_bytes_ratio_uncalibrated']:.2f} against "
+                         "the compiler's 'bytes accessed')")
     if r["kind"] == "train" and ro:
         lines.append(f"model FLOPs per step: {_fmt_flops(an['model_flops_per_step'])} "
                      f"({_fmt_flops(an['model_flops_per_chip'])} per chip); step {ro['step_s_at_peak']:.2f} s at peak, "
