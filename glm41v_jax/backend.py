@@ -14,7 +14,8 @@ design choices".
   it for the decode loop (`jax.experimental.layout.Layout.AUTO`) and makes the prefill and insert programs write
   that layout, "default" (CPU, GPU) keeps row-major. On a v5e-8 at batch 8 the TPU compiler's decode loop wants
   (K, S, B, H)-major, so with row-major arguments every chunk copied each layer's cache in and out (BENCHMARKS.md,
-  "TPU decode efficiency"); XLA:CPU takes only default layouts, and GPU is not measured yet.
+  "TPU decode efficiency"); XLA:CPU takes only default layouts, and GPU is not measured yet. `quant_matmul`: how a
+  weight-only int8 `layers.Dense` multiplies ("int8_dot" on CPU, "dequant" on TPU and GPU; the table's comment).
 * XLA:CPU special cases (no other module tests the platform for speed):
   - `use_blocked_attention(num_queries)`: prefill and vision attention (32+ queries) run
     `attention.blocked_attention`, the reference math over query chunks whose fp32 logits stay within
@@ -96,21 +97,22 @@ def target_platform() -> str:
 #   gpu "in_out": not measured on a GPU; like TPU, the checkpoint layout (cuBLAS takes either transpose).
 # dtype: the Pipeline's default param/compute dtype. bfloat16 is native on TPU and GPU matrix units and halves the
 #   weights' memory; XLA:CPU has no fast bf16 matmul, and float32 keeps CPU results comparable with transformers.
+# quant_matmul: how a weight-only int8 Dense multiplies (layers.Dense; benchmarks/quant_matmul.py measures it).
+#   cpu "int8_dot": XLA:CPU materialises codes.astype(f32) and reads it at fp32 width: "dequant" ran at 0.15-0.6x
+#       the fp32 matmul. An int8 x int8 -> int32 dot of dynamically quantized activation rows, in the Engine's
+#       "out_in" layout, ran at 1.3-2.6x fp32 at 1 row and 2.0-3.4x at 4 (small and 9B MLP shapes); its 1-row GEMV
+#       is slow, so rows are zero-padded to layers.INT8_DOT_MIN_ROWS. int4 stays "dequant" (0.15-0.37x fp32 on CPU:
+#       int4 saves memory there, not time).
+#   tpu/gpu "dequant": the activations stay in the compute dtype; the TPU compiler fuses the convert into the dot
+#       (no temporaries for a 4096 x 13696 int8 or int4 kernel on a v5e-1) and reads int4 packed two to a byte.
 BACKEND_TUNING: dict[str, dict[str, str]] = {
-    "cpu": {"engine_kernel_layout": "out_in", "dtype": "float32", "cache_layout": "default"},
-    "tpu": {"engine_kernel_layout": "in_out", "dtype": "bfloat16", "cache_layout": "compiler"},
-    "gpu": {"engine_kernel_layout": "in_out", "dtype": "bfloat16", "cache_layout": "default"},
+    "cpu": {"engine_kernel_layout": "out_in", "dtype": "float32", "cache_layout": "default",
+            "quant_matmul": "int8_dot"},
+    "tpu": {"engine_kernel_layout": "in_out", "dtype": "bfloat16", "cache_layout": "compiler",
+            "quant_matmul": "dequant"},
+    "gpu": {"engine_kernel_layout": "in_out", "dtype": "bfloat16", "cache_layout": "default",
+            "quant_matmul": "dequant"},
 }
-
-# quant_matmul: how a weight-only int8 Dense multiplies (layers.Dense; measured by benchmarks/quant_matmul.py).
-#   cpu "int8_dot": XLA:CPU materialises codes.astype(f32) and reads it at fp32 width ("dequant" ran 2-8x slower
-#       than the fp32 matmul); an int8 x int8 -> int32 dot of dynamically quantized activation rows is the one form
-#       faster than fp32 (rows padded to layers.INT8_DOT_MIN_ROWS: its 1-row GEMV is slow).
-#   tpu/gpu "dequant": the convert fuses into the dot's operand read; the activations stay in the compute dtype.
-QUANT_MATMUL = {"cpu": "int8_dot", "tpu": "dequant", "gpu": "dequant"}
-for _platform, _how in QUANT_MATMUL.items():
-    BACKEND_TUNING[_platform]["quant_matmul"] = _how
-
 
 def backend_default(platform: str, key: str) -> str:
     """`BACKEND_TUNING[platform][key]`; "cuda"/"rocm" read "gpu", and platforms not in the table read "cpu"."""
