@@ -119,10 +119,12 @@ def dequantize_array(codes: np.ndarray, scale: np.ndarray, scheme: str, n_in: in
 
 
 @functools.lru_cache(maxsize=64)
-def _device_quantizer(scheme: str, n_in: int, kernel_layout: str, group_size: int, n_lead: int, where: str,
+def _device_quantizer(scheme: str, n_in: int, kernel_layout: str, group_size: int, n_lead: int,
                       out_shardings: Any) -> Any:
+    """The jitted quantizer, one per scheme/layout/sharding (every layer of a shape shares it; its shape errors are
+    raised before, by the caller, with the layer's name)."""
     fn = functools.partial(_quantize, scheme=scheme, n_in=n_in, kernel_layout=kernel_layout, group_size=group_size,
-                           n_lead=n_lead, xp=jnp, where=where)
+                           n_lead=n_lead, xp=jnp, where="kernel")
     return jax.jit(fn, out_shardings=out_shardings)
 
 
@@ -186,7 +188,8 @@ def quantize_params(params: Any, cfg: Glm4vConfig, shardings: Any = None, *, don
         layout = "in_out" if key[0] == "visual" else rt.kernel_layout  # the vision tower is always in_out
         if isinstance(x, jax.Array):
             outs = None if key not in sh else (sh[key], sh[scale_key])
-            codes, scale = _device_quantizer(rt.quantize, n_in, layout, rt.quant_group_size, n_lead, where, outs)(
+            quant_shapes(tuple(x.shape), s.names, n_in, n_lead, layout, rt.quantize, rt.quant_group_size, where)
+            codes, scale = _device_quantizer(rt.quantize, n_in, layout, rt.quant_group_size, n_lead, outs)(
                 x, np.float32(QUANT_QMAX[rt.quantize]))
             if donate:
                 x.delete()

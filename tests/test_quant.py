@@ -133,7 +133,7 @@ def test_quantizer_matches_reference(scheme, layout, shape, n_in):
     assert np.all(np.isfinite(scale)) and (scale == 0).any()  # the all-zero channel: scale 0, no NaN
     assert np.abs(codes.astype(np.int64)).max() == QMAX[scheme]
     # The device quantizer (quantize_params' path for device arrays) gives the same bits.
-    dc, ds = Q._device_quantizer(scheme, n_in, layout, g, 0, "k", None)(jnp.asarray(w), np.float32(QMAX[scheme]))
+    dc, ds = Q._device_quantizer(scheme, n_in, layout, g, 0, None)(jnp.asarray(w), np.float32(QMAX[scheme]))
     np.testing.assert_array_equal(np.asarray(dc).astype(np.int64), rc)
     np.testing.assert_array_equal(np.asarray(ds).view(np.int32), rs.view(np.int32))
     np.testing.assert_array_equal(Q.dequantize_array(codes, scale, scheme, n_in, layout),
@@ -326,3 +326,30 @@ def test_errors():
     bad = traverse_util.unflatten_dict({**_flat(params), ("lm_head", "kernel"): np.zeros((3, 3), np.float32)})
     with pytest.raises(layers.QuantError, match=r"lm_head/kernel: shape \(3, 3\)"):
         Q.quantize_params(bad, cfg8)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_tpu_compiler_reads_packed_codes_without_a_float_copy(scheme):
+    """The 9B's MLP down projection (13696 -> 4096, bf16 activations, one decode row) compiled by the TPU compiler
+    (libtpu) for a v5e-1: the arguments are the codes at 1 byte (int8) or half a byte (int4: jnp.int4 is packed) per
+    weight plus the scales, and no temporary holds a dequantized kernel (the convert is fused into the dot)."""
+    from flax import linen as nn
+
+    from glm41v_jax.sharding import under_mesh
+    from glm41v_jax.tpu_slices import parse_tpu, topology_devices
+
+    mesh = make_mesh("tensor=1", topology_devices(parse_tpu("v5e-1")))
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    d_in, d_out = 13696, 4096
+    dense = layers.Dense((d_out,), ("mlp", "embed"), quant=scheme, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((1, d_in), jnp.bfloat16, sharding=rep)
+    abstract = nn.meta.unbox(jax.eval_shape(dense.init, jax.random.PRNGKey(0), jnp.zeros((1, d_in), jnp.bfloat16)))
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract["params"])
+    fn = under_mesh(lambda p, x: dense.apply({"params": p}, x), mesh)
+    mem = jax.jit(fn).lower(params, x).compile().memory_analysis()
+    weights = d_in * d_out
+    code_bytes = weights if scheme == "int8" else weights // 2
+    scale_bytes = 4 * int(np.prod(params["scale"].shape))
+    # + the bf16 row and the TPU's tile padding (under 1%)
+    assert code_bytes + scale_bytes <= mem.argument_size_in_bytes <= 1.01 * (code_bytes + scale_bytes)
+    assert mem.temp_size_in_bytes < weights // 8, mem.temp_size_in_bytes  # no (d_in, d_out) float kernel
