@@ -6,7 +6,8 @@
   int4 dequant  codes * group scales, then the float dot (jnp.int4 codes: one byte each on XLA:CPU)
 
 for the "small" config's decode weights (gate_up 1024 -> 2 x 2816, down 2816 -> 1024) and the 9B's (gate_up
-4096 -> 2 x 13696, down 13696 -> 4096), at decode rows 1 and 4, both kernel layouts for the quantized forms.
+4096 -> 2 x 13696, down 13696 -> 4096), at decode rows 1 and 4 (and prefill-like 320 rows for the small shapes),
+both kernel layouts for the quantized forms.
 Reported: ms per call (median of `--repeats`, variants interleaved), GB/s of weight bytes as stored (fp32 4 B, int8
 1 B, int4 0.5 B per weight: what a packed device reads; XLA:CPU reads 1 B per int4 code), and the ratio of the fp32
 time to each form's. Also the max relative error of each form against fp32 on the same weights.
@@ -67,7 +68,7 @@ def measure(repeats: int, with_9b: bool) -> list[dict]:
                 variants[f"{scheme} {how} {layout}"] = (layout, scheme, how,
                                                          {"kernel": jnp.asarray(c), "scale": jnp.asarray(s)})
         del w_oi
-        for rows in (1, 4):
+        for rows in (1, 4) if name.startswith("9B") else (1, 4, 320):
             x = jnp.asarray(rng.normal(size=(rows, d_in)).astype(np.float32))
             fns = {k: (jax.jit(functools.partial(_apply, feats=feats, axes=axes, layout=lay, quant=q, how=how)),
                        (p, x)) for k, (lay, q, how, p) in variants.items()}

@@ -98,11 +98,13 @@ def target_platform() -> str:
 # dtype: the Pipeline's default param/compute dtype. bfloat16 is native on TPU and GPU matrix units and halves the
 #   weights' memory; XLA:CPU has no fast bf16 matmul, and float32 keeps CPU results comparable with transformers.
 # quant_matmul: how a weight-only int8 Dense multiplies (layers.Dense; benchmarks/quant_matmul.py measures it).
-#   cpu "int8_dot": XLA:CPU materialises codes.astype(f32) and reads it at fp32 width: "dequant" ran at 0.15-0.6x
-#       the fp32 matmul. An int8 x int8 -> int32 dot of dynamically quantized activation rows, in the Engine's
-#       "out_in" layout, ran at 1.3-2.6x fp32 at 1 row and 2.0-3.4x at 4 (small and 9B MLP shapes); its 1-row GEMV
-#       is slow, so rows are zero-padded to layers.INT8_DOT_MIN_ROWS. int4 stays "dequant" (0.15-0.37x fp32 on CPU:
-#       int4 saves memory there, not time).
+#   cpu "int8_dot": XLA:CPU materialises codes.astype(f32) and reads it at fp32 width: "dequant" ran at 0.15-0.65x
+#       the fp32 matmul at 1-4 rows. An int8 x int8 -> int32 dot of dynamically quantized activation rows, in the
+#       Engine's "out_in" layout, ran at 1.3-2.7x fp32 at 1 row and 2.0-3.8x at 4 (small and 9B MLP shapes), and
+#       0.87-1.06x at 320 rows (prefill); its 1-row GEMV is slow, so rows are zero-padded to
+#       layers.INT8_DOT_MIN_ROWS. int4 stays "dequant" (0.12-0.5x fp32 at 1-4 rows on CPU: int4 saves memory there,
+#       not time). The activation's int8 rounding adds to the error: max 1.1-1.4% of the output against 0.8-1.0%
+#       for the weights' alone (random std-0.02 weights).
 #   tpu/gpu "dequant": the activations stay in the compute dtype; the TPU compiler fuses the convert into the dot
 #       (no temporaries for a 4096 x 13696 int8 or int4 kernel on a v5e-1) and reads int4 packed two to a byte.
 BACKEND_TUNING: dict[str, dict[str, str]] = {
