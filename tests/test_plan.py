@@ -172,3 +172,30 @@ def test_train_json_two_hosts(tiny_model, tmp_path, capsys):
     ro = out["roofline"]
     assert ro["mfu_at_step_time"] == pytest.approx(ro["step_s_at_peak"] / 2)
     assert out["efficiency"] == {"flops_ratio": None}
+
+
+@pytest.mark.slow
+def test_train_layer_flops_count_on_a_tiny_config(tiny_model, tmp_path, capsys):
+    """The per-layer FLOPs count (two unrolled steps at 1 and 2 decoder layers, their difference) on a tiny config
+    and a v5e-8, against what this test computes from the config: with full remat one decoder layer compiles to
+    8 x its kernel parameters x tokens (forward 2, recomputed forward 2, backward 4) plus its attention, which at
+    head_dim 16 runs in XLA (the splash kernel needs multiples of 128): 16 N H T S per row (QK^T and PV: 4 N H T S
+    forward, as much recomputed, twice that backward). The elementwise work (softmax, norms, RoPE) is the rest."""
+    yaml_path = tmp_path / "tiny train.yaml"
+    yaml_path.write_text("model: tiny\noutput_dir: out\nsteps: 4\nmesh: fsdp=8\n"
+                         "data: {jsonl: x.jsonl, seq_len: 256, batch_size: 8, max_patches: 64}\n"
+                         "optim: {freeze: [vision]}\n"
+                         "step: {accum_steps: 1, remat_policy: full, compute_dtype: bfloat16}\n")
+    code = main(["plan", "--tpu", "v5e-8", "--model", tiny_model, "train", "--config", str(yaml_path), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["fits"], out
+    assert [p["name"] for p in out["programs"]] == ["train_step", "train_step_unrolled_1_layer",
+                                                     "train_step_unrolled_2_layer"]
+    t = Glm4vConfig.from_hf(tiny_hf_config()).text
+    d, n, k, h, f = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.intermediate_size
+    layer_params = d * n * h + 2 * d * k * h + n * h * d + d * 2 * f + f * d
+    rows = out["step"]["global_rows"]
+    expected = 8 * layer_params * rows * 256 + 16 * n * h * 256 * 256 * rows
+    ef = out["efficiency"]
+    assert ef["layer_compiled_flops"] == pytest.approx(expected, rel=0.15), ef
+    assert ef["flops_ratio"] == pytest.approx(ef["layer_model_flops"] / ef["layer_compiled_flops"])

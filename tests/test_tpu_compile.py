@@ -90,18 +90,15 @@ def test_train_config_step_compiles_on_its_slice(name):
     from glm41v_train.config import load_config  # the train extra (pyyaml)
 
     tpu = parse_tpu(TRAIN_CONFIG_TPU[name])
-    r = plan_train(load_config(os.path.join(CONFIGS, name)), model_config(None, "9b"), tpu,
-                   count_flops=name.startswith("kaggle"))
+    # no per-layer FLOPs count here: it compiles two more 9B-wide programs (unrolled 1- and 2-layer steps, 400 s
+    # on a loaded 2-core VM for the Kaggle config); test_plan counts a tiny config's, BENCHMARKS.md the 9B's
+    r = plan_train(load_config(os.path.join(CONFIGS, name)), model_config(None, "9b"), tpu, count_flops=False)
     assert r["fits"], format_report(r)
     pc = r["per_chip"]
     assert pc["total_bytes"] < tpu.spec.hbm_bytes
     assert pc["params_bytes"] > 0 and pc["opt_state_bytes"] > 0
     if tpu.family == "v5p":
         assert r["hosts"] >= 2 and r["devices"] == 32
-    if r["efficiency"]["flops_ratio"] is not None:
-        # full remat recomputes each layer's forward: model / compiled FLOPs near 6/8 (the compiler counts the
-        # matmuls, 8 N per token; the kernel's attention FLOPs are in the model count only)
-        assert 0.5 < r["efficiency"]["flops_ratio"] < 1.0, r["efficiency"]
 
 
 def test_bf16_generation_does_not_fit_one_v5e_chip(capsys):
