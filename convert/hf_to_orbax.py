@@ -54,8 +54,16 @@ from orbax.checkpoint.experimental.v1 import partial as ocp_partial
 from tqdm import tqdm
 
 from glm41v_jax.checkpoint_files import copy_side_files, finish_converted
-from glm41v_jax.checkpoint_format import FORMAT_NAME, FORMAT_VERSION, PARAMS_SUBDIR, CheckpointError, is_converted_dir
-from glm41v_jax.config import Glm4vConfig
+from glm41v_jax.checkpoint_format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    PARAMS_SUBDIR,
+    QUANT_FIELD,
+    CheckpointError,
+    is_converted_dir,
+    quant_record,
+)
+from glm41v_jax.config import QUANT_SCHEMES, Glm4vConfig
 from glm41v_jax.errors import Glm41vError
 from glm41v_jax.hf_checkpoint import HFCheckpoint, to_flax_layout
 from glm41v_jax.integrity import (
@@ -67,6 +75,8 @@ from glm41v_jax.integrity import (
     storage_error,
 )
 from glm41v_jax.model_dir import resolve_model_dir
+from glm41v_jax.quant import scheme_of
+from glm41v_jax.quant_checkpoint import LeafQuantizer, QuantizedCheckpointError, checkpoint_quantization
 from glm41v_jax.weights import iter_leaves, set_path, unstack_layers
 
 DTYPES = ("bfloat16", "float32")
@@ -340,6 +350,9 @@ def convert(
     flush_bytes: int = DEFAULT_FLUSH_BYTES,
     compress: bool = False,
     on_tensor: Callable[[str], None] | None = None,
+    quantize: str | None = None,
+    quant_group_size: int = 128,
+    quant_skip: tuple[str, ...] | str = ("vision",),
 ) -> str:
     """Convert an HF checkpoint (directory or hub id) to a converted directory at `dst`. Returns `dst` (absolute).
 
@@ -347,23 +360,48 @@ def convert(
     flush_bytes: host bytes buffered per Orbax partial save. compress: zstd chunks (off: ~same size for bf16
     weights, and CPU time matters more on small hosts).
     on_tensor: called with each HF name after it is read (tests use it to interrupt a conversion).
+    quantize: 'int8' | 'int4' | None (float): each quantized kernel becomes its integer codes plus an fp32 `scale`
+      (`quant_checkpoint.LeafQuantizer`, from the tensor as stored; `dtype` applies to the float leaves), with
+      `quant_group_size` (int4) and `quant_skip` (parts left in float) as `RuntimeConfig` takes them; the scheme is
+      recorded in the format file, so loading needs no flag.
     """
     out_dtype = parse_dtype(dtype)
     if not isinstance(flush_bytes, int) or isinstance(flush_bytes, bool) or flush_bytes <= 0:
         raise CheckpointError(f"flush_bytes must be a positive number of bytes, got {flush_bytes!r}")
+    if quantize is not None and quantize not in QUANT_SCHEMES:
+        raise CheckpointError(f"--quantize must be one of {', '.join(s for s in QUANT_SCHEMES if s != 'none')}, got "
+                              f"{str(quantize)[:40]!r}")
     if not os.fspath(dst).strip():
         raise CheckpointError("the destination path is empty")
     dst = abs_path(dst)  # orbax and tensorstore take absolute paths only
     src_dir = resolve_model_dir(src)
     if is_converted_dir(src_dir):
-        raise CheckpointError(f"{src_dir}: is already a converted directory; load it directly")
+        stored_q = checkpoint_quantization(src_dir)
+        if quantize not in (None, "none") and stored_q:
+            raise QuantizedCheckpointError(f"{src_dir}: is already quantized ({stored_q['quantize']}); quantize the "
+                                           "float checkpoint it was converted from")
+        raise CheckpointError(f"{src_dir}: is already a converted directory; load it directly"
+                              + (" (`glm41v generate --quantize` quantizes it at load)" if quantize else ""))
     cfg = Glm4vConfig.from_file(os.path.join(src_dir, "config.json"))
+    quantizer = None
+    if quantize not in (None, "none"):
+        cfg = cfg.with_runtime(quantize=quantize, quant_group_size=quant_group_size, quant_skip=quant_skip,
+                               kernel_layout="in_out", scan_layers=False)
+        quantizer = LeafQuantizer(cfg)  # every layer checked against the scheme before anything is read
     ckpt = HFCheckpoint(src_dir, cfg)  # validates every header, name and shape before anything is written
     n_tensors = len(ckpt.rules)
-    out_bytes = sum(
-        int(np.prod(ckpt.infos[n].shape)) * (out_dtype or np.dtype(ckpt.infos[n].dtype)).itemsize for n in ckpt.rules
-    )
-    stored = sorted({ckpt.infos[n].dtype for n in ckpt.rules})
+    quantized = set(quantizer.plans) if quantizer is not None else set()
+
+    def nbytes(name: str) -> int:
+        rule = ckpt.rules[name]
+        if rule.path in quantized:
+            plan = quantizer.plans[rule.path]
+            return sum(int(np.prod(quantizer.leaves[p].shape)) * np.dtype(quantizer.leaves[p].dtype).itemsize
+                       for p in (rule.path, plan.scale_path))
+        return int(np.prod(ckpt.infos[name].shape)) * (out_dtype or np.dtype(ckpt.infos[name].dtype)).itemsize
+
+    out_bytes = sum(nbytes(n) for n in ckpt.rules)
+    stored = sorted({ckpt.infos[n].dtype for n in ckpt.rules if ckpt.rules[n].path not in quantized})
 
     with _staging(dst) as tmp:
         writer = _PartialWriter(os.path.join(tmp, PARAMS_SUBDIR), flush_bytes)
@@ -378,16 +416,20 @@ def convert(
                 for i, (name, rule) in enumerate(ckpt.rules.items()):
                     info = ckpt.infos[name]
                     writer.make_room(info.nbytes)
-                    arr = to_flax_layout(name, ckpt.read(name), rule, out_dtype, info.file)
+                    quant = rule.path in quantized  # quantized from the tensor as stored, never from a cast copy
+                    arr = to_flax_layout(name, ckpt.read(name), rule, None if quant else out_dtype, info.file)
                     if on_tensor is not None:
                         on_tensor(name)
-                    tc = time.perf_counter()
-                    sums["/".join(rule.path)] = array_crc32(arr)  # overlaps the write in flight (GIL released)
-                    crc_s += time.perf_counter() - tc
-                    bar.update(arr.nbytes)
-                    bar.set_postfix_str(f"{i + 1}/{n_tensors} tensors", refresh=False)
-                    writer.add(rule.path, arr, last=i + 1 == n_tensors)
+                    outs = quantizer(rule.path, arr) if quant else [(rule.path, arr)]
                     del arr
+                    for j, (path, out) in enumerate(outs):
+                        tc = time.perf_counter()
+                        sums["/".join(path)] = array_crc32(out)  # overlaps the write in flight (GIL released)
+                        crc_s += time.perf_counter() - tc
+                        bar.update(out.nbytes)
+                        writer.add(path, out, last=i + 1 == n_tensors and j + 1 == len(outs))
+                    bar.set_postfix_str(f"{i + 1}/{n_tensors} tensors", refresh=False)
+                    del outs, out
                 writer.finalize()
             fmt = {
                 "format": FORMAT_NAME,
@@ -403,6 +445,10 @@ def convert(
                 "checksum_seconds": round(crc_s, 3),
                 "checksums": _checksums(sums),
             }
+            if quantizer is not None:
+                rt = cfg.runtime
+                fmt[QUANT_FIELD] = quant_record(rt.quantize, rt.quant_group_size, rt.quant_skip)
+                fmt["num_arrays"] = len(sums)
             finish_converted(tmp, dst, fmt)
         except BaseException as e:
             writer.abandon()
@@ -424,13 +470,19 @@ def save_converted(
 
     For trees that already fit in memory (after fine-tuning, tests). The scanned layout is unstacked first.
     config.json and the processor files are copied from `source_dir` when given; otherwise config.json is written
-    from `cfg`. Per-array checksums are recorded when every array is addressable from this process.
+    from `cfg`. Per-array checksums are recorded when every array is addressable from this process. A quantized tree
+    (`quant.quantize_params`) records `cfg.runtime`'s scheme, which must be the tree's.
     """
     dst = abs_path(dst)
     if any(k in params.get("language_model", {}) for k in ("layers",)):
         params = unstack_layers(params)
     leaves = list(iter_leaves(params))
-    dtypes = sorted({str(np.dtype(leaf.dtype)) for _, leaf in leaves})
+    found = scheme_of(params)
+    if found != cfg.runtime.quantize:
+        raise QuantizedCheckpointError(f"save_converted: the params hold {found} weights, the config says "
+                                       f"quantize={cfg.runtime.quantize!r}")
+    dtypes = sorted({str(np.dtype(leaf.dtype)) for _, leaf in leaves if np.dtype(leaf.dtype).kind == "f"
+                     or found == "none"})
     addressable = all(getattr(leaf, "is_fully_addressable", True) for _, leaf in leaves)
     with _staging(dst) as tmp:
         try:
@@ -450,6 +502,9 @@ def save_converted(
                 "num_bytes": int(sum(leaf.size * np.dtype(leaf.dtype).itemsize for _, leaf in leaves)),
                 "copied_files": copied,
             }
+            if found != "none":
+                rt = cfg.runtime
+                fmt[QUANT_FIELD] = quant_record(rt.quantize, rt.quant_group_size, rt.quant_skip)
             if addressable:
                 fmt["checksums"] = _checksums({"/".join(p): array_crc32(leaf) for p, leaf in leaves})
             finish_converted(tmp, dst, fmt)

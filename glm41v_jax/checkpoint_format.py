@@ -6,7 +6,10 @@ Two kinds of directory hold weights:
     (read by `hf_checkpoint`);
   * a converted directory, written by `glm41v convert` (and the trainer's final weights): `params/` (Orbax),
     `FORMAT_FILE` (format name and version, the params/ file sizes, CRC-32 of every array and side file) and the
-    `COMPLETE_MARKER` file, written last (read by `converted`).
+    `COMPLETE_MARKER` file, written last (read by `converted`). A quantized conversion records its scheme in the
+    format file's `QUANT_FIELD` ({"scheme", "group_size", "skip"}); a format file without it (every directory
+    written before quantization existed, and every float conversion) holds float weights: `stored_quantization`
+    reads both as the runtime fields to load them with.
 Both hold the `SIDE_FILES` (config, tokenizer, chat template, processor configs) beside the weights.
 """
 
@@ -16,6 +19,7 @@ import json
 import os
 from typing import Any
 
+from .config import QUANT_SCHEMES, QUANT_SKIPPABLE
 from .errors import Glm41vError
 from .integrity import CHECKSUM_ALGORITHM, abs_path, damaged_files
 
@@ -24,6 +28,7 @@ FORMAT_FILE = "glm41v_jax.json"
 FORMAT_NAME = "glm41v-jax-orbax"
 FORMAT_VERSION = 1
 COMPLETE_MARKER = "CONVERSION_COMPLETE"
+QUANT_FIELD = "quantization"  # {"scheme": "int8"|"int4", "group_size": int, "skip": [part, ...]}; absent: float
 PARAMS_SUBDIR = "params"
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -93,7 +98,35 @@ def read_format(directory: str) -> dict[str, Any]:
         if sums.get("algorithm") != CHECKSUM_ALGORITHM:
             raise CheckpointError(f"{path}: checksums use {sums.get('algorithm')!r}; this version knows "
                                   f"{CHECKSUM_ALGORITHM!r}")
+    stored_quantization(fmt, path)
     return fmt
+
+
+def quant_record(scheme: str, group_size: int, skip: tuple[str, ...]) -> dict[str, Any]:
+    """The format file's `QUANT_FIELD` for weights quantized with `RuntimeConfig(quantize=scheme,
+    quant_group_size=group_size, quant_skip=skip)`."""
+    return {"scheme": scheme, "group_size": int(group_size), "skip": sorted(skip)}
+
+
+def stored_quantization(fmt: dict[str, Any], path: str = FORMAT_FILE) -> dict[str, Any]:
+    """The `RuntimeConfig` fields (quantize, quant_group_size, quant_skip) of the weights a format record describes:
+    {} for float weights (no `QUANT_FIELD`: older and float conversions); CheckpointError naming the field when the
+    record is malformed."""
+    rec = fmt.get(QUANT_FIELD)
+    if rec is None:
+        return {}
+    schemes = [s for s in QUANT_SCHEMES if s != "none"]
+    if not isinstance(rec, dict) or rec.get("scheme") not in schemes:
+        raise _bad_format(path, f"field '{QUANT_FIELD}' must be an object whose 'scheme' is one of "
+                                f"{', '.join(map(repr, schemes))}")
+    g = rec.get("group_size")
+    if not isinstance(g, int) or isinstance(g, bool) or g < 1:
+        raise _bad_format(path, f"field '{QUANT_FIELD}.group_size' must be a positive integer, got {g!r}")
+    skip = rec.get("skip", [])
+    if not isinstance(skip, list) or not all(s in QUANT_SKIPPABLE for s in skip):
+        raise _bad_format(path, f"field '{QUANT_FIELD}.skip' must list parts among "
+                                f"{', '.join(map(repr, QUANT_SKIPPABLE))}, got {str(skip)[:60]}")
+    return {"quantize": rec["scheme"], "quant_group_size": g, "quant_skip": tuple(skip)}
 
 
 def check_files(directory: str, fmt: dict[str, Any]) -> None:

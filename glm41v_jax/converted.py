@@ -101,16 +101,19 @@ def check_arrays(params_dir: str, on_disk: dict[Path, Any], expected: dict[Path,
                                f"{tuple(a.shape)} from config.json")
 
 
-def restore(directory: str, targets: dict[Path, Any]) -> dict:
+def restore(directory: str, targets: dict[Path, Any], *, partial: bool = False) -> dict:
     """Orbax-restore params/ into `targets` ({path: jax.ShapeDtypeStruct with its sharding, or NumpyAbstract});
-    a storage failure is one CheckpointError naming the array."""
+    a storage failure is one CheckpointError naming the array. `partial`: `targets` may name only some of the
+    stored arrays (the others are not read)."""
     import orbax.checkpoint.experimental.v1 as ocp  # (slow import: see the module docstring)
 
     abstract: dict = {}
     for p, target in targets.items():
         set_path(abstract, p, target)
+    ctx = ocp.Context()
+    ctx.pytree.loading.partial_load = partial
     try:
-        with quiet_storage_threads():
+        with ctx, quiet_storage_threads():
             return ocp.load(os.path.join(directory, PARAMS_SUBDIR), abstract)
     except Exception as e:
         err = _read_failure(directory, e, "the params")

@@ -21,6 +21,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental.layout import Format, Layout
 
@@ -58,6 +59,25 @@ def eos_array(eos: Sequence[int]) -> np.ndarray:
     arr = np.full((D.MAX_EOS,), -1, np.int32)
     arr[: len(eos)] = eos
     return arr
+
+
+def _cpu_int4_as_int8(params: Any, donate: bool) -> Any:
+    """int4 codes as int8 device arrays (the same values), for XLA:CPU: an executable compiled ahead of time expects
+    its int4 arguments in a sub-byte layout (4 bits) that XLA:CPU's int4 arrays never report (0), so JAX refuses the
+    call ("compiled for input layouts that disagree with the layouts of arguments"). XLA:CPU stores int4 one value
+    per byte anyway, so the bytes are the same; `layers.Dense`'s int4 path dequantizes int8 codes alike (its
+    branch follows the config's scheme, not the dtype)."""
+    def cast(x: Any) -> Any:
+        if np.dtype(x.dtype) != np.dtype(jnp.int4):
+            return x
+        if isinstance(x, np.ndarray):
+            return x.astype(np.int8)
+        y = jax.jit(lambda v: v.astype(jnp.int8), out_shardings=x.sharding)(x)
+        if donate:
+            x.delete()
+        return y
+
+    return jax.tree.map(cast, params)
 
 
 class Engine:
@@ -124,6 +144,8 @@ class Engine:
             self.params, self.cfg = to_kernel_layout(params, cfg, kernel_layout, self.param_shardings, donate=donate)
             if mesh is None:
                 self.params = jax.device_put(self.params)
+            if self.platform == "cpu":
+                self.params = _cpu_int4_as_int8(self.params, donate)
         self.model = Glm4v(self.cfg)
         self._cache = ProgramCache() if programs is None else programs
         self._params_key = (self.cfg, signature(self.params), mesh)  # what every program here depends on

@@ -14,6 +14,14 @@ The pieces, one module each:
 
 The returned tree is the canonical *unrolled* layout (`layers_0`, `blocks_3`, ...); with `scan_layers=True` it is
 stacked (`weights.stack_layers`) after loading.
+
+Quantized weights (quant.py): a converted directory written with `glm41v convert --quantize` records its scheme,
+and `load` returns its integer codes and scales with `cfg.runtime.quantize` set from that record (no flag). Asking
+for `quantize="int8"|"int4"` on a float checkpoint quantizes it here, one tensor at a time on the host
+(`quant_checkpoint.LeafQuantizer`: the same bits as the converter), each result put into its final sharding before
+the next tensor is read: the device never holds a float kernel, the host about one tensor (an HF checkpoint) or
+one `QUANT_READ_BYTES` group of arrays (a converted float directory). Asking it of a quantized checkpoint is an
+error.
 """
 
 from __future__ import annotations
@@ -50,8 +58,11 @@ from .hf_checkpoint import HFCheckpoint, TensorInfo, read_safetensors_header, re
 from .integrity import abs_path
 from .model import abstract_params
 from .model_dir import resolve_model_dir
+from .quant_checkpoint import LeafQuantizer, QuantizedCheckpointError, checkpoint_quantization
 from .sharding import param_shardings, unbox
 from .weights import WeightsError, set_path, stack_layers
+
+QUANT_READ_BYTES = 256 << 20  # a converted float directory quantized at load is read this many bytes at a time
 
 
 def load_config(model: str | os.PathLike, runtime: RuntimeConfig | None = None, **overrides: Any) -> Glm4vConfig:
@@ -76,6 +87,9 @@ def load(
       on top: `param_dtype`, `compute_dtype`, `scan_layers`, `remat_policy`, `attention_impl`, `kernel_layout`.
       `param_dtype`, when given (in `runtime` or here), is the dtype every weight is cast to; when neither gives it,
       the weights keep their stored dtype (bf16 stays bit-exact) and cfg's `param_dtype` keeps its default.
+      `quantize` ("int8" | "int4", with `quant_group_size`, `quant_skip`): quantize a float checkpoint at load (see
+      the module docstring; integer codes and fp32 scales are never cast). A quantized converted directory sets
+      them from its format file; asking for `quantize` there is a QuantizedCheckpointError.
     mesh: place each array directly into its `NamedSharding` from `sharding.LOGICAL_RULES`.
     as_numpy: return host NumPy arrays (ignored with a mesh). Otherwise single-device jax arrays on device 0.
     verify: first read every array of a converted directory back and compare it with the checksums recorded at
@@ -92,12 +106,22 @@ def load(
         as_numpy = False
     directory = resolve_model_dir(model)
     cfg = Glm4vConfig.from_file(os.path.join(directory, "config.json")).with_runtime(runtime, **overrides)
+    stored_q = checkpoint_quantization(directory)
+    if stored_q:
+        if cfg.runtime.quantize != "none":
+            raise QuantizedCheckpointError(f"{directory}: is already quantized ({stored_q['quantize']}, at "
+                                           f"conversion); load it without quantize/--quantize")
+        cfg = cfg.with_runtime(**stored_q)
+    quantizer = LeafQuantizer(cfg) if cfg.runtime.quantize != "none" else None  # checks every layer first
     if verify:
         _verify_before_load(directory)
     if is_converted_dir(directory):
-        params = _load_converted(directory, cfg, cast, mesh, as_numpy)
+        if quantizer is not None and not stored_q:
+            params = _quantize_converted(directory, cfg, cast, mesh, as_numpy, quantizer)
+        else:
+            params = _load_converted(directory, cfg, cast, mesh, as_numpy, quantizer)
     else:
-        params = _load_hf(directory, cfg, cast, mesh, as_numpy)
+        params = _load_hf(directory, cfg, cast, mesh, as_numpy, quantizer)
     if cfg.runtime.scan_layers:
         params = _stack(params, cfg, mesh)
     return params, cfg
@@ -108,31 +132,85 @@ def _unrolled(cfg: Glm4vConfig) -> Any:
     return abstract_params(cfg.with_runtime(scan_layers=False))
 
 
-def _load_hf(directory: str, cfg: Glm4vConfig, dtype: np.dtype | None, mesh: Any, as_numpy: bool) -> dict:
+class _Placer:
+    """Puts host arrays where `load` returns them: as they are (as_numpy), into their sharding, or on device 0;
+    waits for each transfer, so the host copy can go before the next tensor is read."""
+
+    def __init__(self, cfg: Glm4vConfig, mesh: Any, as_numpy: bool) -> None:
+        self.shardings = paths_and_leaves(param_shardings(_unrolled(cfg), mesh)) if mesh is not None else None
+        self.device = None if (mesh is not None or as_numpy) else jax.devices()[0]
+        self.as_numpy = as_numpy
+        self.tree: dict = {}
+
+    def put(self, path: tuple[str, ...], arr: np.ndarray) -> None:
+        value = arr
+        if not self.as_numpy:
+            value = jax.device_put(arr, self.shardings[path] if self.shardings is not None else self.device)
+            value.block_until_ready()
+        set_path(self.tree, path, value)
+
+
+def _load_hf(directory: str, cfg: Glm4vConfig, dtype: np.dtype | None, mesh: Any, as_numpy: bool,
+             quantizer: LeafQuantizer | None) -> dict:
     ckpt = HFCheckpoint(directory, cfg)
-    shardings = paths_and_leaves(param_shardings(_unrolled(cfg), mesh)) if mesh is not None else None
-    device = None if (mesh is not None or as_numpy) else jax.devices()[0]
-    tree: dict = {}
-    for _name, rule, arr in ckpt.iter_flax(dtype):
-        if as_numpy:
-            value = arr
-        else:
-            value = jax.device_put(arr, shardings[rule.path] if shardings is not None else device)
-            value.block_until_ready()  # the host copy can go before the next tensor is read
-        set_path(tree, rule.path, value)
-    return tree
+    placer = _Placer(cfg, mesh, as_numpy)
+    quantized = quantizer.plans if quantizer is not None else {}
+    for name, rule in ckpt.rules.items():
+        quant = rule.path in quantized  # quantized from the tensor as stored, never from a cast copy
+        arr = to_flax_layout(name, ckpt.read(name), rule, None if quant else dtype, ckpt.infos[name].file)
+        for path, out in (quantizer(rule.path, arr) if quant else [(rule.path, arr)]):
+            placer.put(path, out)
+        del arr
+    return placer.tree
 
 
-def _load_converted(directory: str, cfg: Glm4vConfig, dtype: np.dtype | None, mesh: Any, as_numpy: bool) -> dict:
+def _quantize_converted(directory: str, cfg: Glm4vConfig, dtype: np.dtype | None, mesh: Any, as_numpy: bool,
+                        quantizer: LeafQuantizer) -> dict:
+    """A converted float directory, read `QUANT_READ_BYTES` at a time as host arrays in their stored dtype, each
+    kernel quantized on the host, every result placed before the next group is read."""
+    directory = abs_path(directory)
+    params_dir, on_disk = open_converted(directory)
+    check_arrays(params_dir, on_disk, quantizer.float_leaves)
+    placer = _Placer(cfg, mesh, as_numpy)
+    group: dict[tuple[str, ...], NumpyAbstract] = {}
+    size = 0
+
+    def flush() -> None:
+        got = paths_and_leaves(restore(directory, group, partial=True))
+        for p in list(group):
+            arr = got.pop(p)
+            if p not in quantizer.plans and dtype is not None and arr.dtype != dtype:
+                arr = arr.astype(dtype)
+            for path, out in quantizer(p, arr):
+                placer.put(path, out)
+            del arr
+        group.clear()
+
+    for p, a in quantizer.float_leaves.items():
+        meta = on_disk[p]
+        nbytes = int(np.prod(meta.shape)) * np.dtype(meta.dtype).itemsize
+        if group and size + nbytes > QUANT_READ_BYTES:
+            flush()
+            size = 0
+        group[p] = NumpyAbstract(tuple(a.shape), np.dtype(meta.dtype))
+        size += nbytes
+    if group:
+        flush()
+    return placer.tree
+
+
+def _load_converted(directory: str, cfg: Glm4vConfig, dtype: np.dtype | None, mesh: Any, as_numpy: bool,
+                    quantizer: LeafQuantizer | None) -> dict:
     directory = abs_path(directory)  # orbax and tensorstore take absolute paths only
     params_dir, on_disk = open_converted(directory)
     expected = paths_and_leaves(unbox(_unrolled(cfg)))
     check_arrays(params_dir, on_disk, expected)
     shardings = paths_and_leaves(param_shardings(_unrolled(cfg), mesh)) if mesh is not None else None
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    keep = quantizer.quant_paths if quantizer is not None else set()  # codes and scales: never cast
 
     def target(p: tuple[str, ...]) -> Any:
-        dt = dtype if dtype is not None else np.dtype(on_disk[p].dtype)
+        dt = dtype if dtype is not None and p not in keep else np.dtype(on_disk[p].dtype)
         shape = tuple(expected[p].shape)
         if as_numpy:
             return NumpyAbstract(shape, dt)
