@@ -1,6 +1,8 @@
-"""`glm41v convert SRC DST [--dtype bfloat16|float32]`: the converter's command line.
+"""`glm41v convert SRC DST [--dtype bfloat16|float32] [--quantize int8|int4 [--quant-group-size N]
+[--quantize-skip lm_head,vision]]`: the converter's command line.
 
-Every expected failure (bad checkpoint, bad config, missing file, bad dtype or --flush-gb, existing DST, a
+Every expected failure (bad checkpoint, bad config, missing file, bad dtype or --flush-gb, an unknown scheme, int4
+groups that do not divide a layer's input width, a source that is already converted or quantized, existing DST, a
 conversion to the same DST already running, a full disk) prints exactly one `error: ...` line on stderr and returns
 exit code 2; no traceback. Ctrl-C removes the partial output and returns 130, SIGTERM the same with 143.
 """
@@ -14,7 +16,7 @@ import sys
 from typing import Any
 
 from glm41v_jax.cli.argtypes import float_in
-from glm41v_jax.cli.common import OneLineErrorParser, guarded, print_error
+from glm41v_jax.cli.common import OneLineErrorParser, add_quant_args, guarded, print_error, quant_kwargs
 from glm41v_jax.loading import CheckpointError
 
 from .hf_to_orbax import ConversionTerminated, convert
@@ -33,6 +35,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: keep the stored dtype)")
     p.add_argument("--flush-gb", type=float_in(0, 1024, lo_open=True), default=0.5,
                    help="host buffer per Orbax partial save, GiB (default 0.5); peak memory scales with it")
+    add_quant_args(p, "quantize the weights while converting (weight-only; the scheme is recorded, so loading needs "
+                      "no flag)")
     p.add_argument("--compress", action="store_true", help="zstd-compress the stored chunks (slower, ~10%% smaller)")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show progress")
@@ -51,7 +55,8 @@ def _convert(args: argparse.Namespace) -> int:
         if not (math.isfinite(args.flush_gb) and args.flush_gb > 0):
             raise CheckpointError(f"--flush-gb must be a positive number of GiB (e.g. 0.5), got {args.flush_gb}")
         dst = convert(args.src, args.dst, dtype=args.dtype, progress=args.progress,
-                      flush_bytes=max(1, int(args.flush_gb * 2**30)), compress=args.compress)
+                      flush_bytes=max(1, int(args.flush_gb * 2**30)), compress=args.compress,
+                      **quant_kwargs(args))
     except ConversionTerminated:
         print_error("terminated (SIGTERM); partial output removed")
         return 128 + signal.SIGTERM

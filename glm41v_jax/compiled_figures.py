@@ -12,17 +12,20 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
 def shard_bytes(tree: Any, shardings: Any = None) -> int:
-    """Bytes one device holds of `tree` (ShapeDtypeStructs or arrays) under its shardings (or `shardings`)."""
+    """Bytes one device holds of `tree` (ShapeDtypeStructs or arrays) under its shardings (or `shardings`); int4
+    counts half a byte, as the TPU packs it (quant.py)."""
     leaves = jax.tree.leaves(tree)
     shs = [getattr(x, "sharding", None) for x in leaves] if shardings is None else jax.tree.leaves(shardings)
     total = 0
     for x, s in zip(leaves, shs, strict=True):
         shape = tuple(x.shape) if s is None else tuple(s.shard_shape(tuple(x.shape)))
-        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+        n = int(np.prod(shape, dtype=np.int64))
+        total += (n + 1) // 2 if np.dtype(x.dtype) == np.dtype(jnp.int4) else n * np.dtype(x.dtype).itemsize
     return total
 
 

@@ -201,7 +201,9 @@ class Pipeline:
         """Load a checkpoint (HF dir, converted dir or hub id; None: the embedded tiny random checkpoint).
 
         runtime, overrides: how to run, as `loading.load` takes them (a `RuntimeConfig`, and its fields by name:
-        `param_dtype`, `compute_dtype`, `attention_impl`, ...; also `verify`). Without a `runtime`, the weights and the
+        `param_dtype`, `compute_dtype`, `attention_impl`, ...; also `verify`; `quantize="int8"|"int4"` with
+        `quant_group_size`, `quant_skip` quantizes a float checkpoint at load, leaf by leaf into the shardings, and a
+        quantized checkpoint needs none of them). Without a `runtime`, the weights and the
         computation default to the platform's dtype (`backend.BACKEND_TUNING`: float32 on CPU, bfloat16 on TPU/GPU);
         the CLIs' `--dtype D` is `**config.dtype_flag(D)`. mesh: a `Mesh`, a spec string "data=D,fsdp=F,tensor=T",
         "auto" (`auto_mesh_spec` over all devices) or None (one device).

@@ -46,10 +46,11 @@ from .compiled_figures import compile_oom, cost_figures, memory_figures, parse_o
 from .config import Glm4vConfig, dtype_flag
 from .engine import Engine
 from .errors import Glm41vError
-from .model import init_cache
+from .model import abstract_params, init_cache
 from .pipeline import auto_mesh_spec
 from .plan_report import format_report
 from .processing.image import ImageProcessor
+from .quant_checkpoint import LORA_LATER, QuantizedCheckpointError
 from .requests import synthetic_inputs
 from .sharding import make_mesh
 from .tpu_cost import calibrated_bytes, calibrated_split, decode_minimum_bytes, kv_read_fraction
@@ -192,12 +193,15 @@ def _generate_efficiency(report: dict[str, Any], f: Mapping[str, Any], batch: in
 def plan_generate(cfg: Glm4vConfig, tpu: TpuType, *, batch: int = 1, max_context: int = 8192,
                   max_new_tokens: int = 1024, images: Sequence[tuple[int, int]] = (), dtype: str = "bfloat16",
                   mesh: str | None = None, attention: str = "auto", chunk_size: int = 16,
-                  kernel_layout: str | None = None) -> dict[str, Any]:
+                  kernel_layout: str | None = None, quantize: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Compile the Engine's prefill and decode for one bucket: `batch` rows, `max_new_tokens` new tokens after the
     longest prompt whose KV cache (prompt bucket + new tokens, rounded up) fits in `max_context` slots (8192 and
     1024: a 7168-token prompt); images ((width, height) in pixels, resized as the processor does) are part of it.
-    `kernel_layout` None: the Engine's own choice for the slice's platform."""
+    `kernel_layout` None: the Engine's own choice for the slice's platform. `quantize`: the `RuntimeConfig`
+    quantization fields ({"quantize": "int8"|"int4", "quant_group_size", "quant_skip"}; None or {}: `cfg`'s own),
+    so the Engine compiles the quantized programs over `abstract_params` of the quantized config."""
     _check_generate_args(cfg, batch, max_context, max_new_tokens, dtype)
+    cfg = _with_quant(cfg, quantize)
     devices, mesh_obj, mesh_desc = _devices_and_mesh(tpu, mesh, auto_mesh_spec(cfg.text.num_attention_heads,
                                                                                  len(topology_devices(tpu))))
     n_dev = len(devices)
@@ -215,7 +219,7 @@ def plan_generate(cfg: Glm4vConfig, tpu: TpuType, *, batch: int = 1, max_context
     params_b, kv_b = f["params_bytes"], f["kv_cache_bytes"]
 
     report: dict[str, Any] = {
-        **_report_header("generate", tpu, n_dev, mesh_desc, cfg), "dtype": dtype,
+        **_report_header("generate", tpu, n_dev, mesh_desc, cfg), "dtype": dtype, "quantize": _quant_desc(cfg),
         "attention_impl": attention, "kernel_layout": eng.cfg.runtime.kernel_layout, "chunk_size": chunk_size,
         "bucket": {"batch": batch, "prompt_tokens": n_prompt, "max_new_tokens": max_new_tokens, "cache_slots": slots,
                    "images": [list(s) for s in sizes], "vision_patches": f["patches"]},
@@ -237,6 +241,24 @@ def plan_generate(cfg: Glm4vConfig, tpu: TpuType, *, batch: int = 1, max_context
     _record_programs(report, eng.programs())
     _generate_efficiency(report, f, batch, n_dev, bw, chunk_size)
     return _finish(report, hbm)
+
+
+def _with_quant(cfg: Glm4vConfig, quantize: Mapping[str, Any] | None) -> Glm4vConfig:
+    """`cfg` with the quantization fields applied; a QuantError naming the layer when int4 groups do not divide one of
+    its input widths (checked before anything compiles)."""
+    if not quantize:
+        return cfg
+    cfg = cfg.with_runtime(**quantize)
+    if cfg.runtime.quantize != "none":
+        abstract_params(cfg.with_runtime(scan_layers=False))  # every layer's shapes checked against the scheme
+    return cfg
+
+
+def _quant_desc(cfg: Glm4vConfig) -> dict[str, Any]:
+    rt = cfg.runtime
+    if rt.quantize == "none":
+        return {"scheme": "none"}
+    return {"scheme": rt.quantize, "group_size": rt.quant_group_size, "skip": list(rt.quant_skip)}
 
 
 def _global_rows(tpu: TpuType, mesh: Any, batch_size: int) -> int:
@@ -321,9 +343,14 @@ def _train_advice(tpu: TpuType, per_chip: Mapping[str, Any], oom: Mapping[str, A
 
 
 def plan_train(train_config: Any, cfg: Glm4vConfig, tpu: TpuType, *, mesh: str | None = None,
-               step_time: float | None = None, count_flops: bool = True) -> dict[str, Any]:
+               step_time: float | None = None, count_flops: bool = True,
+               quantize: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Compile the train step of a `glm41v_train.config.TrainConfig` for the slice (every host's batch: the
-    config's `data.batch_size` rows of `data.seq_len` tokens and `data.max_patches` patches)."""
+    config's `data.batch_size` rows of `data.seq_len` tokens and `data.max_patches` patches). `quantize` (as
+    `plan_generate` takes it) is refused: the train step updates every weight, which needs float weights."""
+    scheme = _with_quant(cfg, quantize).runtime.quantize
+    if scheme != "none":
+        raise QuantizedCheckpointError(f"train plan on {scheme} weights: {LORA_LATER}")
     if step_time is not None and not step_time > 0:
         raise PlanError(f"--step-time must be > 0 seconds, got {step_time}")
     devices, mesh_obj, mesh_desc = _devices_and_mesh(tpu, mesh, train_config.mesh)

@@ -22,6 +22,15 @@ def _fmt_flops(x: float | None) -> str:
     return f"{x:.3g} FLOP"
 
 
+def _weights(r: dict[str, Any]) -> str:
+    """', int8 weights (groups of 128, float: vision)' for a quantized plan, '' for a float one."""
+    q = r.get("quantize") or {"scheme": "none"}
+    if q["scheme"] == "none":
+        return ""
+    group = f"groups of {q['group_size']}, " if q["scheme"] == "int4" else ""
+    return f", {q['scheme']} weights ({group}float: {', '.join(q['skip']) or 'nothing'})"
+
+
 def format_report(r: Mapping[str, Any]) -> str:
     """The plan as a few aligned lines (per chip)."""
     lines = [f"plan: {r['kind']} on {r['tpu']} ({r['topology']}: {r['chips']} chips, {r['hosts']} host"
@@ -30,8 +39,8 @@ def format_report(r: Mapping[str, Any]) -> str:
     if r["kind"] == "generate":
         b = r["bucket"]
         lines.append(f"bucket: batch {b['batch']}, prompt {b['prompt_tokens']} tokens ({b['vision_patches']} vision "
-                     f"patches), {b['max_new_tokens']} new tokens, KV cache {b['cache_slots']} slots; {r['dtype']}, "
-                     f"attention {r['attention_impl']}")
+                     f"patches), {b['max_new_tokens']} new tokens, KV cache {b['cache_slots']} slots; {r['dtype']}"
+                     f"{_weights(r)}, attention {r['attention_impl']}")
     else:
         s = r["step"]
         lines.append(f"step: {s['global_rows']} rows x {s['seq_len']} tokens x {s['accum_steps']} micro-batches = "

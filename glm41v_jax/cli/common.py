@@ -123,6 +123,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weights and activations (default: float32 on CPU, bfloat16 on accelerators)")
     p.add_argument("--chunk-size", type=argtypes.int_in(1, 4096), default=16,
                    help="tokens per device round trip (default 16)")
+    add_quant_args(p, "quantize a float checkpoint's weights at load, one tensor at a time into their shardings "
+                      "(a quantized checkpoint needs no flag)")
     p.add_argument("--mesh", default="auto",
                    help="device mesh 'data=D,fsdp=F,tensor=T' (one axis may be -1); 'auto' (default): tensor over "
                         "as many devices as divide the heads (<= 8), fsdp over the rest; 'none': one device")
@@ -134,6 +136,31 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-special-tokens", action="store_true",
                    help="read special tokens typed in the user's text (<|assistant|>, <|endoftext|>, <think>, ...) "
                         "as control tokens, as transformers does (default: they are plain text)")
+
+
+def add_quant_args(p: argparse.ArgumentParser, help_text: str) -> None:
+    """--quantize int8|int4, --quant-group-size N, --quantize-skip PARTS (convert, generate, chat, plan)."""
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None, help=help_text)
+    p.add_argument("--quant-group-size", type=argtypes.positive_int, default=None, metavar="N",
+                   help="int4: input channels per scale (default 128; must divide every quantized layer's input width)")
+    p.add_argument("--quantize-skip", default=None, metavar="PARTS",
+                   help="comma-separated parts left in float: lm_head, vision; 'none' quantizes both (default: vision)")
+
+
+def quant_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The `RuntimeConfig` fields the quantization flags give ({} without --quantize; the other two flags need it)."""
+    if args.quantize is None:
+        for flag, value in (("--quant-group-size", args.quant_group_size), ("--quantize-skip", args.quantize_skip)):
+            if value is not None:
+                raise CliError(f"{flag} needs --quantize int8|int4")
+        return {}
+    kw: dict[str, Any] = {"quantize": args.quantize}
+    if args.quant_group_size is not None:
+        kw["quant_group_size"] = args.quant_group_size
+    if args.quantize_skip is not None:
+        text = args.quantize_skip.strip()
+        kw["quant_skip"] = () if text in ("", "none") else tuple(p.strip() for p in text.split(","))
+    return kw
 
 
 def configure_env() -> None:
@@ -198,7 +225,8 @@ def load_pipeline(args: argparse.Namespace) -> tuple[Pipeline, float, SamplingPa
     pipe = Pipeline.load(args.model, **dtype_flag(args.dtype), mesh=None if mesh in (None, "none") else mesh,
                          chunk_size=args.chunk_size, max_context=getattr(args, "max_context", None),
                          check_directory=lambda d: sampling.update(params=sampling_from(args, d)),
-                         verify=bool(getattr(args, "verify", False)))  # passed on to loading.load
+                         verify=bool(getattr(args, "verify", False)),  # passed on to loading.load
+                         **quant_kwargs(args))
     return pipe, time.perf_counter() - t0, sampling["params"]
 
 

@@ -187,6 +187,7 @@ def _generate_one(args: argparse.Namespace, pipe: Pipeline, sampling: SamplingPa
                          "top_p": sampling.top_p, "repetition_penalty": sampling.repetition_penalty,
                          "seed": args.seed},
             "dtype": engine.cfg.runtime.compute_dtype,
+            "quantize": engine.cfg.runtime.quantize,
         })
         record["timings"]["load_s"] = load_s
         write_json_line(sys.stdout, record)

@@ -3,6 +3,11 @@
     glm41v plan --tpu v5e-8 [--model DIR | --config 9b] generate [--batch B] [--max-context N] [--image WxH]...
                 [--dtype bfloat16] [--mesh data=D,fsdp=F,tensor=T] [--json]
     glm41v plan --tpu v5p-64 train --config train/configs/v5p_pod.yaml [--step-time S] [--json]
+    glm41v plan --tpu v5e-1 generate --quantize int8|int4 [--quant-group-size N] [--quantize-skip lm_head,vision]
+
+`--quantize` compiles the quantized programs (weight-only int8/int4, as `glm41v generate --quantize` runs them); a
+--model that is a quantized converted directory is planned with its recorded scheme. A train plan refuses it
+(full-weight training needs float weights).
 
 Exit codes: 0 fits, 1 does not fit (the compiler's figures and what would fit are printed), 2 bad input (one
 `error: ...` line: unknown TPU type, a mesh that does not use the slice's devices, a config that does not parse).
@@ -21,9 +26,10 @@ from glm41v_train.config import load_config
 
 from ..plan import BUILTIN_CONFIGS, model_config, parse_image_size, plan_generate, plan_train
 from ..plan_report import format_report
+from ..quant_checkpoint import QuantizedCheckpointError, checkpoint_quantization
 from ..tpu_slices import PlanError, parse_tpu
 from . import argtypes
-from .common import guarded
+from .common import add_quant_args, guarded, quant_kwargs
 
 
 def _common(p: argparse.ArgumentParser, sub: bool, model_config_flag: str = "--config") -> None:
@@ -60,6 +66,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--attention", choices=("auto", "xla", "pallas"), default="auto", help="attention backend")
     g.add_argument("--chunk-size", type=argtypes.int_in(1, 4096), default=16,
                    help="decode steps per device call (default 16)")
+    add_quant_args(g, "weight-only quantization of the planned weights")
     t = sub.add_parser("train", help="the SFT train step of a training config")
     _common(t, sub=True, model_config_flag="--model-config")
     t.add_argument("--config", dest="train_config", required=True, metavar="YAML", help="the training config file")
@@ -69,6 +76,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="a measured step time in seconds: print the MFU it means")
     t.add_argument("--no-flops-count", action="store_true",
                    help="skip the unrolled 1- and 2-layer compiles that count the compiled FLOPs per layer")
+    add_quant_args(t, "refused: full-weight training needs float weights (LoRA on a quantized base comes later)")
     p.set_defaults(func=run)
     return p
 
@@ -88,14 +96,21 @@ def _plan(args: argparse.Namespace) -> int:
         raise PlanError("give --model DIR or a built-in config name (--config), not both")
     tpu = parse_tpu(args.tpu)
     cfg = model_config(args.model, args.model_config)
+    quant = quant_kwargs(args)
+    stored = checkpoint_quantization(args.model) if args.model and os.path.isdir(args.model) else {}
+    if stored and quant:
+        raise QuantizedCheckpointError(f"{args.model}: is already quantized ({stored['quantize']}); plan it without "
+                                       "--quantize")
+    quant = quant or stored
     if args.plan_kind == "generate":
         report = plan_generate(cfg, tpu, batch=args.batch, max_context=args.max_context,
                                max_new_tokens=args.max_new_tokens, images=[parse_image_size(s) for s in args.image],
-                               dtype=args.dtype, mesh=args.mesh, attention=args.attention, chunk_size=args.chunk_size)
+                               dtype=args.dtype, mesh=args.mesh, attention=args.attention, chunk_size=args.chunk_size,
+                               quantize=quant)
     else:
         tcfg = load_config(args.train_config, args.overrides)
         report = plan_train(tcfg, cfg, tpu, mesh=args.mesh, step_time=args.step_time,
-                            count_flops=not args.no_flops_count)
+                            count_flops=not args.no_flops_count, quantize=quant)
     if args.json:
         print(json.dumps(report))
     else:
