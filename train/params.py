@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from glm41v_jax.loading import CheckpointError, load
+from glm41v_jax.quant_checkpoint import refuse_quantized
 from glm41v_jax.weights import LAYER_GROUPS, get_path, key_names
 
 from .step import TrainStep
@@ -48,7 +49,10 @@ def place_unrolled(params: Mapping[str, Any], ts: TrainStep) -> Any:
 
 
 def load_params(model_dir: str, ts: TrainStep) -> Any:
-    """The weights of `model_dir` (HF or converted; read on every host as NumPy), placed as the step's params."""
+    """The weights of `model_dir` (HF or converted; read on every host as NumPy), placed as the step's params.
+    Quantized weights are refused (QuantizedCheckpointError): the train step runs on float weights."""
+    refuse_quantized(model_dir, "the train step (training, `glm41v loss`) runs on float weights (LoRA on a quantized "
+                                "base comes with the LoRA issue); use the float checkpoint")
     params, _ = load(model_dir, as_numpy=True)
     return place_unrolled(params, ts)
 

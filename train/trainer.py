@@ -30,6 +30,7 @@ import yaml
 from glm41v_jax.config import Glm4vConfig
 from glm41v_jax.errors import Glm41vError
 from glm41v_jax.loading import CheckpointError, resolve_model_dir
+from glm41v_jax.quant_checkpoint import LORA_LATER, QuantizedCheckpointError, refuse_quantized
 from glm41v_jax.sharding import MeshError, make_mesh
 
 from .assembly import check_geometry, global_batch, sample_fingerprints
@@ -150,6 +151,11 @@ class Trainer:
         self.primary = self.host == 0
         if not self.primary:
             logging.getLogger("glm41v_train").setLevel(logging.WARNING)
+        if os.path.isdir(cfg.model):  # before output_dir is made (hub ids: train/params.load_params refuses)
+            try:
+                refuse_quantized(cfg.model, LORA_LATER)
+            except QuantizedCheckpointError as e:
+                raise TrainConfigError(f"model: {e}") from None
         self.out_dir = os.path.abspath(cfg.output_dir)
         if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
             raise TrainConfigError(f"output_dir {self.out_dir}: exists and is not a directory")
