@@ -29,6 +29,9 @@ ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 KERNEL_LAYOUTS = ("in_out", "out_in")  # RuntimeConfig.kernel_layout (see layers.Dense)
 QUANT_SCHEMES = ("none", "int8", "int4")  # RuntimeConfig.quantize (see quant.py)
 QUANT_SKIPPABLE = ("lm_head", "vision")  # RuntimeConfig.quant_skip: the parts that may stay in float
+# LoraConfig.targets default: every linear layer of the text decoder (LLaMA-Factory's GLM-4.1V recipe), none of the
+# vision tower's (whose MLP also has a `down_proj`: hence the scoped last pattern; glm41v_jax/lora.py has the rule).
+LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "language_model.*.down_proj")
 
 
 class ConfigError(Glm41vError, ValueError):
@@ -273,6 +276,48 @@ class TextConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters on the model's dense layers (glm41v_jax/lora.py): y = W x + B A dropout(x) * alpha / rank.
+
+    `targets`: name patterns over the HF module names (`model.language_model.layers.3.self_attn.q_proj`), as PEFT's
+    `target_modules` list: a pattern matches a name that equals it or ends with "." + it; `*` and `?` are wildcards
+    (fnmatch). `sites` is what `lora.resolve_lora` found for a model (the Flax module paths with the layer index
+    dropped, e.g. "language_model/layers/self_attn/q_proj"): the layers that carry adapters. Left empty here."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = LORA_DEFAULT_TARGETS
+    dropout: float = 0.0
+    sites: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        r = self.rank
+        if isinstance(r, bool) or not isinstance(r, int | np.integer) or r < 1:
+            raise ConfigError(f"lora: rank must be a positive integer; got {str(r)[:40]!r}")
+        object.__setattr__(self, "rank", int(r))
+        a = self.alpha
+        if isinstance(a, bool) or not isinstance(a, int | float) or not math.isfinite(a) or a <= 0:
+            raise ConfigError(f"lora: alpha must be a finite number > 0; got {str(a)[:40]!r}")
+        object.__setattr__(self, "alpha", float(a))
+        d = self.dropout
+        if isinstance(d, bool) or not isinstance(d, int | float) or not 0 <= d < 1:
+            raise ConfigError(f"lora: dropout must be a number in [0, 1); got {str(d)[:40]!r}")
+        object.__setattr__(self, "dropout", float(d))
+        targets = (self.targets,) if isinstance(self.targets, str) else self.targets
+        if not isinstance(targets, Sequence) or not targets or not all(
+                isinstance(t, str) and t.strip() and "\x00" not in t for t in targets):
+            raise ConfigError(f"lora: targets must be a non-empty list of module name patterns; got "
+                              f"{str(self.targets)[:60]!r}")
+        object.__setattr__(self, "targets", tuple(t.strip() for t in targets))
+        object.__setattr__(self, "sites", tuple(self.sites))
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank: what the adapter's product is multiplied by (PEFT's `scaling`, without rsLoRA)."""
+        return self.alpha / self.rank
+
+
+@dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
     """How to run the model; not part of the checkpoint. One object for loading (`load(model, runtime)`), the
     Engine and Pipeline (through `cfg.runtime`) and the train step (`step.model_cfg`).
@@ -294,6 +339,9 @@ class RuntimeConfig:
     quantize: str = "none"
     quant_group_size: int = 128
     quant_skip: tuple[str, ...] = ("vision",)
+    # LoRA adapters (glm41v_jax/lora.py): None = none. The Dense layers named in `lora.sites` add B A x * alpha / r,
+    # with A and B in the "lora" variable collection beside "params" (`lora.resolve_lora` fills the sites).
+    lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("compute_dtype", "param_dtype"):
@@ -310,6 +358,8 @@ class RuntimeConfig:
             raise ConfigError(f"runtime: quant_skip must name parts among {', '.join(map(repr, QUANT_SKIPPABLE))}; "
                               f"got {str(self.quant_skip)[:60]!r}")
         object.__setattr__(self, "quant_skip", tuple(sorted(set(skip))))
+        if self.lora is not None and not isinstance(self.lora, LoraConfig):
+            raise ConfigError(f"runtime: lora must be a LoraConfig or None; got {type(self.lora).__name__}")
         if self.kernel_layout not in KERNEL_LAYOUTS:
             raise ConfigError(f"runtime: kernel_layout must be 'in_out' or 'out_in'; got {self.kernel_layout!r}")
         if self.attention_impl not in ATTENTION_IMPLS:

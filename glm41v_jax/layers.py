@@ -8,6 +8,7 @@ Axis legend: B batch, T query tokens, S key/value tokens, N query heads, K kv he
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,6 +82,21 @@ def dynamic_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return q, s
 
 
+LORA_LAYER_INDEX = re.compile(r"(layers|blocks)_\d+")
+
+
+def lora_site(path: Sequence[str]) -> str:
+    """A Dense layer's module path -> its LoRA site: the path with the layer index dropped ("layers_3" and the
+    scanned "layers" both give "layers"), joined by "/" (e.g. "language_model/layers/self_attn/q_proj")."""
+    return "/".join(m.group(1) if (m := LORA_LAYER_INDEX.fullmatch(p)) else p for p in path)
+
+
+def _lora_a_init(fan_in: int):
+    """PEFT's default for lora_A (torch's kaiming_uniform_ with a = sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / np.sqrt(max(fan_in, 1))
+    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 INT8_DOT_MIN_ROWS = 4  # quant_matmul "int8_dot": fewer rows are zero-padded to this many (XLA:CPU's int8 GEMV is slow)
 
 
@@ -102,6 +118,13 @@ class Dense(nn.Module):
     per-output scale factors out of the dot); int4: the codes times their group scales, then the float dot.
     "int8_dot" (int8 weights only; XLA:CPU, where the dequantized kernel is materialised and read at fp32 width):
     the activation rows quantized to int8 on the fly (per-row scale), an int8 x int8 -> int32 dot, times both scales.
+
+    `lora` (a resolved `config.LoraConfig`, glm41v_jax/lora.py): when this layer's `lora_site` is one of its
+    `sites`, y += (dropout(x) . A) . B * alpha / rank, with A = `lora_a` (*in, r) and B = `lora_b` (r, *out) in the
+    "lora" variable collection (float32, logical axes: the kernel's in axes + None, None + its out axes; the same
+    in both kernel layouts), on top of the float or quantized base (QLoRA). A starts as PEFT's (uniform, bound
+    1/sqrt(fan_in)), B at zero, so a fresh adapter leaves the output unchanged. Dropout runs only when the apply
+    is given a "dropout" rng (training).
     """
 
     features: tuple[int, ...]
@@ -113,6 +136,7 @@ class Dense(nn.Module):
     param_dtype: Dtype = jnp.float32
     quant: str = "none"  # RuntimeConfig.quantize, where this layer is quantized (see quant.py)
     quant_group_size: int = 128
+    lora: Any = None  # RuntimeConfig.lora (resolved): adapters here when lora_site(self.path) is one of its sites
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -150,7 +174,26 @@ class Dense(nn.Module):
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.n_in:]),
                               self.features, self.param_dtype)
             y = y + bias.astype(self.dtype)
+        if self.lora is not None and lora_site(self.path) in self.lora.sites:
+            y = y + self._lora(x, in_shape, fan_in)
         return y
+
+    def _lora(self, x: jax.Array, in_shape: tuple[int, ...], fan_in: int) -> jax.Array:
+        """(dropout(x) . A) . B * alpha / rank, in the compute dtype, from float32 adapters."""
+        r, n_out = self.lora.rank, len(self.features)
+        a = self.variable("lora", "lora_a", lambda: nn.LogicallyPartitioned(
+            _lora_a_init(fan_in)(self.make_rng("params"), (*in_shape, r), jnp.float32), (*self.axes[:self.n_in], None)))
+        b = self.variable("lora", "lora_b", lambda: nn.LogicallyPartitioned(
+            jnp.zeros((r, *self.features), jnp.float32), (None, *self.axes[self.n_in:])))
+        if self.lora.dropout > 0 and self.has_rng("dropout"):
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.lora.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.lora.dropout), 0).astype(x.dtype)
+        nd = x.ndim
+        xa = jax.lax.dot_general(x, a.value.astype(self.dtype),
+                                 ((tuple(range(nd - self.n_in, nd)), tuple(range(self.n_in))), ((), ())))
+        y = jax.lax.dot_general(xa, b.value.astype(self.dtype), (((xa.ndim - 1,), (0,)), ((), ())))
+        assert y.shape[-n_out:] == tuple(self.features), (self.name, y.shape)
+        return y * jnp.asarray(self.lora.scale, self.dtype)
 
     def _dot(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
         """x (..., *in) . kernel in this layer's layout -> (..., *out)."""
@@ -227,11 +270,12 @@ class GatedMLP(nn.Module):
     param_dtype: Dtype = jnp.float32
     quant: str = "none"  # Dense.quant of its three projections
     quant_group_size: int = 128
+    lora: Any = None  # Dense.lora
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_layout=self.kernel_layout, quant=self.quant,
-                  quant_group_size=self.quant_group_size)
+                  quant_group_size=self.quant_group_size, lora=self.lora)
         if self.fused:
             gu = Dense((2, self.hidden), ("embed", None, "mlp"), name="gate_up", **kw)(x)
             gate, up = gu[..., 0, :], gu[..., 1, :]

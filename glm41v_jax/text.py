@@ -49,13 +49,14 @@ class TextAttention(nn.Module):
     kernel_layout: str = "in_out"  # RuntimeConfig.kernel_layout
     quant: str = "none"  # RuntimeConfig.quantize (the decoder's projections are always quantized with it)
     quant_group_size: int = 128
+    lora: Any = None  # RuntimeConfig.lora (layers.Dense)
 
     @nn.compact
     def __call__(self, x: jax.Array, inp: LayerInputs, kv_cache: tuple[jax.Array, jax.Array] | None = None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_layout=self.kernel_layout, quant=self.quant,
-                  quant_group_size=self.quant_group_size)
+                  quant_group_size=self.quant_group_size, lora=self.lora)
         n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         q = Dense((n, h), ("embed", "heads", "head_dim"), use_bias=True, name="q_proj", **kw)(x)
         kk = Dense((k, h), ("embed", "kv_heads", "head_dim"), use_bias=True, name="k_proj", **kw)(x)
@@ -85,13 +86,15 @@ class DecoderLayer(nn.Module):
     kernel_layout: str = "in_out"
     quant: str = "none"
     quant_group_size: int = 128
+    lora: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, inp: LayerInputs, kv_cache: tuple[jax.Array, jax.Array] | None = None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        qkw = dict(kernel_layout=self.kernel_layout, quant=self.quant, quant_group_size=self.quant_group_size)
+        qkw = dict(kernel_layout=self.kernel_layout, quant=self.quant, quant_group_size=self.quant_group_size,
+                   lora=self.lora)
         h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
         h, new_cache = TextAttention(c, name="self_attn", attention_impl=self.attention_impl, **qkw, **kw)(
             h, inp, kv_cache)
@@ -114,9 +117,10 @@ class TextModel(nn.Module):
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, **kw)
         layer = maybe_remat(DecoderLayer, rt.remat_policy)
         lkw = dict(attention_impl=rt.attention_impl, kernel_layout=rt.kernel_layout, quant=rt.quant_of("text"),
-                   quant_group_size=rt.quant_group_size, **kw)
+                   quant_group_size=rt.quant_group_size, lora=rt.lora, **kw)
         if rt.scan_layers:
-            self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+            self.layers = nn.scan(layer, variable_axes={"params": 0, "lora": 0},
+                                  split_rngs={"params": True, "dropout": True},
                                   in_axes=(nn.broadcast, 0), length=c.num_hidden_layers,  # (inp, kv_cache)
                                   metadata_params={nn.PARTITION_NAME: "layers"})(c, **lkw)
         else:

@@ -21,6 +21,7 @@ the logical-axis vocabulary of sharding.py, should they ever be constrained.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -55,12 +56,13 @@ class VisionAttention(nn.Module):
     attention_impl: str = "xla"  # RuntimeConfig.attention_impl
     quant: str = "none"  # RuntimeConfig.quant_of("vision")
     quant_group_size: int = 128
+    lora: Any = None  # RuntimeConfig.lora (layers.Dense)
 
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, vision: VisionInputs) -> jax.Array:
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, quant=self.quant,
-                  quant_group_size=self.quant_group_size)
+                  quant_group_size=self.quant_group_size, lora=self.lora)
         qkv = Dense((3, c.num_heads, c.head_dim), ("embed", None, "heads", "head_dim"), use_bias=c.attention_bias,
                     name="qkv", **kw)(x)  # (B, P, 3, Nv, Hv)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -83,12 +85,13 @@ class VisionBlock(nn.Module):
     attention_impl: str = "xla"
     quant: str = "none"
     quant_group_size: int = 128
+    lora: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, vision: VisionInputs) -> tuple[jax.Array, None]:
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        qkw = dict(quant=self.quant, quant_group_size=self.quant_group_size)
+        qkw = dict(quant=self.quant, quant_group_size=self.quant_group_size, lora=self.lora)
         h = RMSNorm(c.rms_norm_eps, name="norm1", **kw)(x)
         x = x + VisionAttention(c, name="attn", attention_impl=self.attention_impl, **qkw, **kw)(h, cos, sin, vision)
         h = RMSNorm(c.rms_norm_eps, name="norm2", **kw)(x)
@@ -110,7 +113,7 @@ class VisionModel(nn.Module):
         c = self.cfg.vision
         rt = self.cfg.runtime
         dtype, pdtype = jnp.dtype(rt.compute_dtype), jnp.dtype(rt.param_dtype)
-        qkw = dict(quant=rt.quant_of("vision"), quant_group_size=rt.quant_group_size)
+        qkw = dict(quant=rt.quant_of("vision"), quant_group_size=rt.quant_group_size, lora=rt.lora)
         kw = dict(dtype=dtype, param_dtype=pdtype, attention_impl=rt.attention_impl, **qkw)
         with jax.named_scope("patch_embed"):  # float always (quant.py: small, and 1176 inputs are no int4 groups)
             x = Dense((c.hidden_size,), ("patch", "embed"), use_bias=True, name="patch_embed", dtype=dtype,
@@ -126,7 +129,8 @@ class VisionModel(nn.Module):
         masks = vision.replace(pixel_values=None)  # what attention reads: segment ids and the plan's tables
         block = maybe_remat(VisionBlock, rt.remat_policy)
         if rt.scan_layers:  # every argument after the carry is the same for all blocks
-            x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=nn.broadcast,
+            x, _ = nn.scan(block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
+                           in_axes=nn.broadcast,
                            length=c.depth, metadata_params={nn.PARTITION_NAME: "layers"})(c, name="blocks", **kw)(
                 x, cos, sin, masks)
         else:
@@ -148,12 +152,13 @@ class _Merger(nn.Module):
     param_dtype: jnp.dtype
     quant: str = "none"
     quant_group_size: int = 128
+    lora: Any = None
 
     @nn.compact
     def __call__(self, x):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        qkw = dict(quant=self.quant, quant_group_size=self.quant_group_size, **kw)
+        qkw = dict(quant=self.quant, quant_group_size=self.quant_group_size, lora=self.lora, **kw)
         x = Dense((c.out_hidden_size,), ("embed", "embed_out"), name="proj", **qkw)(x)
         x = LayerNorm(1e-5, name="post_projection_norm", **kw)(x)
         x = jax.nn.gelu(x, approximate=False)

@@ -63,10 +63,16 @@ def label_count(labels: jax.Array, segment_ids: jax.Array) -> jax.Array:
 
 
 def head_kernel(params: Mapping[str, Any], cfg: Glm4vConfig) -> tuple[jax.Array, bool]:
-    """The output projection and its layout: lm_head (D, V), or the tied embedding (V, D) (`vocab_major`)."""
+    """The output projection and its layout: lm_head (D, V), or the tied embedding (V, D) (`vocab_major`). A
+    quantized lm_head (a QLoRA base) is dequantized to the compute dtype (codes * scale, as layers.Dense does)."""
     if cfg.tie_word_embeddings:
         return params["language_model"]["embed_tokens"]["embedding"], True
-    return params["lm_head"]["kernel"], False
+    head = params["lm_head"]
+    if "scale" not in head:
+        return head["kernel"], False
+    codes, scale = head["kernel"], head["scale"]
+    w = codes.astype(jnp.float32) * (scale if codes.ndim == 2 else scale[:, None, :])  # int8 (D, V) / int4 (D/g, g, V)
+    return w.reshape(-1, w.shape[-1]).astype(cfg.runtime.compute_dtype), False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,17 +180,21 @@ head_cross_entropy.defvjp(_fwd, _bwd, symbolic_zeros=True)
 # The model loss.
 
 
-def loss_and_count(params: Any, batch: Mapping[str, Any], cfg: Glm4vConfig, *, chunk_size: int = DEFAULT_CHUNK
-                   ) -> tuple[jax.Array, jax.Array]:
+def loss_and_count(params: Any, batch: Mapping[str, Any], cfg: Glm4vConfig, *, chunk_size: int = DEFAULT_CHUNK,
+                   lora: Any = None, dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(sum of token cross-entropies, number of label tokens) for one batch, fp32 scalars.
 
     `batch`: the kwargs of `Glm4v.apply` (input_ids, positions, segment_ids, vision, vision_index) plus `labels`
     (B, T) int32 aligned with input_ids. `params` must match `cfg.runtime.scan_layers` (stacked or unrolled).
+    `lora`: the adapter tree when `cfg.runtime.lora` is set (glm41v_jax/lora.py), with `dropout_rng` for the
+    adapters' dropout (training; None: no dropout).
     """
     model = Glm4v(cfg)
     vision = batch.get("vision")
+    variables = {"params": params} if lora is None else {"params": params, "lora": lora}
+    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
     with jax.named_scope("model"):
-        h = model.apply({"params": params}, input_ids=batch["input_ids"], positions=batch["positions"],
+        h = model.apply(variables, rngs=rngs, input_ids=batch["input_ids"], positions=batch["positions"],
                         segment_ids=batch["segment_ids"], vision=vision,
                         vision_index=batch.get("vision_index") if vision is not None else None, return_hidden=True)
     targets, weights = shift_targets(batch["labels"], batch["segment_ids"])

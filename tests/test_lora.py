@@ -1,0 +1,170 @@
+"""LoRA adapters (glm41v_jax/lora.py, layers.Dense) and LoRA training (train/lora_step.py).
+
+Parity: PEFT's `LoraConfig` / `get_peft_model` on transformers' `Glm4vForConditionalGeneration` (tiny O(1)-weight
+config "a" of tests/reference.py), with the same adapter values (random A and nonzero B, copied into PEFT's
+lora_A / lora_B): logits, the training loss and every adapter gradient against torch autograd. The PEFT model is
+the reference: nothing it computes comes from the code under test (the adapter values are drawn here and copied into
+both). Training: step 0 is the base exactly, the base and the optimizer state stay as they should, a few hundred
+steps overfit, a quantized (int8) base trains (QLoRA), bad targets and ranks are refused.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference as R
+import torch
+from test_train_step import FP32, hf_arrays, hf_loss, media_samples, our_batch
+
+from glm41v_jax import lora as LO
+from glm41v_jax.config import LoraConfig
+from glm41v_jax.inputs import prepare_inputs
+from glm41v_jax.model import Glm4v
+from glm41v_jax.weights import stack_layers, unstack_layers
+from glm41v_train import loss as L
+from glm41v_train import step as S
+
+peft = pytest.importorskip("peft", reason="peft is in the test extra")
+
+# Text decoder modules, vision block and merger modules: every kind of shape (fused gate_up (D, 2, F), q (D, N, H),
+# o_proj's two input axes, the vision qkv (Dv, 3, Nv, Hv)). "down_proj" matches the decoder's, the vision blocks'
+# and the merger's, as it does in PEFT.
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj", "attn.qkv", "attn.proj",
+           "merger.proj")
+RANK, ALPHA = 4, 12.0
+
+
+def _rel(d: np.ndarray, g: np.ndarray) -> float:
+    return float(np.linalg.norm(d - g) / max(np.linalg.norm(g), 1e-30))
+
+
+@pytest.fixture(scope="module")
+def peft_pair():
+    """(PEFT model, our cfg with LoRA, base params, adapters): the same random A and B (B nonzero) in both."""
+    hf, cfg, params = R.hf_and_params("a", seed=3)
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+                                                 target_modules=list(TARGETS)))
+    pm.eval()
+    lcfg = LO.with_lora(cfg, LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS))
+    rng = np.random.default_rng(11)
+    tensors = {}
+    wrapped = {n for n, m in pm.base_model.model.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped == {m.hf_name for m in LO.targeted(lcfg)}  # the same modules carry adapters
+    for name in sorted(wrapped):
+        mod = pm.base_model.model.get_submodule(name)
+        a_w, b_w = mod.lora_A["default"].weight, mod.lora_B["default"].weight
+        a = rng.uniform(-1, 1, a_w.shape).astype(np.float32) / np.sqrt(a_w.shape[1])
+        b = rng.standard_normal(b_w.shape).astype(np.float32) / np.sqrt(RANK)
+        with torch.no_grad():
+            a_w.copy_(torch.from_numpy(a))
+            b_w.copy_(torch.from_numpy(b))
+        tensors[name] = (a, b)
+    return pm, lcfg, params, LO.adapters_from_hf(tensors, lcfg)
+
+
+def test_logits_match_peft(peft_pair):
+    pm, lcfg, params, adapters = peft_pair
+    rng = np.random.default_rng(2)
+    pd = lcfg.vision.patch_dim
+    for case in (R.build_prompt(rng, images=[(1, 4, 6), (1, 2, 2)], patch_dim=pd), R.build_prompt(rng, n_text=9)):
+        kw = R.to_torch(case)
+        kw["mm_token_type_ids"] = torch.from_numpy(R.mm_types(case["input_ids"]))
+        with torch.no_grad():
+            want = pm(**kw).logits.numpy()
+            with pm.disable_adapter():
+                base = pm(**kw).logits.numpy()
+        inp = prepare_inputs(lcfg, **case).as_kwargs()
+        got = np.asarray(Glm4v(lcfg).apply({"params": params, "lora": adapters}, **inp))
+        assert np.abs(want - base).max() > 0.1  # the adapters change the output
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)  # test_model_parity's TOL
+
+
+def test_loss_and_adapter_gradients_match_peft(peft_pair):
+    pm, lcfg, params, adapters = peft_pair
+    rows, groups = media_samples(lcfg, seed=4)
+    pm.zero_grad()
+    loss = hf_loss(pm, groups)
+    loss.backward()
+    tcfg = S.train_config(lcfg, FP32)
+    batch = our_batch(lcfg, hf_arrays(rows))
+    stacked, ad = stack_layers(params), stack_layers(adapters)
+
+    def mean_loss(a):
+        s, n = L.loss_and_count(stacked, batch, tcfg, chunk_size=16, lora=a)
+        return s / n
+
+    got, grads = jax.jit(jax.value_and_grad(mean_loss))(ad)
+    np.testing.assert_allclose(float(got), loss.item(), rtol=1e-5)
+    ours = LO.adapters_to_hf(jax.tree.map(np.asarray, unstack_layers(grads)), lcfg)
+    assert len(ours) == len(LO.targeted(lcfg))
+    for name, (ga, gb) in ours.items():
+        mod = pm.base_model.model.get_submodule(name)
+        ta, tb = mod.lora_A["default"].weight.grad.numpy(), mod.lora_B["default"].weight.grad.numpy()
+        assert np.linalg.norm(tb) > 0 and np.linalg.norm(ta) > 0, name
+        assert _rel(ga, ta) <= 1e-4, (name, "lora_A", _rel(ga, ta))
+        assert _rel(gb, tb) <= 1e-4, (name, "lora_B", _rel(gb, tb))
+
+
+def test_fresh_adapters_are_the_base_exactly():
+    _, cfg, params = R.hf_and_params("a", seed=3)
+    lcfg = LO.with_lora(cfg, LoraConfig(rank=8, alpha=16, targets=TARGETS))
+    adapters = LO.init_adapters(lcfg, jax.random.PRNGKey(0))
+    a = adapters["language_model"]["layers_0"]["self_attn"]["q_proj"]["lora_a"]
+    bound = 1 / np.sqrt(cfg.text.hidden_size)  # PEFT's kaiming-uniform bound
+    assert float(jnp.abs(a).max()) <= bound and float(jnp.abs(a).max()) > 0.9 * bound
+    rng = np.random.default_rng(5)
+    inp = prepare_inputs(cfg, **R.build_prompt(rng, images=[(1, 4, 6)], patch_dim=cfg.vision.patch_dim)).as_kwargs()
+    base = np.asarray(Glm4v(cfg).apply({"params": params}, **inp))
+    got = np.asarray(Glm4v(lcfg).apply({"params": params, "lora": adapters}, **inp))
+    np.testing.assert_array_equal(got, base)
+
+
+def test_merged_equals_unmerged(peft_pair):
+    _, lcfg, params, adapters = peft_pair
+    rng = np.random.default_rng(6)
+    inp = prepare_inputs(lcfg, **R.build_prompt(rng, images=[(1, 4, 4)], patch_dim=lcfg.vision.patch_dim)).as_kwargs()
+    want = np.asarray(Glm4v(lcfg).apply({"params": params, "lora": adapters}, **inp))
+    merged = LO.merge_adapters(params, adapters, lcfg)
+    base_cfg = lcfg.with_runtime(lora=None)
+    got = np.asarray(Glm4v(base_cfg).apply({"params": merged}, **inp))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert params["language_model"]["layers_0"]["self_attn"]["q_proj"]["kernel"] is not \
+        merged["language_model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+
+
+def test_adapters_shard_with_the_rules_table():
+    from glm41v_jax.sharding import make_mesh, param_shardings
+
+    _, cfg, _ = R.hf_and_params("a", seed=3)
+    lcfg = LO.with_lora(cfg.with_runtime(scan_layers=True), LoraConfig(rank=4, alpha=8, targets=("q_proj", "o_proj")))
+    sh = param_shardings(LO.abstract_adapters(lcfg), make_mesh("fsdp=2,tensor=4"))
+    q = sh["language_model"]["layers"]["self_attn"]["q_proj"]
+    o = sh["language_model"]["layers"]["self_attn"]["o_proj"]
+    assert tuple(q["lora_a"].spec) == (None, "fsdp", None)  # (layers, embed, r)
+    assert tuple(q["lora_b"].spec) == (None, None, "tensor", None)  # (layers, r, heads, head_dim)
+    assert tuple(o["lora_a"].spec) == (None, "tensor", None, None)  # (layers, heads, head_dim, r)
+    assert tuple(o["lora_b"].spec) == (None, None, "fsdp")  # (layers, r, embed)
+
+
+@pytest.mark.parametrize("lora,why", [
+    (dict(targets=("nothing_proj",)), "'nothing_proj' matches no linear layer"),
+    (dict(targets=("lm_head",)), "'lm_head' matches no linear layer"),
+    (dict(targets=("layers.0.self_attn.q_proj",)), "in some layers only"),
+])
+def test_bad_targets_are_one_clear_error(lora, why):
+    _, cfg, _ = R.hf_and_params("a", seed=3)
+    with pytest.raises(LO.LoraError, match=why):
+        LO.with_lora(cfg, LoraConfig(**lora))
+
+
+@pytest.mark.parametrize("field,value,why", [
+    ("rank", 0, "rank must be a positive integer"), ("rank", -2, "rank must be a positive integer"),
+    ("alpha", 0.0, "alpha must be"), ("dropout", 1.0, "dropout must be"), ("targets", (), "targets must be"),
+])
+def test_bad_lora_config_is_one_clear_error(field, value, why):
+    from glm41v_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match=why):
+        LoraConfig(**{field: value})
