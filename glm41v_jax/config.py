@@ -288,25 +288,25 @@ class LoraConfig:
     alpha: float = 16.0
     targets: tuple[str, ...] = LORA_DEFAULT_TARGETS
     dropout: float = 0.0
-    sites: tuple[str, ...] = ()
+    sites: tuple[str, ...] = dataclasses.field(default=(), metadata={"derived": True})  # not a config file key
 
     def __post_init__(self) -> None:
         r = self.rank
         if isinstance(r, bool) or not isinstance(r, int | np.integer) or r < 1:
-            raise ConfigError(f"lora: rank must be a positive integer; got {str(r)[:40]!r}")
+            raise ConfigError(f"lora.rank: must be a positive integer; got {str(r)[:40]!r}")
         object.__setattr__(self, "rank", int(r))
         a = self.alpha
         if isinstance(a, bool) or not isinstance(a, int | float) or not math.isfinite(a) or a <= 0:
-            raise ConfigError(f"lora: alpha must be a finite number > 0; got {str(a)[:40]!r}")
+            raise ConfigError(f"lora.alpha: must be a finite number > 0; got {str(a)[:40]!r}")
         object.__setattr__(self, "alpha", float(a))
         d = self.dropout
         if isinstance(d, bool) or not isinstance(d, int | float) or not 0 <= d < 1:
-            raise ConfigError(f"lora: dropout must be a number in [0, 1); got {str(d)[:40]!r}")
+            raise ConfigError(f"lora.dropout: must be a number in [0, 1); got {str(d)[:40]!r}")
         object.__setattr__(self, "dropout", float(d))
         targets = (self.targets,) if isinstance(self.targets, str) else self.targets
         if not isinstance(targets, Sequence) or not targets or not all(
                 isinstance(t, str) and t.strip() and "\x00" not in t for t in targets):
-            raise ConfigError(f"lora: targets must be a non-empty list of module name patterns; got "
+            raise ConfigError(f"lora.targets: must be a non-empty list of module name patterns; got "
                               f"{str(self.targets)[:60]!r}")
         object.__setattr__(self, "targets", tuple(t.strip() for t in targets))
         object.__setattr__(self, "sites", tuple(self.sites))

@@ -283,9 +283,11 @@ def adapter_meta(cfg: Glm4vConfig, identity: Mapping[str, str], model: str | Non
 
 
 def save_adapters(directory: str, adapters: Mapping, cfg: Glm4vConfig, identity: Mapping[str, str],
-                  model: str | None = None, **extra: Any) -> str:
-    """Write the adapter directory (module docstring) atomically: into `directory`.tmp, then renamed over it.
-    `adapters` unrolled or stacked, host or device (fully addressable: gather multi-host ones first)."""
+                  model: str | None = None, files: Mapping[str, Any] | None = None, **extra: Any) -> str:
+    """Write the adapter directory (module docstring) atomically: into `directory`.tmp-new, then swapped in with two
+    renames (the previous one moved to `directory`.old, then removed). `adapters` unrolled or stacked, host or
+    device (fully addressable: gather multi-host ones first). `files`: more JSON files to put in it ({name: obj});
+    `extra`: more adapter_config.json fields."""
     from safetensors.numpy import save_file
 
     from .weights import unstack_layers
@@ -293,12 +295,13 @@ def save_adapters(directory: str, adapters: Mapping, cfg: Glm4vConfig, identity:
     directory = os.path.abspath(directory)
     flat = {"/".join(p): np.ascontiguousarray(np.asarray(v, np.float32))
             for p, v in iter_leaves(unstack_layers(dict(adapters)))}
-    tmp = directory + ".tmp"
+    tmp = directory + ".tmp-new"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_file(flat, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "np"})
-    with open(os.path.join(tmp, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
-        json.dump(adapter_meta(cfg, identity, model, **extra), f, indent=1)
+    for name, obj in {ADAPTER_CONFIG: adapter_meta(cfg, identity, model, **extra), **(files or {})}.items():
+        with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
     old = directory + ".old"
     if os.path.isdir(directory):
         shutil.rmtree(old, ignore_errors=True)

@@ -160,8 +160,9 @@ def test_bad_targets_are_one_clear_error(lora, why):
 
 
 @pytest.mark.parametrize("field,value,why", [
-    ("rank", 0, "rank must be a positive integer"), ("rank", -2, "rank must be a positive integer"),
-    ("alpha", 0.0, "alpha must be"), ("dropout", 1.0, "dropout must be"), ("targets", (), "targets must be"),
+    ("rank", 0, "lora.rank: must be a positive integer"), ("rank", -2, "lora.rank: must be a positive integer"),
+    ("alpha", 0.0, "lora.alpha: must be"), ("dropout", 1.0, "lora.dropout: must be"),
+    ("targets", (), "lora.targets: must be"),
 ])
 def test_bad_lora_config_is_one_clear_error(field, value, why):
     from glm41v_jax.config import ConfigError

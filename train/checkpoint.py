@@ -351,6 +351,24 @@ def recover_final(final: str) -> str | None:
     return None
 
 
+def write_final_adapters(adapters: Any, ts: Any, final: str, *, model: str, step: int, status: str) -> None:
+    """output_dir/final <- the adapter directory of `step` (glm41v_jax/lora.py: adapter.safetensors, its
+    adapter_config.json with the base model's identity, and training.json), replaced atomically. All processes
+    call it; the adapters are gathered (they are small) and process 0 writes."""
+    from jax.experimental import multihost_utils
+
+    from glm41v_jax.lora import save_adapters
+
+    if jax.process_count() > 1:
+        host = multihost_utils.process_allgather(adapters, tiled=True)
+    else:
+        host = jax.device_get(adapters)
+    identity = ts.identity()
+    if jax.process_index() == 0:
+        save_adapters(final, host, ts.cfg, identity, model=model, files={FINAL_INFO: {"step": step, "status": status}})
+    sync("glm41v_final_swapped")
+
+
 def write_final(params: Any, model_cfg: Any, final: str, *, source_dir: str, dtype: str, step: int,
                 status: str) -> None:
     """output_dir/final <- the weights of `step`, replaced atomically: written beside it, then swapped in with two

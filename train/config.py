@@ -8,6 +8,7 @@
     optim: {peak_lr: 1.0e-5, warmup_steps: 50}                                            # OptimConfig (optim.py)
     step:  {accum_steps: 1, remat_policy: full}                                           # StepConfig (step.py)
     eval:  {jsonl: data/val.jsonl, every: 200}                                            # optional
+    lora:  {rank: 8, alpha: 16, targets: [q_proj, v_proj], dropout: 0.05}                  # optional (LoraConfig)
 
 Every key is checked: an unknown key, a value of the wrong type, or a value the section rejects raises
 `TrainConfigError` naming the field (`data.seq_len: expected an integer, got 'abc' (str)`). Overrides are
@@ -29,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from glm41v_jax.config import ConfigError
+from glm41v_jax.config import ConfigError, LoraConfig
 from glm41v_jax.errors import one_line
 
 from .optim import OptimConfig
@@ -74,6 +75,9 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
     step: StepConfig = StepConfig()
     eval: EvalConfig | None = None
+    # LoRA (train/lora_step.py): train adapters on the frozen base (float, or a quantized converted directory:
+    # QLoRA) instead of the weights; the checkpoints hold the adapters and final/ is the adapter directory
+    lora: LoraConfig | None = None
     mesh: str | None = None  # "data=D,fsdp=F,tensor=T" (one axis may be -1); None: all devices on fsdp
     seed: int = 0  # the loop's PRNG key (saved and restored with each checkpoint)
     log_every: int = 10  # steps between metric fetches (every step still gets a metrics.jsonl line)
@@ -114,7 +118,8 @@ class TrainConfig:
 
         def plain(x):
             if dataclasses.is_dataclass(x):
-                return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+                return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)
+                        if not f.metadata.get("derived")}
             if isinstance(x, (list, tuple)):
                 return [plain(v) for v in x]
             return x
@@ -137,7 +142,8 @@ def _data_config_cls():
 
 
 def _section_types() -> dict[str, type]:
-    return {"data": _data_config_cls(), "optim": OptimConfig, "step": StepConfig, "eval": EvalConfig}
+    return {"data": _data_config_cls(), "optim": OptimConfig, "step": StepConfig, "eval": EvalConfig,
+            "lora": LoraConfig}
 
 
 def _describe(v: Any) -> str:
@@ -223,7 +229,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     if not isinstance(raw, Mapping):
         raise TrainConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {_describe(raw)}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not f.metadata.get("derived")}
     unknown = [k for k in raw if k not in fields]
     if unknown:
         k = unknown[0]
@@ -234,7 +240,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     for name, value in raw.items():
         key = f"{where}.{name}" if where else name
         if name in sections:
-            kwargs[name] = None if value is None and name == "eval" else _build(sections[name], value, key)
+            kwargs[name] = None if value is None and name in ("eval", "lora") else _build(sections[name], value, key)
         else:
             kwargs[name] = _check(value, hints[name], key)
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING

@@ -12,13 +12,11 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from .assembly import empty_batch, global_batch
 from .config import TrainConfig, TrainConfigError
 from .data import make_iterator
 from .distributed import allgather
-from .loss import loss_and_count
 from .packing import assemble_batch
 from .step import TrainStep
 
@@ -32,20 +30,10 @@ class LossEvaluator:
         if ts.sc.accum_steps != 1:
             raise ValueError("the evaluator runs one batch at a time (accum_steps=1)")
         self.ts, self.max_patches = ts, max_patches
-        self._fns: dict[Any, Any] = {}
 
     def batch_loss(self, params: Any, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
         gb = global_batch(batch, self.ts, self.max_patches)
-        key = jax.tree.structure(gb), tuple(x.shape for x in jax.tree.leaves(gb))
-        fn = self._fns.get(key)
-        if fn is None:
-            cfg, chunk = self.ts.cfg, self.ts.sc.loss_chunk
-            rep = NamedSharding(self.ts.mesh, PartitionSpec())
-            fn = jax.jit(lambda p, b: loss_and_count(p, b, cfg, chunk_size=chunk),
-                         in_shardings=(self.ts.param_shardings, self.ts.batch_shardings(gb)),
-                         out_shardings=(rep, rep))
-            self._fns[key] = fn
-        return fn(params, gb)
+        return self.ts.loss_fn(gb)(params, gb)  # (a LoRA step: params are the adapters, on its base)
 
     def run(self, params: Any, batches) -> tuple[float, float, int]:
         """(sum of token losses, label tokens, batches) over an iterable of host batches."""
@@ -68,7 +56,8 @@ class HeldOutEval:
     pad to the same number of batches with empty ones, and the loss is the token-weighted mean over the whole
     file."""
 
-    def __init__(self, cfg: TrainConfig, model_cfg: Any, model_dir: str, mesh) -> None:
+    def __init__(self, cfg: TrainConfig, model_cfg: Any, model_dir: str, mesh, step: TrainStep | None = None
+                 ) -> None:
         ec = cfg.eval
         self.every = ec.every
         self.data_cfg = dataclasses.replace(
@@ -77,7 +66,9 @@ class HeldOutEval:
             shuffle=False, num_epochs=1, worker_count=0)
         self.max_batches = ec.max_batches
         self.model_cfg, self.model_dir = model_cfg, model_dir
-        self.ts = TrainStep(model_cfg, cfg.optim, mesh, dataclasses.replace(cfg.step, accum_steps=1))
+        # the training step's program with accum_steps=1 (a LoRA step shares its base)
+        self.ts = step.for_eval() if step is not None else TrainStep(model_cfg, cfg.optim, mesh,
+                                                                      dataclasses.replace(cfg.step, accum_steps=1))
         self.evaluator = LossEvaluator(self.ts, self.data_cfg.max_patches)
         # Read now, not at the first eval: a problem with the eval file stops the run before it trains.
         self._batches: list[dict[str, Any]] | None = self._load()

@@ -254,6 +254,7 @@ class TrainStep:
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self._steps: dict[Any, Any] = {}
         self._grads: dict[Any, Any] = {}
+        self._losses: dict[Any, Any] = {}
 
     # -- placement ---------------------------------------------------------------------------------------------
 
@@ -350,6 +351,28 @@ class TrainStep:
     def __call__(self, params: Any, opt_state: Any, batch: Mapping[str, Any]):
         batch = dict(batch)
         return self.jitted(batch)(params, opt_state, batch)
+
+    @property
+    def flop_params(self) -> Any:
+        """The model's parameters whose matmuls a step runs (metrics.FlopCounter): all of them."""
+        return self.abstract_params
+
+    def loss_fn(self, batch: Mapping[str, Any]) -> Any:
+        """(params, batch) -> (sum of token losses, label tokens), jitted for this batch's shapes (the evaluator's
+        program)."""
+        key = self._key(dict(batch))
+        fn = self._losses.get(key)
+        if fn is None:
+            cfg, chunk = self.cfg, self.sc.loss_chunk
+            fn = jax.jit(lambda p, b: loss_and_count(p, b, cfg, chunk_size=chunk),
+                         in_shardings=(self.param_shardings, self.batch_shardings(dict(batch))),
+                         out_shardings=(self._replicated, self._replicated))
+            self._losses[key] = fn
+        return fn
+
+    def for_eval(self) -> TrainStep:
+        """The same step with accum_steps=1 (the evaluator runs one batch at a time)."""
+        return TrainStep(self.cfg, self.oc, self.mesh, dataclasses.replace(self.sc, accum_steps=1))
 
     def grads(self, params: Any, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array, Any]:
         """(mean loss, label tokens, gradient tree with None at frozen leaves): the step's own gradient path."""

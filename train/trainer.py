@@ -30,19 +30,21 @@ import yaml
 from glm41v_jax.config import Glm4vConfig
 from glm41v_jax.errors import Glm41vError
 from glm41v_jax.loading import CheckpointError, resolve_model_dir
+from glm41v_jax.lora import LoraError, with_lora
 from glm41v_jax.quant_checkpoint import LORA_LATER, QuantizedCheckpointError, refuse_quantized
 from glm41v_jax.sharding import MeshError, make_mesh
 
 from .assembly import check_geometry, global_batch, sample_fingerprints
-from .checkpoint import TrainCheckpointer, final_step, recover_final, write_final
+from .checkpoint import TrainCheckpointer, final_step, recover_final, write_final, write_final_adapters
 from .config import TrainConfig, TrainConfigError
 from .data import SftIterator, make_iterator
 from .distributed import HostReport, allgather
 from .evaluate import HeldOutEval
+from .lora_step import LoraTrainStep, make_train_step
 from .metrics import FlopCounter, MetricsWriter, device_peak_tflops, truncate_jsonl
 from .params import abstract_state, load_params
 from .run_lock import RunLock, RunLockedError
-from .step import TrainStep, stack_batches
+from .step import stack_batches
 
 
 class TrainingDivergedError(Glm41vError):
@@ -153,9 +155,12 @@ class Trainer:
             logging.getLogger("glm41v_train").setLevel(logging.WARNING)
         if os.path.isdir(cfg.model):  # before output_dir is made (hub ids: train/params.load_params refuses)
             try:
-                refuse_quantized(cfg.model, LORA_LATER)
-            except QuantizedCheckpointError as e:
-                raise TrainConfigError(f"model: {e}") from None
+                if cfg.lora is None:  # LoRA trains adapters on a quantized base (QLoRA)
+                    refuse_quantized(cfg.model, LORA_LATER)
+                else:  # a target that matches nothing: one error, before anything is written
+                    with_lora(Glm4vConfig.from_file(os.path.join(cfg.model, "config.json")), cfg.lora)
+            except (QuantizedCheckpointError, LoraError) as e:
+                raise TrainConfigError(f"model: {e}" if isinstance(e, QuantizedCheckpointError) else str(e)) from None
         self.out_dir = os.path.abspath(cfg.output_dir)
         if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
             raise TrainConfigError(f"output_dir {self.out_dir}: exists and is not a directory")
@@ -170,7 +175,8 @@ class Trainer:
         self.t0 = time.perf_counter()
         how = self._init_state(restore)
         self._open_outputs(stack, took_over, how)
-        self.evaluator = HeldOutEval(cfg, self.model_cfg, self.model_dir, self.mesh) if cfg.eval is not None else None
+        self.evaluator = (HeldOutEval(cfg, self.model_cfg, self.model_dir, self.mesh, self.ts) if cfg.eval is not None
+                          else None)
         self.meta = {"process_count": self.n_hosts, "mesh": dict(self.mesh.shape), "config": cfg.to_dict()}
         self.data_state = json.loads(json.dumps(self.it.get_state()))  # the state as of `self.step_count`
         self.saved = set(self.ckpt.steps())
@@ -190,9 +196,9 @@ class Trainer:
         self.model_dir = resolve_model_dir(cfg.model)
         self.model_cfg = Glm4vConfig.from_file(os.path.join(self.model_dir, "config.json"))
         check_geometry(cfg, self.mesh, self.model_cfg)
-        self.ts = TrainStep(self.model_cfg, cfg.optim, self.mesh, cfg.step)
+        self.ts = make_train_step(self.model_cfg, cfg.optim, self.mesh, cfg.step, cfg.lora, self.model_dir)
         self.lead = 1 if cfg.step.accum_steps > 1 else 0  # the micro-batch axis of a stacked host batch
-        self.flops = FlopCounter(self.ts.cfg, self.ts.abstract_params, cfg.optim.freeze)
+        self.flops = FlopCounter(self.ts.cfg, self.ts.flop_params, cfg.optim.freeze)
         self.peak = device_peak_tflops(jax.devices()[0].device_kind)
 
     def _init_state(self, restore: int | None) -> str:
@@ -202,6 +208,8 @@ class Trainer:
             raise TrainConfigError(f"steps ({cfg.steps}) is below the step of the checkpoint to resume "
                                    f"({ckpt.path(restore)}); raise steps, or set resume_step to a checkpoint at or "
                                    f"below {cfg.steps}")
+        if isinstance(self.ts, LoraTrainStep):  # the frozen base, restored or not (checkpoints hold the adapters)
+            self.ts.load_base(self.model_dir)
         if restore is not None:
             a_params, a_opt = abstract_state(self.ts)
             r = ckpt.restore(restore, abstract_params=a_params, abstract_opt_state=a_opt)
@@ -209,7 +217,8 @@ class Trainer:
             self.it.set_state(r["data_state"])
             how = f"resumed from {ckpt.path(restore)}"
         else:
-            self.params = load_params(self.model_dir, self.ts)
+            lora = isinstance(self.ts, LoraTrainStep)
+            self.params = self.ts.init_adapters(cfg.seed) if lora else load_params(self.model_dir, self.ts)
             self.opt_state = self.ts.init_opt_state(self.params)
             self.rng = np.asarray(jax.random.key_data(jax.random.PRNGKey(cfg.seed)), np.uint32)
             self.start = 0
@@ -382,6 +391,9 @@ class Trainer:
             final = self.cfg.final_dir
             if final_step(final) == step:
                 self.writer.message(f"final weights of step {step} already in {final}")
+            elif isinstance(self.ts, LoraTrainStep):
+                write_final_adapters(self.params, self.ts, final, model=self.cfg.model, step=step, status=status)
+                self.writer.message(f"final adapters of step {step} in {final}")
             else:
                 write_final(self.params, self.model_cfg, final, source_dir=self.model_dir,
                             dtype=self.cfg.final_dtype, step=step, status=status)
