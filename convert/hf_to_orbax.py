@@ -18,6 +18,10 @@ What is special here:
     to rename; a second run to the same DST stops at once and names the pid holding it. While holding it, a run
     removes the `DST.tmp-<pid>` folders of runs that died (SIGKILL, power loss: their pid no longer runs) and says
     so on stderr. If DST appears anyway (another program made it), this run's output is discarded, DST untouched.
+  * Quantization (`quantize="int8"|"int4"`): each kernel that the scheme quantizes becomes its integer codes (int8,
+    or JAX's int4, which Orbax stores and restores bit for bit) plus an fp32 `scale`, computed from the tensor as
+    stored (`glm41v_jax.quant_checkpoint.LeafQuantizer`, in ~64 MiB slices: the host bound is unchanged); the scheme
+    is recorded in the format file. A converted (float or quantized) source is refused.
   * Integrity: the CRC-32 of every array is computed as it streams past (zlib, GIL released, overlapped with the
     write in flight) and stored in the format file with the size of every file under params/ and the CRC-32 of the
     side files; `glm41v verify DST` and `load(..., verify=True)` check them (glm41v_jax.integrity).
@@ -27,7 +31,9 @@ What is special here:
 Output layout:
   DST/config.json (+ generation/tokenizer/chat-template/processor files copied when present)
   DST/glm41v_jax.json          format name + version, dtype, layout, source, tensor count and bytes, per-array
-                               CRC-32 ("checksums"), params/ file sizes ("files"), side-file CRC-32 ("side_files")
+                               CRC-32 ("checksums"), params/ file sizes ("files"), side-file CRC-32 ("side_files");
+                               with --quantize also "quantization" ({"scheme", "group_size", "skip"}) and
+                               "num_arrays" (codes and scales: more arrays than source tensors)
   DST/params/                  the Orbax checkpoint (restore with glm41v_jax.loading.load, any mesh or NumPy)
   DST/CONVERSION_COMPLETE      written last
 """
