@@ -16,15 +16,18 @@ import numpy as np
 import pytest
 import reference as R
 import torch
-from test_train_step import FP32, hf_arrays, hf_loss, media_samples, our_batch
+from test_train_step import FP32, SMALL_VOCAB, _batch_rows, hf_arrays, hf_loss, media_samples, our_batch, small_ids
 
 from glm41v_jax import lora as LO
-from glm41v_jax.config import LoraConfig
+from glm41v_jax import tiny, weights
+from glm41v_jax.config import Glm4vConfig, LoraConfig
 from glm41v_jax.inputs import prepare_inputs
 from glm41v_jax.model import Glm4v
 from glm41v_jax.weights import stack_layers, unstack_layers
 from glm41v_train import loss as L
+from glm41v_train import optim as O
 from glm41v_train import step as S
+from glm41v_train.lora_step import LoraTrainStep
 
 peft = pytest.importorskip("peft", reason="peft is in the test extra")
 
@@ -64,6 +67,7 @@ def peft_pair():
     return pm, lcfg, params, LO.adapters_from_hf(tensors, lcfg)
 
 
+@pytest.mark.slow
 def test_logits_match_peft(peft_pair):
     pm, lcfg, params, adapters = peft_pair
     rng = np.random.default_rng(2)
@@ -81,6 +85,7 @@ def test_logits_match_peft(peft_pair):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)  # test_model_parity's TOL
 
 
+@pytest.mark.slow
 def test_loss_and_adapter_gradients_match_peft(peft_pair):
     pm, lcfg, params, adapters = peft_pair
     rows, groups = media_samples(lcfg, seed=4)
@@ -169,3 +174,100 @@ def test_bad_lora_config_is_one_clear_error(field, value, why):
 
     with pytest.raises(ConfigError, match=why):
         LoraConfig(**{field: value})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training (the small-vocabulary twin of config "a" from test_train_step: a step costs milliseconds).
+
+@pytest.fixture(scope="module")
+def small_base():
+    """test_train_step's `small`: config "a" with a 700-token vocabulary (special ids moved), random O(1) weights."""
+    d = R.hf_config_dict("a")
+    eos = int(small_ids(151329))
+    d["text_config"].update(vocab_size=SMALL_VOCAB, pad_token_id=eos, eos_token_id=[eos])
+    for key in ("image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id",
+                "video_start_token_id", "video_end_token_id"):
+        d[key] = int(small_ids(d[key]))
+    cfg = Glm4vConfig.from_hf(d)
+    return cfg, weights.hf_to_flax(tiny.random_hf_state_dict(d, seed=5), cfg)
+
+
+DECODER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "language_model.*.down_proj")
+
+
+def _lora_run(ts, adapters, batches):
+    st = ts.init_opt_state(adapters)
+    losses = []
+    for b in batches:
+        adapters, st, m = ts(adapters, st, b)
+        losses.append(float(m["loss"]))
+    return adapters, st, losses
+
+
+@pytest.mark.slow
+def test_lora_step_trains_adapters_only(small_base):
+    """Step 0's loss is the base model's; the base is bit-identical after the steps (never updated, never donated);
+    the optimizer state is over the adapters only (its arrays: two Adam moments per adapter plus scalars)."""
+    cfg, params = small_base
+    batch, _ = _batch_rows(cfg, 21, 4, 40, 64)
+    oc = O.OptimConfig(peak_lr=1e-2, warmup_steps=0, total_steps=10, weight_decay=0.0)
+    ts = LoraTrainStep(cfg, oc, sc=FP32, lora=LoraConfig(rank=4, alpha=8, targets=DECODER + ("attn.qkv",)))
+    ts.set_base(params)
+    base_before = jax.tree.map(np.array, ts.base)
+    adapters = ts.init_adapters(0)
+    n_adapter = sum(x.size for x in jax.tree.leaves(adapters))
+    tcfg = S.train_config(cfg, FP32)
+    s, n = jax.jit(lambda p, b: L.loss_and_count(p, b, tcfg, chunk_size=16))(stack_layers(params), batch)
+    out, st, losses = _lora_run(ts, adapters, [batch] * 5)
+    # B = 0: the base model's loss (a different program: the gradient's forward, fused differently, so to fp32
+    # rounding; the model-level equality is bit for bit, test_fresh_adapters_are_the_base_exactly)
+    np.testing.assert_allclose(losses[0], np.float32(s) / np.float32(n), rtol=1e-6)
+    assert losses[-1] < 0.9 * losses[0], losses
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, ts.base), base_before)
+    moments = [x for x in jax.tree.leaves(st) if x.ndim > 0]
+    assert sum(x.size for x in moments) == 2 * n_adapter
+    assert sum(x.size for x in jax.tree.leaves(st)) <= 2 * n_adapter + 8  # + counts and scalars
+    b = out["language_model"]["layers"]["self_attn"]["q_proj"]["lora_b"]
+    assert float(jnp.abs(b).max()) > 0 and "visual" in out  # B moved from zero; vision adapters present
+
+
+@pytest.mark.slow
+def test_lora_overfits_a_packed_image_text_set(small_base):
+    """A few hundred steps of rank-4 adapters on 8 image + text samples, two per row: the loss falls to a fraction
+    of the base model's."""
+    cfg, params = small_base
+    batch, _ = _batch_rows(cfg, 22, 8, 40, 64)
+    oc = O.OptimConfig(peak_lr=1e-2, warmup_steps=10, total_steps=200, end_lr=1e-3, weight_decay=0.0)
+    ts = LoraTrainStep(cfg, oc, sc=FP32, lora=LoraConfig(rank=4, alpha=8, targets=DECODER))
+    ts.set_base(params)
+    _, _, losses = _lora_run(ts, ts.init_adapters(1), [batch] * 200)
+    assert np.all(np.isfinite(losses))
+    assert np.mean(losses[-10:]) < 0.1 * losses[0], (losses[0], losses[-10:])
+    assert np.mean(losses[100:110]) > np.mean(losses[-10:])  # still falling in the second half
+
+
+@pytest.mark.slow
+def test_qlora_on_an_int8_base(small_base):
+    """QLoRA: the base's decoder and lm_head as int8 codes + fp32 scales (quant.quantize_params), float adapters:
+    the step runs, the loss is finite and falls, and the codes are untouched."""
+    from glm41v_jax import quant
+
+    cfg, params = small_base
+    qcfg = cfg.with_runtime(quantize="int8")
+    qparams = quant.quantize_params(jax.tree.map(np.asarray, params), qcfg)
+    batch, _ = _batch_rows(cfg, 23, 4, 40, 64)
+    oc = O.OptimConfig(peak_lr=1e-2, warmup_steps=0, total_steps=30, weight_decay=0.0)
+    ts = LoraTrainStep(cfg, oc, sc=FP32, lora=LoraConfig(rank=4, alpha=8, targets=DECODER),
+                       quant={"quantize": "int8"})
+    ts.set_base(qparams)
+    codes = ts.base["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert codes.dtype == jnp.int8 and ts.base["lm_head"]["kernel"].dtype == jnp.int8
+    before = np.array(codes)
+    _, _, losses = _lora_run(ts, ts.init_adapters(2), [batch] * 30)
+    assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
+    np.testing.assert_array_equal(np.array(ts.base["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]),
+                                  before)
+    # the first loss is the int8 model's: the float model's within int8 weight error
+    tcfg = S.train_config(cfg, FP32)
+    s, n = jax.jit(lambda p, b: L.loss_and_count(p, b, tcfg, chunk_size=16))(stack_layers(params), batch)
+    np.testing.assert_allclose(losses[0], float(s) / float(n), rtol=2e-2)

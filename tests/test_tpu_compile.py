@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "train", "configs")
 # Each TPU training config and the slice it is written for (a new config must be added here).
 TRAIN_CONFIG_TPU = {"kaggle_v5e8.yaml": "v5e-8", "v5p_pod.yaml": "v5p-64"}
-CPU_CONFIGS = {"cpu_smoke.yaml"}
+CPU_CONFIGS = {"cpu_smoke.yaml", "cpu_lora.yaml"}
 
 
 @pytest.fixture(scope="module", params=["tensor=8", "fsdp=2,tensor=4"])
