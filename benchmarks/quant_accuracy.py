@@ -10,7 +10,7 @@ float model and through each quantized variant; every position's next-token dist
   margin     (float model) median top-1 minus top-2 logit, in units of the logit standard deviation: how decided
              the float model is; random weights give near-uniform, barely decided predictions
 Quantized Dense layers run as `--matmul` ("dequant": the TPU/GPU form, float activations; "int8_dot": the CPU
-default for int8, activations quantized per row too).
+default, activations quantized per row too).
 Bytes: the params as stored on a TPU (float leaves bf16, int8 codes 1 B, int4 codes 0.5 B packed, fp32 scales), for
 the small config and for GLM-4.1V-9B's shapes (abstract_params: no weights).
 
@@ -124,7 +124,7 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict]:
     from glm41v_jax import quant as Q
     from glm41v_jax.config import GLM41V_9B, Glm4vConfig
 
-    backend.BACKEND_TUNING["cpu"]["quant_matmul"] = args.matmul
+    backend.BACKEND_TUNING["cpu"].update(quant_matmul=args.matmul, quant_matmul_int4=args.matmul)
     cfg = Glm4vConfig.from_hf(small_config(), kernel_layout="in_out")
     t0 = time.perf_counter()
     params = realistic_params(cfg, 0, args.outlier_scale, args.outlier_frac)

@@ -3,7 +3,10 @@
   fp32          the float Dense (the reference of the ratios), "out_in" (the Engine's CPU decode layout)
   int8 dequant  dot(x, codes.astype(f32)) * scale (the TPU/GPU form)
   int8 int8_dot activation rows quantized to int8 per row, int8 x int8 -> int32 dot, both scales (the CPU form)
-  int4 dequant  codes * group scales, then the float dot (jnp.int4 codes: one byte each on XLA:CPU)
+  int4 dequant  codes * group scales, then the float dot (the TPU/GPU form)
+  int4 int8_dot activation rows quantized to int8 per row, an int8 x int8 -> int32 dot batched over the groups,
+                the partial sums times the group scales, summed (the CPU form)
+(int4 codes as the Engine holds them on XLA:CPU: int8 arrays of values in [-7, 7]; its jnp.int4 is a byte a code)
 
 for the "small" config's decode weights (gate_up 1024 -> 2 x 2816, down 2816 -> 1024) and the 9B's (gate_up
 4096 -> 2 x 13696, down 13696 -> 4096), at decode rows 1 and 4 (and prefill-like 320 rows for the small shapes),
@@ -39,6 +42,7 @@ def _apply(p, x, *, feats, axes, layout, quant, how):
     from glm41v_jax.layers import Dense
 
     backend.BACKEND_TUNING["cpu"]["quant_matmul"] = how  # read at trace time: one compile per form
+    backend.BACKEND_TUNING["cpu"]["quant_matmul_int4"] = how
     return Dense(feats, axes, kernel_layout=layout, quant=quant, quant_group_size=128).apply({"params": p}, x)
 
 
@@ -51,7 +55,7 @@ def measure(repeats: int, with_9b: bool) -> list[dict]:
     from glm41v_jax import backend
     from glm41v_jax.quant import quantize_array
 
-    default = backend.BACKEND_TUNING["cpu"]["quant_matmul"]
+    default = {k: backend.BACKEND_TUNING["cpu"][k] for k in ("quant_matmul", "quant_matmul_int4")}
     out = []
     rng = np.random.default_rng(0)
     for name, (d_in, feats) in SHAPES.items():
@@ -63,8 +67,9 @@ def measure(repeats: int, with_9b: bool) -> list[dict]:
         w_oi = np.ascontiguousarray(w.transpose(perm))
         variants = {"fp32": ("out_in", "none", "dequant", {"kernel": jnp.asarray(w_oi)})}
         for layout, kern in (("out_in", w_oi), ("in_out", w)):
-            for scheme, how in (("int8", "dequant"), ("int8", "int8_dot"), ("int4", "dequant")):
+            for scheme, how in (("int8", "dequant"), ("int8", "int8_dot"), ("int4", "dequant"), ("int4", "int8_dot")):
                 c, s = quantize_array(kern, scheme, 1, layout, 128)
+                c = c.astype(np.int8)  # int4 codes as the Engine holds them on XLA:CPU (same values, one byte)
                 variants[f"{scheme} {how} {layout}"] = (layout, scheme, how,
                                                          {"kernel": jnp.asarray(c), "scale": jnp.asarray(s)})
         del w_oi
@@ -82,7 +87,7 @@ def measure(repeats: int, with_9b: bool) -> list[dict]:
                        "GBs": BYTES[scheme] * n_w / sec / 1e9, "vs_fp32": t["fp32"] / sec, "rel_err": err}
                 out.append(row)
                 print(json.dumps(row), flush=True)
-    backend.BACKEND_TUNING["cpu"]["quant_matmul"] = default
+    backend.BACKEND_TUNING["cpu"].update(default)
     return out
 
 

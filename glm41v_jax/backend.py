@@ -15,7 +15,8 @@ design choices".
   that layout, "default" (CPU, GPU) keeps row-major. On a v5e-8 at batch 8 the TPU compiler's decode loop wants
   (K, S, B, H)-major, so with row-major arguments every chunk copied each layer's cache in and out (BENCHMARKS.md,
   "TPU decode efficiency"); XLA:CPU takes only default layouts, and GPU is not measured yet. `quant_matmul`: how a
-  weight-only int8 `layers.Dense` multiplies ("int8_dot" on CPU, "dequant" on TPU and GPU; the table's comment).
+  weight-only int8 `layers.Dense` multiplies ("int8_dot" on CPU, "dequant" on TPU and GPU; the table's comment),
+  `quant_matmul_int4` the same for int4, and `engine_kernel_layout_int4` the Engine's layout for an int4 model.
 * XLA:CPU special cases (no other module tests the platform for speed):
   - `use_blocked_attention(num_queries)`: prefill and vision attention (32+ queries) run
     `attention.blocked_attention`, the reference math over query chunks whose fp32 logits stay within
@@ -102,18 +103,24 @@ def target_platform() -> str:
 #       the fp32 matmul at 1-4 rows. An int8 x int8 -> int32 dot of dynamically quantized activation rows, in the
 #       Engine's "out_in" layout, ran at 1.3-2.7x fp32 at 1 row and 2.0-3.8x at 4 (small and 9B MLP shapes), and
 #       0.87-1.06x at 320 rows (prefill); its 1-row GEMV is slow, so rows are zero-padded to
-#       layers.INT8_DOT_MIN_ROWS. int4 stays "dequant" (0.12-0.5x fp32 at 1-4 rows on CPU: int4 saves memory there,
-#       not time). The activation's int8 rounding adds to the error: max 1.1-1.4% of the output against 0.8-1.0%
-#       for the weights' alone (random std-0.02 weights).
+#       layers.INT8_DOT_MIN_ROWS. The activation's int8 rounding adds to the error: max 1.1-1.4% of the output
+#       against 0.8-1.0% for the weights' alone (random std-0.02 weights).
 #   tpu/gpu "dequant": the activations stay in the compute dtype; the TPU compiler fuses the convert into the dot
 #       (no temporaries for a 4096 x 13696 int8 or int4 kernel on a v5e-1) and reads int4 packed two to a byte.
+# quant_matmul_int4: the same for int4 Dense layers. cpu "int8_dot": the int4 codes (held as int8 on CPU) in an
+#   int8 x int8 -> int32 dot batched over the groups, the partial sums times the group scales (layers.Dense);
+#   "dequant" materialised codes * scales in fp32 and ran at 0.12-0.5x the fp32 matmul at 1-4 rows. It cannot
+#   beat int8 on CPU: a code is a byte there too (XLA:CPU has no packed int4), and the group sums add work.
+#   tpu/gpu "dequant", as int8.
+# engine_kernel_layout_int4: the Engine's layout for an int4 model. cpu "in_out": the grouped dot's batch (group)
+#   axes lead the codes, so YNNPACK reads them in place; in "out_in" XLA copies every kernel into that order first.
 BACKEND_TUNING: dict[str, dict[str, str]] = {
     "cpu": {"engine_kernel_layout": "out_in", "dtype": "float32", "cache_layout": "default",
-            "quant_matmul": "int8_dot"},
+            "quant_matmul": "int8_dot", "quant_matmul_int4": "int8_dot", "engine_kernel_layout_int4": "in_out"},
     "tpu": {"engine_kernel_layout": "in_out", "dtype": "bfloat16", "cache_layout": "compiler",
-            "quant_matmul": "dequant"},
+            "quant_matmul": "dequant", "quant_matmul_int4": "dequant", "engine_kernel_layout_int4": "in_out"},
     "gpu": {"engine_kernel_layout": "in_out", "dtype": "bfloat16", "cache_layout": "default",
-            "quant_matmul": "dequant"},
+            "quant_matmul": "dequant", "quant_matmul_int4": "dequant", "engine_kernel_layout_int4": "in_out"},
 }
 
 def backend_default(platform: str, key: str) -> str:

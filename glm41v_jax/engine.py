@@ -119,8 +119,9 @@ class Engine:
             raise GenerationError(f"max_context must be in [1, {limit}] (the model's max_position_embeddings), "
                                   f"got {max_context}")
         self.platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-        if kernel_layout is None:
-            kernel_layout = backend_default(self.platform, "engine_kernel_layout")
+        if kernel_layout is None:  # int4 has its own (BACKEND_TUNING: on CPU its grouped dot wants "in_out")
+            kernel_layout = backend_default(self.platform, "engine_kernel_layout_int4"
+                                            if cfg.runtime.quantize == "int4" else "engine_kernel_layout")
         if kernel_layout not in KERNEL_LAYOUTS:
             raise GenerationError(f"kernel_layout must be 'in_out' or 'out_in', got {kernel_layout!r}")
         self.mesh = mesh

@@ -114,10 +114,12 @@ class Dense(nn.Module):
 
     `quant` ("none" | "int8" | "int4", quant.py): the params are `kernel` = the integer codes and `scale` (fp32)
     instead of a float kernel (`quant_shapes`); the bias stays float. The activations stay in `dtype`. The matmul
-    (`backend_default(platform, "quant_matmul")`): "dequant" = int8: dot(x, codes.astype(dtype)) * scale (the
-    per-output scale factors out of the dot); int4: the codes times their group scales, then the float dot.
-    "int8_dot" (int8 weights only; XLA:CPU, where the dequantized kernel is materialised and read at fp32 width):
-    the activation rows quantized to int8 on the fly (per-row scale), an int8 x int8 -> int32 dot, times both scales.
+    (`backend_default(platform, "quant_matmul")` for int8, `"quant_matmul_int4"` for int4): "dequant" = int8:
+    dot(x, codes.astype(dtype)) * scale (the per-output scale factors out of the dot); int4: the codes times their
+    group scales, then the float dot. "int8_dot" (XLA:CPU, where the dequantized kernel is materialised and read at
+    fp32 width): the activation rows quantized to int8 on the fly (per-row scale), an int8 x int8 -> int32 dot,
+    times both scales; for int4 codes (values in [-7, 7], held as int8 on CPU) the dot is batched over the groups
+    (one int32 partial sum per group, row and output), each times its group's scale, summed over groups in fp32.
 
     `lora` (a resolved `config.LoraConfig`, glm41v_jax/lora.py): when this layer's `lora_site` is one of its
     `sites`, y += (dropout(x) . A) . B * alpha / rank, with A = `lora_a` (*in, r) and B = `lora_b` (r, *out) in the
@@ -159,9 +161,12 @@ class Dense(nn.Module):
                                QUANT_DTYPES[self.quant])
             scale = self.param("scale", nn.with_logical_partitioning(_scale_init(fan_in, self.quant), saxes), sshape,
                                jnp.float32)
-            how = backend.backend_default(backend.target_platform(), "quant_matmul")
+            how = backend.backend_default(backend.target_platform(),
+                                          "quant_matmul" if self.quant == "int8" else "quant_matmul_int4")
             if self.quant == "int8" and how == "int8_dot":
                 y = self._int8_dot(x, codes, scale)
+            elif how == "int8_dot":
+                y = self._int4_int8_dot(x, codes, scale)
             elif self.quant == "int8":
                 y = self._dot(x, codes.astype(self.dtype)) * scale.astype(self.dtype)  # (..., *out) * (*out)
             else:
@@ -219,6 +224,34 @@ class Dense(nn.Module):
         acc = self._dot(xq.reshape(rows + pad, *in_shape), codes)  # (rows + pad, *out) int32
         xs = xs.reshape(rows + pad, *([1] * len(self.features)))
         y = acc.astype(jnp.float32) * xs * scale
+        return y[:rows].reshape(*lead, *self.features).astype(self.dtype)
+
+
+    def _int4_int8_dot(self, x: jax.Array, codes: jax.Array, scale: jax.Array) -> jax.Array:
+        """The "int8_dot" matmul of int4 codes: rows of x quantized per row to int8; one int8 x int8 -> int32 dot
+        batched over every input axis but the group's g (over (N, H/g) groups for an o projection), giving each
+        group's partial sums; those times the group scales, summed over the groups in fp32, times the row scale.
+        The codes' group axes lead in "in_out" (no operand copy); in "out_in" XLA moves them first (a copy)."""
+        lead, in_shape = x.shape[:-self.n_in], x.shape[-self.n_in:]
+        n_out, n_in = len(self.features), self.n_in
+        rows = int(np.prod(lead))
+        g = codes.shape[n_in] if self.kernel_layout == "in_out" else codes.shape[-1]
+        x2 = x.reshape(rows, int(np.prod(in_shape)))
+        pad = max(INT8_DOT_MIN_ROWS - rows, 0)
+        if pad:
+            x2 = jnp.pad(x2, ((0, pad), (0, 0)))
+        xq, xs = dynamic_int8(x2)
+        xq = xq.reshape(rows + pad, *in_shape[:-1], in_shape[-1] // g, g)  # (R, *in[:-1], G, g)
+        batch = tuple(range(1, n_in + 1))
+        if self.kernel_layout == "in_out":  # codes (*in[:-1], G, g, *out), scale (*in[:-1], G, *out)
+            dims = ((n_in + 1,), (n_in,)), (batch, tuple(range(n_in)))
+        else:  # codes (*out, *in[:-1], G, g), scale (*out, *in[:-1], G)
+            dims = ((n_in + 1,), (n_out + n_in,)), (batch, tuple(range(n_out, n_out + n_in)))
+            scale = jnp.moveaxis(scale, tuple(range(n_out)), tuple(range(n_in, n_in + n_out)))
+        acc = jax.lax.dot_general(xq, codes.astype(jnp.int8), dims, preferred_element_type=jnp.int32)
+        # acc (*in[:-1], G, R, *out) times scale (*in[:-1], G, 1, *out), summed over the groups
+        y = jnp.sum(acc.astype(jnp.float32) * jnp.expand_dims(scale, n_in), axis=tuple(range(n_in)))
+        y = y * xs.reshape(rows + pad, *([1] * n_out))
         return y[:rows].reshape(*lead, *self.features).astype(self.dtype)
 
 

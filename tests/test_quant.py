@@ -151,6 +151,7 @@ def _dense(features, axes, n_in, layout, quant, g=8):
 def dequant_matmul(monkeypatch):
     """Run the quantized Dense as "dequant" on CPU (the TPU/GPU form) for this test."""
     monkeypatch.setitem(backend.BACKEND_TUNING["cpu"], "quant_matmul", "dequant")
+    monkeypatch.setitem(backend.BACKEND_TUNING["cpu"], "quant_matmul_int4", "dequant")
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
@@ -202,6 +203,58 @@ def test_int8_dot_matmul(layout, shape, n_in, rows):
     w_io = w if layout == "in_out" else np.transpose(w, (*range(len(features), w.ndim), *range(len(features))))
     y_float = xf @ w_io.reshape(-1, int(np.prod(features)))
     assert np.abs(y.reshape(rows, -1) - y_float).max() <= 0.03 * np.abs(y_float).max()
+
+
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+@pytest.mark.parametrize("shape,n_in", CASES)
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int4_int8_dot_matmul(layout, shape, n_in, rows):
+    """The CPU form of int4 ("int8_dot", batched over groups): activation rows quantized per row to int8, each
+    group's integer partial sums times its scale, summed, times the row scale; checked against that math in NumPy
+    (float64 sums of the integer products, on the reference codes) and, loosely, against the float matmul."""
+    assert backend.backend_default("cpu", "quant_matmul_int4") == "int8_dot"
+    g = 4
+    features, in_shape = shape[n_in:], shape[:n_in]
+    axes = ("a", "b", "c")[: len(shape)]
+    w_io = np.random.default_rng(rows).normal(0, 0.02, size=shape).astype(np.float32)
+    w_io[..., 0] *= 10  # an outlier output channel
+    w_oi = np.transpose(w_io, (*range(n_in, len(shape)), *range(n_in)))
+    codes, scale = ref_quantize(w_io if layout == "in_out" else w_oi, "int4", n_in, layout, g)
+    c_can, s_can = ref_quantize(w_oi, "int4", n_in, "out_in", g)  # (*out, *in[:-1], G, g), (*out, *in[:-1], G)
+    n_o, n_a, n_g = int(np.prod(features)), int(np.prod(in_shape[:-1])), in_shape[-1] // g
+    x = np.random.default_rng(rows + 1).normal(size=(rows, *in_shape)).astype(np.float32)
+    x[0] = 0.0  # an all-zero row: scale 0, output = bias
+    qp = {"kernel": codes.astype(np.int8), "scale": scale, "bias": np.zeros(features, np.float32)}
+    y = np.asarray(jax.jit(lambda p, x: _dense(features, axes, n_in, layout, "int4", g).apply({"params": p}, x))(
+        qp, x)).reshape(rows, n_o)
+    xf = x.reshape(rows, -1).astype(np.float64)
+    xs = np.abs(xf).max(1, keepdims=True) / 127
+    xq = np.clip(np.rint(xf / np.where(xs == 0, 1, xs)), -127, 127).reshape(rows, n_a, n_g, g)
+    partial = np.einsum("ragi,oagi->roag", xq, c_can.reshape(n_o, n_a, n_g, g).astype(np.float64))
+    ref = (partial * s_can.reshape(1, n_o, n_a, n_g)).sum(axis=(2, 3)) * xs
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_array_equal(y[0], 0.0)
+    y_float = xf @ w_io.reshape(-1, n_o)
+    assert np.abs(y - y_float).max() <= 0.15 * np.abs(y_float).max()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_engine_kernel_layout_per_scheme(scheme):
+    """The Engine keeps int4 params in `engine_kernel_layout_int4` (CPU: "in_out", where the grouped int8 dot reads
+    the codes without a copy) and int8 ones in `engine_kernel_layout` ("out_in"), as BACKEND_TUNING says."""
+    from glm41v_jax.engine import Engine
+
+    cfg = Glm4vConfig.from_hf(R.hf_config_dict("a"), quantize=scheme, quant_group_size=16)
+    params = Q.quantize_params(jax.tree.map(np.asarray, M.init_params(cfg.with_runtime(quantize="none"),
+                                                                      jax.random.PRNGKey(0))), cfg)
+    eng = Engine(params, cfg)
+    key = "engine_kernel_layout_int4" if scheme == "int4" else "engine_kernel_layout"
+    assert eng.cfg.runtime.kernel_layout == backend.backend_default("cpu", key)
+    assert backend.backend_default("cpu", "engine_kernel_layout_int4") == "in_out"
+    assert backend.backend_default("cpu", "engine_kernel_layout") == "out_in"
+    q = traverse_util.flatten_dict(eng.params)
+    down = next(v for k, v in q.items() if k[-2:] == ("down_proj", "kernel") or k[-2:] == ("down", "kernel"))
+    assert down.dtype == jnp.int8  # int4 codes are held as int8 on CPU
 
 
 def _flat(tree):

@@ -170,10 +170,10 @@ def measured() -> dict:
         m = np.median((top[:, 1] - top[:, 0]) / lg.std(-1))
         print(f"\n{w}: float model's median top-1 margin {m:.3f} logit std", end="")
     n_ins = _n_in(cfg)
-    default = backend.BACKEND_TUNING["cpu"]["quant_matmul"]
+    default = {k: backend.BACKEND_TUNING["cpu"][k] for k in ("quant_matmul", "quant_matmul_int4")}
     figures = {}
     try:
-        backend.BACKEND_TUNING["cpu"]["quant_matmul"] = "dequant"  # read when the forward is traced
+        backend.BACKEND_TUNING["cpu"].update(quant_matmul="dequant", quant_matmul_int4="dequant")  # read at trace
         M._forward_fn.cache_clear()  # the form is a trace-time choice, not part of the config
         for scheme in ("int8", "int4"):
             qcfg = cfg.with_runtime(quantize=scheme, quant_group_size=GROUP, quant_skip=())
@@ -188,7 +188,7 @@ def measured() -> dict:
             print(f"\n{' '.join(key):27s} {_fmt(row)}", end="")
         print()
     finally:
-        backend.BACKEND_TUNING["cpu"]["quant_matmul"] = default
+        backend.BACKEND_TUNING["cpu"].update(default)
         M._forward_fn.cache_clear()
     return figures
 
