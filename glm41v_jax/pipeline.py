@@ -34,7 +34,9 @@ from .config import Glm4vConfig, RuntimeConfig
 from .engine import Engine
 from .errors import Glm41vError, one_line
 from .loading import load, resolve_model_dir
+from .lora import LoraError, base_identity, check_base, load_adapters, merge_adapters, read_adapter_config
 from .processing import Processor
+from .quant import is_quantized, scheme_of
 from .requests import GenerationError, collate, read_eos_ids
 from .sampling import SamplingParams, read_generation_config
 from .sharding import make_mesh
@@ -172,6 +174,17 @@ class Request:
         return msgs
 
 
+def _merge_adapter(params: Any, cfg: Glm4vConfig, adapter: str, model: str) -> Any:
+    """The LoRA adapter in `adapter` merged into the loaded float `params` (LoraError: another base, a quantized
+    base, a damaged adapter)."""
+    if is_quantized(params):
+        raise LoraError(f"adapter {adapter}: merging adapters into {scheme_of(params)} weights would requantize "
+                        "them; generate with the float weights (the float checkpoint, without --quantize)")
+    adapters, lcfg, meta = load_adapters(adapter, cfg)
+    check_base(meta, base_identity(params, cfg), adapter, model)
+    return merge_adapters(params, adapters, lcfg)
+
+
 def auto_mesh_spec(num_heads: int, n_devices: int) -> str | None:
     """The default generation mesh: tensor parallel over as many devices as divide the query heads (at most 8),
     FSDP over the rest. None on one device."""
@@ -197,7 +210,8 @@ class Pipeline:
     @classmethod
     def load(cls, model: str | os.PathLike | None = None, runtime: RuntimeConfig | None = None, *,
              mesh: Any = "auto", chunk_size: int = 16, max_context: int | None = None,
-             check_directory: Callable[[str], Any] | None = None, **overrides: Any) -> Pipeline:
+             check_directory: Callable[[str], Any] | None = None, adapter: str | os.PathLike | None = None,
+             **overrides: Any) -> Pipeline:
         """Load a checkpoint (HF dir, converted dir or hub id; None: the embedded tiny random checkpoint).
 
         runtime, overrides: how to run, as `loading.load` takes them (a `RuntimeConfig`, and its fields by name:
@@ -209,6 +223,10 @@ class Pipeline:
         "auto" (`auto_mesh_spec` over all devices) or None (one device).
         The config's limits and the side files (generation config, tokenizer, chat template, processor configs) are
         checked before the weights are read; `check_directory(directory)` runs then too, for the caller's checks.
+        adapter: a LoRA adapter directory (`glm41v train` with a lora: section writes one as output_dir/final),
+        checked against the model (`lora.check_base`: LoraError for another base) and merged into the float weights
+        at load (`lora.merge_adapters`: fp32, rounded once), so generation runs at the base model's speed with no
+        extra matmul; a quantized base is refused (its codes would be requantized).
         """
         random_weights = model is None
         directory = tiny.materialize_tiny_checkpoint() if random_weights else resolve_model_dir(model)
@@ -223,6 +241,8 @@ class Pipeline:
                 or not 1 <= max_context <= text_cfg.max_position_embeddings):
             raise GenerationError(f"max_context must be an integer in [1, {text_cfg.max_position_embeddings}] (the "
                                   f"model's max_position_embeddings), got {_show(max_context)}")
+        if adapter is not None:  # a bad adapter directory fails before the weights are read
+            read_adapter_config(os.fspath(adapter))
         read_generation_config(directory)
         processor = Processor.from_dir(directory)
         if check_directory is not None:
@@ -233,6 +253,8 @@ class Pipeline:
                 mesh = auto_mesh_spec(heads, jax.device_count())
             mesh = None if mesh is None else make_mesh(mesh)
         params, cfg = load(directory, runtime, mesh=mesh, **overrides)
+        if adapter is not None:
+            params = _merge_adapter(params, cfg, os.fspath(adapter), directory if model is None else os.fspath(model))
         engine = Engine(params, cfg, mesh=mesh, chunk_size=chunk_size, max_context=max_context)
         return cls(engine, processor, eos_ids=read_eos_ids(directory, cfg), directory=directory,
                    random_weights=random_weights)

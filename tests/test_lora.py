@@ -10,11 +10,17 @@ steps overfit, a quantized (int8) base trains (QLoRA), bad targets and ranks are
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as R
+import test_train_loop as TL
 import torch
 from test_train_step import FP32, SMALL_VOCAB, _batch_rows, hf_arrays, hf_loss, media_samples, our_batch, small_ids
 
@@ -30,6 +36,7 @@ from glm41v_train import step as S
 from glm41v_train.lora_step import LoraTrainStep
 
 peft = pytest.importorskip("peft", reason="peft is in the test extra")
+REPO = TL.REPO
 
 # Text decoder modules, vision block and merger modules: every kind of shape (fused gate_up (D, 2, F), q (D, N, H),
 # o_proj's two input axes, the vision qkv (Dv, 3, Nv, Hv)). "down_proj" matches the decoder's, the vision blocks'
@@ -271,3 +278,110 @@ def test_qlora_on_an_int8_base(small_base):
     tcfg = S.train_config(cfg, FP32)
     s, n = jax.jit(lambda p, b: L.loss_and_count(p, b, tcfg, chunk_size=16))(stack_layers(params), batch)
     np.testing.assert_allclose(losses[0], float(s) / float(n), rtol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runs: `glm41v train` with train/configs/cpu_lora.yaml (subprocesses sharing one compilation cache, as in
+# test_train_loop), kill -9 and resume, the adapter directory, `glm41v loss|generate --adapter`, refusals.
+
+LORA_YAML = os.path.join(REPO, "train", "configs", "cpu_lora.yaml")
+DATA = os.path.join(REPO, "train", "configs", "smoke_data", "train.jsonl")
+RUN_SET = ["--set", "steps=8", "--set", "save_every=2", "--set", "keep_last=3", "--set", "progress=false",
+           "--set", f"data.jsonl={DATA}", "--set", f"eval.jsonl={DATA}", "--set", "eval.every=8"]
+
+
+@pytest.fixture(scope="module")
+def lora_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("lora_jax_cache"))
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_cache_dir, lora_cache):
+    """An uninterrupted 8-step LoRA run of cpu_lora.yaml: (output_dir, argv)."""
+    out = str(tmp_path_factory.mktemp("lora") / "run")
+    argv = ["train", "--config", LORA_YAML, "--set", f"output_dir={out}", *RUN_SET]
+    p = TL._start(argv, out + ".log", TL._env(tiny_cache_dir, lora_cache))
+    assert TL._finish(p) == 0, TL._tail(out + ".log")
+    return out, argv
+
+
+def _du(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+@pytest.mark.slow
+def test_lora_run_writes_adapters_that_loss_and_generate_take(lora_run, run_cli, tmp_path):
+    out, _ = lora_run
+    m = TL._metrics(out)
+    assert [r["step"] for r in m] == list(range(1, 9)) and m[-1]["loss"] < 0.7 * m[0]["loss"], m
+    final = os.path.join(out, "final")
+    assert sorted(os.listdir(final)) == sorted([LO.ADAPTER_CONFIG, LO.ADAPTER_WEIGHTS, "training.json"])
+    with open(os.path.join(final, "training.json")) as f:
+        assert json.load(f) == {"step": 8, "status": "completed"}
+    meta, lora = LO.read_adapter_config(final)
+    assert (lora.rank, lora.alpha, meta["base"]["model"]) == (8, 16.0, tiny.materialize_tiny_checkpoint())
+    # checkpoints hold the adapters + optimizer + data state, not the 40 MB base
+    for step in TL._committed(out):
+        assert 0 < _du(os.path.join(out, "checkpoints", str(step))) < 2_000_000
+    # `glm41v loss --adapter` runs the adapters unmerged on the base: the run's own held-out loss at step 8
+    rc, stdout, err = run_cli("loss", "--model", "tiny", "--adapter", final, "--data", DATA, "--seq-len", "128",
+                              "--batch-size", "2", "--max-patches", "128", "--mesh", "none", "--json")
+    assert rc == 0, err
+    np.testing.assert_allclose(json.loads(stdout.splitlines()[-1])["loss"], m[-1]["eval_loss"], rtol=1e-5)
+    img = os.path.join(REPO, "train", "configs", "smoke_data", "images", "red_square.png")
+    gen = ["generate", "--prompt", "What color is this?", "--image", img, "--max-new-tokens", "3", "--greedy",
+           "--mesh", "none", "--json"]
+    rc, stdout, err = run_cli(*gen, "--adapter", final)
+    assert rc == 0, err
+    # an adapter of another base (its recorded weights identity changed): one error line, exit 2
+    other = str(tmp_path / "other")
+    shutil.copytree(final, other)
+    meta["base"]["norms_sha256"] = "0" * 64
+    with open(os.path.join(other, LO.ADAPTER_CONFIG), "w") as f:
+        json.dump(meta, f)
+    for argv in (gen + ["--adapter", other],
+                 ["loss", "--model", "tiny", "--adapter", other, "--data", DATA, "--seq-len", "128", "--mesh",
+                  "none"]):
+        rc, stdout, err = run_cli(*argv)
+        errors = [ln for ln in err.splitlines() if not ln.startswith("note: no --model given")]  # generate's note
+        assert rc == 2 and len(errors) == 1 and "trained on another base model" in errors[0], (argv[0], err)
+        assert "Traceback" not in err and not stdout.strip()
+    rc, _, err = run_cli(*gen, "--adapter", str(tmp_path / "missing"))
+    assert rc == 2 and "error: adapter" in err and "not a directory" in err, err
+
+
+@pytest.mark.parametrize("override,why", [
+    ("lora.targets=[nothing_proj]", "'nothing_proj' matches no linear layer"),
+    ("lora.rank=0", "lora.rank: must be a positive integer"),
+    ("lora.rank=-3", "lora.rank: expected an integer in [0,"),
+    ("lora.alpha=abc", "lora.alpha: expected a number"),
+])
+def test_bad_lora_section_is_one_error_and_writes_nothing(override, why, run_cli, tmp_path):
+    out = str(tmp_path / "run")
+    rc, stdout, err = run_cli("train", "--config", LORA_YAML, "--set", f"output_dir={out}", "--set", override)
+    assert rc == 2 and err.count("\n") == 1 and why in err and "Traceback" not in err, err
+    assert not os.path.exists(out)
+
+
+@pytest.mark.slow
+def test_lora_kill9_after_checkpoint_then_resume_is_identical(lora_run, tmp_path, tiny_cache_dir, lora_cache):
+    ref_out, argv = lora_run
+    ref = TL._losses(ref_out)
+    out = str(tmp_path / "run")
+    argv = [a.replace(ref_out, out) for a in argv]
+    env = TL._env(tiny_cache_dir, lora_cache)
+    p = TL._start(argv, out + ".1.log", env)
+    TL._wait_for(lambda: 2 in TL._committed(out) and TL._last_step(out) >= 3, p, "checkpoint 2 and step 3")
+    p.send_signal(signal.SIGKILL)
+    assert TL._finish(p) == -signal.SIGKILL
+    restored = TL._committed(out)[-1]
+    assert restored < 8 and TL._last_step(out) < 8
+    p = TL._start(argv, out + ".2.log", env)
+    assert TL._finish(p) == 0, TL._tail(out + ".2.log")
+    assert f"resumed from {out}/checkpoints/{restored} at step {restored}" in TL._tail(out + ".2.log", 100000)
+    got = TL._losses(out)
+    assert sorted(got) == list(range(1, 9))
+    assert got == ref  # bit for bit: adapters, optimizer state and data order all resumed exactly
+    cfg = Glm4vConfig.from_hf(tiny.tiny_hf_config())
+    a, b = (LO.load_adapters(os.path.join(d, "final"), cfg)[0] for d in (out, ref_out))
+    jax.tree.map(np.testing.assert_array_equal, a, b)

@@ -3,8 +3,8 @@
     glm41v train --config train.yaml [--set key.sub=value ...] [key.sub=value ...]
                  [--coordinator HOST:PORT --num-processes N --process-id I] [--distributed auto|on|off]
                  [--print-config]
-    glm41v loss --model M --data D.jsonl [--data more.jsonl] [--seq-len N] [--batch-size B] [--max-patches P]
-                [--no-packing] [--no-loss-on-thinking] [--on-error skip|raise] [--mesh SPEC|none]
+    glm41v loss --model M [--adapter DIR] --data D.jsonl [--data more.jsonl] [--seq-len N] [--batch-size B]
+                [--max-patches P] [--no-packing] [--no-loss-on-thinking] [--on-error skip|raise] [--mesh SPEC|none]
                 [--dtype float32|bfloat16] [--json]
 
 `glm41v loss` reads every record of the file(s) once, in file order (no shuffle, no repeat), under the training
@@ -107,6 +107,9 @@ def register_loss(subparsers: Any) -> argparse.ArgumentParser:
         description="Token-weighted mean loss of a model over every record of SFT JSONL file(s), once each.")
     p.add_argument("--model", required=True, help="HF checkpoint dir, converted dir (e.g. a training run's final/), "
                                                   "hub id, or 'tiny'")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter directory (a LoRA run's final/) on top of --model (float or quantized: the "
+                        "adapters run unmerged, as in training); an adapter of another base is refused")
     p.add_argument("--data", action="append", required=True, metavar="JSONL", help="SFT JSONL file (repeatable)")
     p.add_argument("--seq-len", type=int, default=4096, help="tokens per row; longer samples are truncated at a "
                                                              "whole turn or skipped, as in training (default 4096)")
@@ -153,8 +156,12 @@ def _loss(args: argparse.Namespace) -> int:
     else:
         mesh = make_mesh(args.mesh)
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-    ts = TrainStep(cfg, OptimConfig(), mesh, StepConfig(compute_dtype=dtype, remat_policy="none"))
-    params = load_params(model_dir, ts)
+    sc = StepConfig(compute_dtype=dtype, remat_policy="none")
+    if args.adapter is None:
+        ts = TrainStep(cfg, OptimConfig(), mesh, sc)
+        params = load_params(model_dir, ts)
+    else:
+        params, ts = _adapter_step(args.adapter, model_dir, args.model, cfg, mesh, sc)
     it = make_iterator(dcfg, model_dir, 0, 1, cfg)
     total, count, batches = LossEvaluator(ts, max_patches).run(params, it)
     stats = dict(it.stats)
@@ -172,6 +179,23 @@ def _loss(args: argparse.Namespace) -> int:
         print(f"loss {out['loss']:.6f} over {out['tokens']} label tokens in {samples} samples "
               f"({out['skipped']} skipped, {batches} batches)")
     return 0
+
+
+def _adapter_step(adapter: str, model_dir: str, model: str, cfg: Glm4vConfig, mesh: Any, sc: StepConfig
+                  ) -> tuple[Any, TrainStep]:
+    """(the adapters placed, the LoRA step holding the base) for `glm41v loss --adapter`; LoraError for an adapter
+    of another base."""
+    from glm41v_jax.lora import check_base, load_adapters, read_adapter_config
+    from glm41v_jax.quant_checkpoint import checkpoint_quantization
+
+    from .lora_step import LoraTrainStep
+
+    _, lora = read_adapter_config(adapter)  # a bad adapter directory fails before the weights are read
+    ts = LoraTrainStep(cfg, OptimConfig(), mesh, sc, lora, checkpoint_quantization(model_dir))
+    adapters, _, meta = load_adapters(adapter, ts.cfg)
+    ts.load_base(model_dir)
+    check_base(meta, ts.identity(), adapter, model)
+    return ts.place_params(adapters), ts
 
 
 def run_loss(args: argparse.Namespace) -> int:

@@ -102,6 +102,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="HF checkpoint directory, converted directory or hub id (default: the embedded tiny "
                         "checkpoint with RANDOM weights)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter directory (a LoRA training run's final/) for --model, merged into its float "
+                        "weights at load; an adapter trained on another base is refused")
     p.add_argument("--verify", action="store_true",
                    help="before loading a converted directory, check every array against the checksums recorded at "
                         "conversion (one extra read of the weights; see `glm41v verify`)")
@@ -226,6 +229,7 @@ def load_pipeline(args: argparse.Namespace) -> tuple[Pipeline, float, SamplingPa
                          chunk_size=args.chunk_size, max_context=getattr(args, "max_context", None),
                          check_directory=lambda d: sampling.update(params=sampling_from(args, d)),
                          verify=bool(getattr(args, "verify", False)),  # passed on to loading.load
+                         adapter=getattr(args, "adapter", None),
                          **quant_kwargs(args))
     return pipe, time.perf_counter() - t0, sampling["params"]
 
