@@ -355,10 +355,13 @@ def test_lora_run_writes_adapters_that_loss_and_generate_take(lora_run, run_cli,
     ("lora.rank=0", "lora.rank: must be a positive integer"),
     ("lora.rank=-3", "lora.rank: expected an integer in [0,"),
     ("lora.alpha=abc", "lora.alpha: expected a number"),
+    ("lora=null", None),  # with quantize=int8 below: full-weight training on a quantized base
 ])
 def test_bad_lora_section_is_one_error_and_writes_nothing(override, why, run_cli, tmp_path):
     out = str(tmp_path / "run")
-    rc, stdout, err = run_cli("train", "--config", LORA_YAML, "--set", f"output_dir={out}", "--set", override)
+    more = ["--set", "quantize=int8"] if why is None else []
+    why = why or "quantize: a quantized base trains adapters only: add a lora: section"
+    rc, stdout, err = run_cli("train", "--config", LORA_YAML, "--set", f"output_dir={out}", "--set", override, *more)
     assert rc == 2 and err.count("\n") == 1 and why in err and "Traceback" not in err, err
     assert not os.path.exists(out)
 
@@ -385,3 +388,26 @@ def test_lora_kill9_after_checkpoint_then_resume_is_identical(lora_run, tmp_path
     cfg = Glm4vConfig.from_hf(tiny.tiny_hf_config())
     a, b = (LO.load_adapters(os.path.join(d, "final"), cfg)[0] for d in (out, ref_out))
     jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_qlora_base_quantized_at_load(tiny_cache_dir, monkeypatch):
+    """`quantize: int8` in a LoRA run: make_train_step reads a float checkpoint into int8 codes + fp32 scales (the
+    decoder and lm_head; vision in float), the same codes as quantizing the loaded float weights."""
+    from glm41v_jax import quant
+    from glm41v_jax.loading import load
+    from glm41v_train.lora_step import make_train_step
+
+    monkeypatch.setenv("GLM41V_CACHE", tiny_cache_dir)
+    model_dir = tiny.materialize_tiny_checkpoint()
+    cfg = Glm4vConfig.from_file(os.path.join(model_dir, "config.json"))
+    ts = make_train_step(cfg, O.OptimConfig(), None, FP32, LoraConfig(rank=2, targets=("q_proj",)), model_dir,
+                         {"quantize": "int8"})
+    assert isinstance(ts, LoraTrainStep) and ts.cfg.runtime.quantize == "int8"
+    ts.load_base(model_dir)
+    q = ts.base["language_model"]["layers"]["self_attn"]["q_proj"]
+    assert q["kernel"].dtype == jnp.int8 and q["scale"].dtype == jnp.float32
+    assert ts.base["visual"]["blocks"]["attn"]["qkv"]["kernel"].dtype == jnp.float32
+    params, _ = load(model_dir, as_numpy=True)
+    want = quant.quantize_array(params["language_model"]["layers_1"]["self_attn"]["q_proj"]["kernel"], "int8")
+    np.testing.assert_array_equal(np.asarray(q["kernel"][1]), want[0])
+    np.testing.assert_array_equal(np.asarray(q["scale"][1]), want[1])

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from glm41v_jax.config import ConfigError, LoraConfig
+from glm41v_jax.config import QUANT_SCHEMES, QUANT_SKIPPABLE, ConfigError, LoraConfig
 from glm41v_jax.errors import one_line
 
 from .optim import OptimConfig
@@ -78,6 +78,11 @@ class TrainConfig:
     # LoRA (train/lora_step.py): train adapters on the frozen base (float, or a quantized converted directory:
     # QLoRA) instead of the weights; the checkpoints hold the adapters and final/ is the adapter directory
     lora: LoraConfig | None = None
+    # LoRA only: quantize a float base at load, tensor by tensor ("int8" | "int4": QLoRA without a converted int8
+    # directory; a quantized converted directory needs none of these), as `glm41v generate --quantize` does
+    quantize: str = "none"
+    quant_group_size: int = 128  # int4: input channels per scale
+    quant_skip: tuple[str, ...] = ("vision",)  # parts left in float: lm_head, vision
     mesh: str | None = None  # "data=D,fsdp=F,tensor=T" (one axis may be -1); None: all devices on fsdp
     seed: int = 0  # the loop's PRNG key (saved and restored with each checkpoint)
     log_every: int = 10  # steps between metric fetches (every step still gets a metrics.jsonl line)
@@ -102,8 +107,24 @@ class TrainConfig:
             raise ValueError(f"resume must be one of {', '.join(RESUME)}, got {self.resume!r}")
         if self.resume_step is not None and self.resume_step < 0:
             raise ValueError(f"resume_step must be >= 0, got {self.resume_step}")
+        if self.quantize not in QUANT_SCHEMES:
+            raise ValueError(f"quantize must be one of {', '.join(QUANT_SCHEMES)}, got {self.quantize!r}")
+        if self.quantize != "none" and self.lora is None:
+            raise ValueError("quantize: a quantized base trains adapters only: add a lora: section (full-weight "
+                             "training needs float weights)")
+        if self.quant_group_size < 1:
+            raise ValueError(f"quant_group_size must be a positive integer, got {self.quant_group_size}")
+        bad = [p for p in self.quant_skip if p not in QUANT_SKIPPABLE]
+        if bad:
+            raise ValueError(f"quant_skip: unknown part(s) {bad}; expected any of {', '.join(QUANT_SKIPPABLE)}")
         if self.final_dtype not in FINAL_DTYPES:
             raise ValueError(f"final_dtype must be one of {', '.join(FINAL_DTYPES)}, got {self.final_dtype!r}")
+
+    def quant_request(self) -> dict[str, Any]:
+        """The `RuntimeConfig` fields that quantize the base at load ({} for none)."""
+        if self.quantize == "none":
+            return {}
+        return {"quantize": self.quantize, "quant_group_size": self.quant_group_size, "quant_skip": self.quant_skip}
 
     @property
     def checkpoint_dir(self) -> str:

@@ -26,7 +26,7 @@ import copy
 import dataclasses
 import functools
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -38,11 +38,12 @@ from glm41v_jax import lora as LO
 from glm41v_jax.config import Glm4vConfig, LoraConfig
 from glm41v_jax.loading import load
 from glm41v_jax.model import abstract_params
-from glm41v_jax.quant_checkpoint import checkpoint_quantization
+from glm41v_jax.quant_checkpoint import QuantizedCheckpointError, checkpoint_quantization
 from glm41v_jax.sharding import make_mesh, param_shardings, unbox, under_mesh
+from glm41v_jax.weights import key_names
 
 from .loss import label_count, loss_and_count
-from .optim import OptimConfig, global_norm, lr_schedule, make_optimizer, opt_state_shardings
+from .optim import GROUPS, OptimConfig, global_norm, group_of, lr_schedule, make_optimizer, opt_state_shardings
 from .params import place_unrolled
 from .step import StepConfig, TrainStep, _schedule_count, apply_updates, train_config
 
@@ -105,10 +106,12 @@ class LoraTrainStep(TrainStep):
     """`TrainStep` over the adapters of `lora`, with the base model held in `self.base` (module docstring).
 
     `quant`: the base's quantization (`RuntimeConfig` fields: quantize, quant_group_size, quant_skip), as
-    `quant_checkpoint.checkpoint_quantization(model_dir)` reads it; {} for a float base."""
+    `quant_checkpoint.checkpoint_quantization(model_dir)` reads it; {} for a float base. `quantize_at_load`: the base
+    is a float checkpoint that `load_base` quantizes to `quant` (QLoRA from a float checkpoint)."""
 
     def __init__(self, cfg: Glm4vConfig, oc: OptimConfig, mesh: Mesh | None = None, sc: StepConfig | None = None,
-                 lora: LoraConfig | None = None, quant: Mapping[str, Any] | None = None):
+                 lora: LoraConfig | None = None, quant: Mapping[str, Any] | None = None,
+                 quantize_at_load: bool = False):
         if lora is None:
             raise ValueError("LoraTrainStep needs a LoraConfig")
         self.sc = sc or StepConfig()
@@ -130,16 +133,23 @@ class LoraTrainStep(TrainStep):
         self._grads: dict[Any, Any] = {}
         self._losses: dict[Any, Any] = {}
         self.base: Any = None
+        self._load_quant = dict(quant or {}) if quantize_at_load else {}
 
-    @property
-    def flop_params(self) -> Any:
-        return self.base_abstract
+    def flop_counter(self, freeze: Sequence[str] = ()) -> Any:
+        """Model FLOPs of a LoRA step: the base's matmuls forward, and backward (input gradients only, no weight
+        gradients) from the first group that carries adapters on; the adapters' own matmuls are not counted."""
+        from .metrics import FlopCounter
+
+        paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(self.abstract_params)[0]]
+        with_adapters = {group_of(key_names(p)) for p in paths}
+        frozen = tuple(g for g in GROUPS if g in freeze or g not in with_adapters)
+        return FlopCounter(self.cfg, self.base_abstract, frozen, weight_grads=False)
 
     # -- the base and the adapters --------------------------------------------------------------------------------
 
     def load_base(self, model_dir: str) -> None:
         """The base model's weights from `model_dir` (read on every host as NumPy, each device's shard placed)."""
-        params, _ = load(model_dir, as_numpy=True)
+        params, _ = load(model_dir, as_numpy=True, **self._load_quant)
         self.set_base(params)
 
     def set_base(self, params: Any) -> None:
@@ -229,12 +239,17 @@ class LoraTrainStep(TrainStep):
 
 
 def make_train_step(cfg: Glm4vConfig, oc: OptimConfig, mesh: Mesh | None, sc: StepConfig,
-                    lora: LoraConfig | None = None, model_dir: str | None = None) -> TrainStep:
-    """The full-weight `TrainStep`, or with `lora` the `LoraTrainStep` (its base's quantization read from
-    `model_dir`)."""
+                    lora: LoraConfig | None = None, model_dir: str | None = None,
+                    quantize: Mapping[str, Any] | None = None) -> TrainStep:
+    """The full-weight `TrainStep`, or with `lora` the `LoraTrainStep`: its base's quantization read from
+    `model_dir`, or `quantize` (`TrainConfig.quant_request()`) to quantize a float base at load."""
     if lora is None:
         return TrainStep(cfg, oc, mesh, sc)
-    return LoraTrainStep(cfg, oc, mesh, sc, lora, checkpoint_quantization(model_dir) if model_dir else {})
+    stored = checkpoint_quantization(model_dir) if model_dir else {}
+    if stored and quantize:
+        raise QuantizedCheckpointError(f"{model_dir}: is already quantized ({stored['quantize']}); drop quantize "
+                                       "from the training config")
+    return LoraTrainStep(cfg, oc, mesh, sc, lora, stored or quantize, quantize_at_load=bool(quantize))
 
 
 __all__ = ["LoraTrainStep", "compute_lora_grads", "lora_train_step", "make_train_step"]

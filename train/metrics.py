@@ -71,7 +71,11 @@ def device_peak_tflops(device_kind: str) -> tuple[str, float] | None:
 class FlopCounter:
     """Model FLOPs of a training step from host-side batch statistics (module docstring)."""
 
-    def __init__(self, cfg: Any, abstract_params: Any, freeze: Sequence[str] = ()) -> None:
+    def __init__(self, cfg: Any, abstract_params: Any, freeze: Sequence[str] = (), weight_grads: bool = True
+                 ) -> None:
+        """`freeze`: the groups with nothing to train; `weight_grads=False` (LoRA: the base's weights get no
+        gradient, the adapters' matmuls are negligible) counts a trained group's backward as the input gradients
+        only (forward + 1x instead of + 2x)."""
         n = {"vision": 0, "projector": 0, "decoder": 0}
         for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
             names = key_names(path)
@@ -87,7 +91,7 @@ class FlopCounter:
         upstream = False
         self.mult = {}
         for g in ("vision", "projector", "decoder"):
-            self.mult[g] = 1 + (train[g] or upstream) + train[g]
+            self.mult[g] = 1 + (train[g] or upstream) + (train[g] and weight_grads)
             upstream = upstream or train[g]
 
     @staticmethod

@@ -352,10 +352,11 @@ class TrainStep:
         batch = dict(batch)
         return self.jitted(batch)(params, opt_state, batch)
 
-    @property
-    def flop_params(self) -> Any:
-        """The model's parameters whose matmuls a step runs (metrics.FlopCounter): all of them."""
-        return self.abstract_params
+    def flop_counter(self, freeze: Sequence[str] = ()) -> Any:
+        """The `metrics.FlopCounter` of this step's model FLOPs (`freeze`: optim.freeze)."""
+        from .metrics import FlopCounter
+
+        return FlopCounter(self.cfg, self.abstract_params, freeze)
 
     def loss_fn(self, batch: Mapping[str, Any]) -> Any:
         """(params, batch) -> (sum of token losses, label tokens), jitted for this batch's shapes (the evaluator's

@@ -196,9 +196,10 @@ class Trainer:
         self.model_dir = resolve_model_dir(cfg.model)
         self.model_cfg = Glm4vConfig.from_file(os.path.join(self.model_dir, "config.json"))
         check_geometry(cfg, self.mesh, self.model_cfg)
-        self.ts = make_train_step(self.model_cfg, cfg.optim, self.mesh, cfg.step, cfg.lora, self.model_dir)
+        self.ts = make_train_step(self.model_cfg, cfg.optim, self.mesh, cfg.step, cfg.lora, self.model_dir,
+                                  cfg.quant_request())
         self.lead = 1 if cfg.step.accum_steps > 1 else 0  # the micro-batch axis of a stacked host batch
-        self.flops = FlopCounter(self.ts.cfg, self.ts.flop_params, cfg.optim.freeze)
+        self.flops = self.ts.flop_counter(cfg.optim.freeze)
         self.peak = device_peak_tflops(jax.devices()[0].device_kind)
 
     def _init_state(self, restore: int | None) -> str:
