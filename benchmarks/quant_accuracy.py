@@ -195,7 +195,7 @@ def main() -> None:
     print(f"\nmachine: {os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()}), fp32 activations, "
           f"matmul {args.matmul!r}, int4 group {args.group}, outliers: {args.outlier_frac:.1%} of input channels "
           f"x{args.outlier_scale:g}; scored positions {info['scored']} (total {sum(info['scored'].values())}); "
-          f"float model's median top-1 margin / logit std {info['margin']}")
+          f"float model's median top-1 margin / logit std { {k: round(v, 3) for k, v in info['margin'].items()} }")
     print(f"float (bf16) bytes: small {info['float_small'] / 1e9:.3f} GB, 9B {info['float_9b'] / 1e9:.2f} GB")
     print_table([("scheme", "{scheme}"), ("quant_skip", "{skip}"), ("agree text", "{agree_text:.1f}%"),
                  ("image", "{agree_image:.1f}%"), ("video", "{agree_video:.1f}%"), ("agree all", "{agree:.1f}%"),
