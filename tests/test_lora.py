@@ -411,3 +411,25 @@ def test_qlora_base_quantized_at_load(tiny_cache_dir, monkeypatch):
     want = quant.quantize_array(params["language_model"]["layers_1"]["self_attn"]["q_proj"]["kernel"], "int8")
     np.testing.assert_array_equal(np.asarray(q["kernel"][1]), want[0])
     np.testing.assert_array_equal(np.asarray(q["scale"][1]), want[1])
+
+
+def test_dropout_only_with_a_dropout_rng(small_base):
+    """Adapter dropout (on A's input) runs when the apply gets a "dropout" rng (training), is the same for the same
+    key, and is off without one (evaluation, generation)."""
+    cfg, params = small_base
+    lcfg = LO.with_lora(cfg, LoraConfig(rank=4, alpha=8, targets=("q_proj", "attn.qkv"), dropout=0.5))
+    adapters = LO.init_adapters(lcfg, jax.random.PRNGKey(3))
+    adapters = jax.tree_util.tree_map_with_path(  # B nonzero, so the adapters' input matters
+        lambda p, x: jnp.full_like(x, 0.1) if str(p[-1].key) == "lora_b" else x, adapters)
+    rng = np.random.default_rng(5)
+    p = R.build_prompt(rng, images=[(1, 4, 4)], patch_dim=cfg.vision.patch_dim)
+    p["input_ids"] = small_ids(p["input_ids"])
+    inp = prepare_inputs(cfg, **p).as_kwargs()
+    model, v = Glm4v(lcfg), {"params": params, "lora": adapters}
+    plain = np.asarray(model.apply(v, **inp))
+    np.testing.assert_array_equal(np.asarray(model.apply(v, **inp)), plain)
+    k = jax.random.PRNGKey(7)
+    d1, d2 = (np.asarray(model.apply(v, rngs={"dropout": k}, **inp)) for _ in range(2))
+    d3 = np.asarray(model.apply(v, rngs={"dropout": jax.random.PRNGKey(8)}, **inp))
+    np.testing.assert_array_equal(d1, d2)
+    assert np.abs(d1 - plain).max() > 1e-3 and np.abs(d1 - d3).max() > 1e-3
