@@ -14,6 +14,11 @@ signs (same magnitudes per weight, random directions). The quantized model match
 what the step sizes imply (no systematic error from the quantizer); whether that loss meets the issue's bars is then a
 property of the weights (outliers set the int8 channel scales and the int4 group scales) and of how decided the model
 is (these random weights: median top-1 margin 0.22 logit std, so small logit noise flips the top-1).
+
+Issue 13's bars (int8: agreement >= 99% and KL <= 1e-3; int4: agreement >= 95%) are NOT met on these weights
+(measured 2026-12-01: int8 84.9% / 1.24e-3 with outliers, 96.7% / 3.7e-5 plain; int4 8.3% and 52.5%). They are not
+asserted here (a test that is expected to fail proves nothing); the figures and the analysis are in BENCHMARKS.md,
+"Weight-only quantization: accuracy", and the issue stays open for them.
 """
 
 from __future__ import annotations
@@ -210,22 +215,3 @@ def test_int8_kl_without_outliers(measured):
     """The issue's int8 KL bar (<= 1e-3) on N(0, 0.02) weights without outlier channels, every prompt."""
     row = measured[("plain", "int8", "quant")]
     assert max(row[k][1] for k in ("text", "image", "video")) <= 1e-3, _fmt(row)
-
-
-MISSED = ("issue 13's bars are missed on random weights (measured 2026-12-01, 816 positions, group 64, 'dequant'): "
-          "int8 outliers 84.9% / KL 1.24e-3, plain 96.7% / KL 3.7e-5; int4 outliers 8.3%, plain 52.5%. The quantized "
-          "model loses what a sign-randomized copy of its error loses (test above): the outlier rows set the int8 "
-          "channel scales (4.7x the mean step) and the int4 group scales (the rest of a group rounds to 0), and "
-          "the random float model is undecided (median top-1 margin 0.22 logit std)")
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=MISSED)
-@pytest.mark.parametrize("weights", ["outliers", "plain"])
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_issue_bars(measured, weights, scheme):
-    """int8: agreement >= 99% and KL <= 1e-3; int4: agreement >= 95% (issue 13), over all scored positions."""
-    row = measured[(weights, scheme, "quant")]
-    assert row["all"][0] >= (99.0 if scheme == "int8" else 95.0), _fmt(row)
-    if scheme == "int8":
-        assert row["all"][1] <= 1e-3, _fmt(row)
