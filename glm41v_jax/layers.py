@@ -98,6 +98,9 @@ def _lora_a_init(fan_in: int):
 
 
 INT8_DOT_MIN_ROWS = 4  # quant_matmul "int8_dot": fewer rows are zero-padded to this many (XLA:CPU's int8 GEMV is slow)
+# quant_matmul_int4 "int8_dot" runs up to this many rows (decode); more (prefill, vision) run "dequant": the grouped
+# dot's per-group partial sums cost more than the dequantized kernel there (benchmarks/quant_matmul.py, 320 rows).
+INT4_INT8_DOT_MAX_ROWS = 16
 
 
 class Dense(nn.Module):
@@ -119,7 +122,8 @@ class Dense(nn.Module):
     group scales, then the float dot. "int8_dot" (XLA:CPU, where the dequantized kernel is materialised and read at
     fp32 width): the activation rows quantized to int8 on the fly (per-row scale), an int8 x int8 -> int32 dot,
     times both scales; for int4 codes (values in [-7, 7], held as int8 on CPU) the dot is batched over the groups
-    (one int32 partial sum per group, row and output), each times its group's scale, summed over groups in fp32.
+    (one int32 partial sum per group, row and output), each times its group's scale, summed over groups in fp32,
+    up to `INT4_INT8_DOT_MAX_ROWS` rows ("dequant" above).
 
     `lora` (a resolved `config.LoraConfig`, glm41v_jax/lora.py): when this layer's `lora_site` is one of its
     `sites`, y += (dropout(x) . A) . B * alpha / rank, with A = `lora_a` (*in, r) and B = `lora_b` (r, *out) in the
@@ -165,7 +169,7 @@ class Dense(nn.Module):
                                           "quant_matmul" if self.quant == "int8" else "quant_matmul_int4")
             if self.quant == "int8" and how == "int8_dot":
                 y = self._int8_dot(x, codes, scale)
-            elif how == "int8_dot":
+            elif how == "int8_dot" and int(np.prod(x.shape[:-self.n_in])) <= INT4_INT8_DOT_MAX_ROWS:
                 y = self._int4_int8_dot(x, codes, scale)
             elif self.quant == "int8":
                 y = self._dot(x, codes.astype(self.dtype)) * scale.astype(self.dtype)  # (..., *out) * (*out)

@@ -238,6 +238,24 @@ def test_int4_int8_dot_matmul(layout, shape, n_in, rows):
     assert np.abs(y - y_float).max() <= 0.15 * np.abs(y_float).max()
 
 
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+def test_int4_many_rows_run_dequant(layout):
+    """Above INT4_INT8_DOT_MAX_ROWS rows (prefill) the CPU's int4 Dense is the float Dense over the dequantized
+    kernel (float activations: fp32 tolerance), not the grouped int8 dot."""
+    features, in_shape = (2, 6), (32,)
+    rows = layers.INT4_INT8_DOT_MAX_ROWS + 1
+    kshape = (*in_shape, *features) if layout == "in_out" else (*features, *in_shape)
+    w = np.random.default_rng(0).normal(0, 0.02, size=kshape).astype(np.float32)
+    codes, scale = ref_quantize(w, "int4", 1, layout, 8)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(rows, *in_shape)).astype(np.float32))
+    bias = np.zeros(features, np.float32)
+    y_q = _dense(features, ("a", "b", "c"), 1, layout, "int4").apply(
+        {"params": {"kernel": codes.astype(np.int8), "scale": scale, "bias": bias}}, x)
+    y_f = _dense(features, ("a", "b", "c"), 1, layout, "none").apply(
+        {"params": {"kernel": ref_dequantize(codes, scale, "int4", 1, layout), "bias": bias}}, x)
+    np.testing.assert_allclose(np.asarray(y_q), np.asarray(y_f), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_engine_kernel_layout_per_scheme(scheme):
     """The Engine keeps int4 params in `engine_kernel_layout_int4` (CPU: "in_out", where the grouped int8 dot reads
