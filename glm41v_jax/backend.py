@@ -13,8 +13,10 @@ design choices".
   `cache_layout`, the KV cache's device layout in the Engine's programs: "compiler" (TPU) lets the compiler choose
   it for the decode loop (`jax.experimental.layout.Layout.AUTO`) and makes the prefill and insert programs write
   that layout, "default" (CPU, GPU) keeps row-major. On a v5e-8 at batch 8 the TPU compiler's decode loop wants
-  (K, S, B, H)-major, so with row-major arguments every chunk copied each layer's cache in and out (BENCHMARKS.md,
-  "TPU decode efficiency"); XLA:CPU takes only default layouts, and GPU is not measured yet. `quant_matmul`: how a
+  (S, K, B, H)-major, so with row-major arguments every chunk copied each layer's cache in and out (BENCHMARKS.md,
+  "TPU plans"); only from `AUTO_CACHE_MIN_ROWS` (8) cache rows per device: at 1 row the compiler gains nothing and
+  re-lays out weights per chunk instead (`engine.Engine._auto_cache_layout` has the figures). XLA:CPU takes only
+  default layouts, and GPU is not measured yet. `quant_matmul`: how a
   weight-only int8 `layers.Dense` multiplies ("int8_dot" on CPU, "dequant" on TPU and GPU; the table's comment),
   `quant_matmul_int4` the same for int4, and `engine_kernel_layout_int4` the Engine's layout for an int4 model.
 * XLA:CPU special cases (no other module tests the platform for speed):
@@ -108,12 +110,16 @@ def target_platform() -> str:
 #   tpu/gpu "dequant": the activations stay in the compute dtype; the TPU compiler fuses the convert into the dot
 #       (no temporaries for a 4096 x 13696 int8 or int4 kernel on a v5e-1) and reads int4 packed two to a byte.
 # quant_matmul_int4: the same for int4 Dense layers. cpu "int8_dot": the int4 codes (held as int8 on CPU) in an
-#   int8 x int8 -> int32 dot batched over the groups, the partial sums times the group scales (layers.Dense);
-#   "dequant" materialised codes * scales in fp32 and ran at 0.12-0.5x the fp32 matmul at 1-4 rows. It cannot
-#   beat int8 on CPU: a code is a byte there too (XLA:CPU has no packed int4), and the group sums add work.
+#   int8 x int8 -> int32 dot batched over the groups, the partial sums times the group scales (layers.Dense), up to
+#   layers.INT4_INT8_DOT_MAX_ROWS rows: in "in_out" 0.7-1.1x the fp32 matmul at 1 row and 1.0-3.2x at 4 (small
+#   MLP and lm_head shapes, best of 7 and median of 5 on a loaded 2-core VM, 2026-12-01), where "dequant"
+#   (materialised codes * scales in fp32) ran at 0.2-0.5x; at 320 rows (prefill) the grouped dot ran at 0.5x and
+#   "dequant" at 0.85-0.9x, so more rows run "dequant". It cannot beat int8 on CPU: a code is a byte there too
+#   (XLA:CPU has no packed int4) and the group sums add work (0.5-1x the int8 form's speed).
 #   tpu/gpu "dequant", as int8.
 # engine_kernel_layout_int4: the Engine's layout for an int4 model. cpu "in_out": the grouped dot's batch (group)
 #   axes lead the codes, so YNNPACK reads them in place; in "out_in" XLA copies every kernel into that order first.
+AUTO_CACHE_MIN_ROWS = 8  # cache_layout "compiler": from this many KV-cache rows per device (module docstring)
 BACKEND_TUNING: dict[str, dict[str, str]] = {
     "cpu": {"engine_kernel_layout": "out_in", "dtype": "float32", "cache_layout": "default",
             "quant_matmul": "int8_dot", "quant_matmul_int4": "int8_dot", "engine_kernel_layout_int4": "in_out"},

@@ -17,7 +17,8 @@ Schemes (`RuntimeConfig.quantize`; the layer side is `layers.Dense(quant=...)`):
     4096 x 13696 bf16 Dense: arguments 107.0 MiB bf16, 53.6 int8, 28.4 int4 with its scales; no temporaries).
     XLA:CPU stores `int4` one per byte (no memory saving on the host, where memory is not the limit); a
     hand-packed uint8 with shift/mask unpacking would halve the host bytes but put the unpacking in front of every
-    dot on every backend. On CPU int4 is slow (benchmarks/quant_matmul.py: 0.15-0.37x the fp32 matmul).
+    dot on every backend. The Engine holds int4 codes as int8 on CPU and multiplies them by a grouped int8 dot
+    (`backend.BACKEND_TUNING` "quant_matmul_int4"): about the fp32 matmul's speed at 1 row, below int8's.
 
 Kernel layouts: both "in_out" and "out_in" (layers.Dense): the codes and scales put their axes in the float
 kernel's order, so `model.to_kernel_layout` moves quantized trees as it moves float ones.
