@@ -111,7 +111,7 @@ def target_platform() -> str:
 #       (no temporaries for a 4096 x 13696 int8 or int4 kernel on a v5e-1) and reads int4 packed two to a byte.
 # quant_matmul_int4: the same for int4 Dense layers. cpu "int8_dot": the int4 codes (held as int8 on CPU) in an
 #   int8 x int8 -> int32 dot batched over the groups, the partial sums times the group scales (layers.Dense), up to
-#   layers.INT4_INT8_DOT_MAX_ROWS rows: in "in_out" 0.7-1.1x the fp32 matmul at 1 row and 1.0-3.2x at 4 (small
+#   layers.INT4_INT8_DOT_MAX_ROWS rows: in "in_out" 0.4-1.1x the fp32 matmul at 1 row and 1.0-3.2x at 4 (small
 #   MLP and lm_head shapes, best of 7 and median of 5 on a loaded 2-core VM, 2026-12-01), where "dequant"
 #   (materialised codes * scales in fp32) ran at 0.2-0.5x; at 320 rows (prefill) the grouped dot ran at 0.5x and
 #   "dequant" at 0.85-0.9x, so more rows run "dequant". It cannot beat int8 on CPU: a code is a byte there too
