@@ -71,7 +71,9 @@ def main() -> None:
                 "tok_s": f"{ro['decode_tokens_per_s_bound']:.0f}",
                 "prefill": f"{r['analytic']['prefill_flops'] / 1e12:.0f}",
                 "prefill_ms": f"{ro['prefill_s_at_peak'] * 1e3:.0f}",
-                "dec_gib": "-" if dec is None else f"{dec['hbm_bytes'] / GiB:.2f}",
+                "dec_gib": "-" if dec is None or "hbm_bytes_per_step" not in dec else
+                f"{dec['hbm_bytes_per_step'] / GiB:.2f}",
+                "entry_gib": "-" if dec is None else f"{dec['hbm_bytes_split']['entry'] / GiB:.2f}",
                 "min_gib": f"{r['analytic']['decode_min_bytes_per_chip'] / GiB:.2f}",
                 "ratio": "-" if ef.get("decode_bytes_ratio") is None else f"{ef['decode_bytes_ratio']:.2f}",
                 "compile": " + ".join(f"{p['compile_s']:.0f}" for p in r["programs"]) or "-",
@@ -80,6 +82,7 @@ def main() -> None:
                      ("KV GiB", "{kv}"), ("temp GiB", "{temp}"), ("total GiB", "{total}"), ("HBM GiB", "{hbm}"),
                      ("decode tok/s bound", "{tok_s}"), ("prefill TFLOP", "{prefill}"),
                      ("prefill ms at peak", "{prefill_ms}"), ("decode GiB/step compiled", "{dec_gib}"),
+                     ("of which entry GiB/chunk", "{entry_gib}"),
                      ("minimum GiB", "{min_gib}"), ("bytes ratio", "{ratio}"), ("compile s", "{compile}")],
                     rows, left=3)
         print()

@@ -26,7 +26,7 @@ import numpy as np
 from jax.experimental.layout import Format, Layout
 
 from . import decode as D
-from .backend import backend_default
+from .backend import AUTO_CACHE_MIN_ROWS, backend_default
 from .buckets import bucket_length, format_bytes, kv_cache_bytes, vision_bucket
 from .config import KERNEL_LAYOUTS, Glm4vConfig
 from .inputs import ModelInputs
@@ -230,16 +230,31 @@ class Engine:
         cache is never re-laid out between the two. Insert takes the layouts of the arrays it is given."""
         if self.mesh is None or backend_default(self.platform, "cache_layout") != "compiler":
             return None
-        if kind == "decode":
-            return Layout.AUTO
         if kind == "insert":
             fmt = lambda x: getattr(x, "format", None)  # noqa: E731
             layouts = jax.tree.map(lambda x: getattr(fmt(x), "layout", None), args[1].cache)
             return None if any(v is None for v in jax.tree.leaves(layouts, is_leaf=lambda v: v is None)) else layouts
+        if kind == "decode":
+            return Layout.AUTO if self._auto_cache_layout(args[1]) else None
         fn = under_mesh(functools.partial(D.prefill, model=self.model, **statics), self.mesh)
-        dstatics, dargs = self._decode_args(jax.eval_shape(fn, *args), statics["sampling"], args[7])
+        state = jax.eval_shape(fn, *args)
+        if not self._auto_cache_layout(state):
+            return None
+        dstatics, dargs = self._decode_args(state, statics["sampling"], args[7])
         decode = self._executable("decode", dstatics, dargs, donate=(1,))
         return jax.tree.map(lambda f: f.layout, decode.input_formats[0][1].cache)
+
+    def _auto_cache_layout(self, state: Any) -> bool:
+        """Whether the compiler chooses the cache layout: only with `AUTO_CACHE_MIN_ROWS` or more rows per device.
+        Measured with the TPU compiler (9B, 8k cache, BENCHMARKS.md "TPU plans"): at 8 rows per device (v5e-8,
+        tensor=8, batch 8) the loop wants (S, K, B, H)-major and row-major arguments cost a copy of every layer's
+        cache in and out per chunk (10.6 GiB, bytes ratio 0.34 -> 0.99 with AUTO); at 1 row AUTO gains nothing and
+        the compiler then re-lays out weights once per chunk instead (v5e-8: 0.62 GiB, ratio 1.00 -> 0.92; v6e-1:
+        the fused gate_up kernels, 17 GiB and 7.6 GiB more temporaries)."""
+        leaf = jax.tree.leaves(state.cache)[0]
+        sh = jax.tree.leaves(D.state_shardings(state, self.mesh).cache)[0]
+        rows = sh.shard_shape(tuple(np.shape(leaf)))[np.ndim(leaf) - 4]
+        return rows >= AUTO_CACHE_MIN_ROWS
 
     # -------------------------------------------------------------------------------------------- programs
     def _executable(self, kind: str, statics: dict[str, Any], args: tuple, donate: tuple[int, ...] = ()) -> Any:
