@@ -433,3 +433,27 @@ def test_dropout_only_with_a_dropout_rng(small_base):
     d3 = np.asarray(model.apply(v, rngs={"dropout": jax.random.PRNGKey(8)}, **inp))
     np.testing.assert_array_equal(d1, d2)
     assert np.abs(d1 - plain).max() > 1e-3 and np.abs(d1 - d3).max() > 1e-3
+
+
+@pytest.mark.slow
+def test_lora_step_sharded_equals_one_device(small_base):
+    """The LoRA step on 8 devices (fsdp=4, tensor=2: the base and the adapters in their rules-table shardings, the
+    batch over fsdp) gives the one-device losses; `compile` lowers it from shapes alone (no base needed: what
+    `glm41v plan` does for a TPU topology)."""
+    from glm41v_jax.sharding import make_mesh
+
+    cfg, params = small_base
+    batch, _ = _batch_rows(cfg, 24, 4, 40, 64)
+    oc = O.OptimConfig(peak_lr=1e-2, warmup_steps=0, total_steps=10, weight_decay=0.0)
+    lora = LoraConfig(rank=4, alpha=8, targets=DECODER + ("attn.qkv",))
+    losses = []
+    for mesh in (None, make_mesh({"fsdp": 4, "tensor": 2})):
+        ts = LoraTrainStep(cfg, oc, mesh, FP32, lora)
+        if mesh is not None:
+            assert ts.compile(batch) is not None and ts.base is None
+        ts.set_base(params)
+        _, _, got = _lora_run(ts, ts.init_adapters(0), [ts.shard_batch(batch)] * 3)
+        losses.append(got)
+    q = ts.base["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert tuple(q.sharding.spec)[:3] == (None, "fsdp", "tensor")
+    np.testing.assert_allclose(losses[1], losses[0], rtol=2e-5)
