@@ -149,9 +149,13 @@ def _dense(features, axes, n_in, layout, quant, g=8):
 
 @pytest.fixture
 def dequant_matmul(monkeypatch):
-    """Run the quantized Dense as "dequant" on CPU (the TPU/GPU form) for this test."""
+    """Run the quantized Dense as "dequant" on CPU (the TPU/GPU form) for this test. The form is read when a
+    program is traced and is not part of `model.forward`'s cache key: the cache is cleared before and after."""
     monkeypatch.setitem(backend.BACKEND_TUNING["cpu"], "quant_matmul", "dequant")
     monkeypatch.setitem(backend.BACKEND_TUNING["cpu"], "quant_matmul_int4", "dequant")
+    M._forward_fn.cache_clear()
+    yield
+    M._forward_fn.cache_clear()
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
