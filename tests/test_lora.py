@@ -119,6 +119,7 @@ def test_loss_and_adapter_gradients_match_peft(peft_pair):
         assert _rel(gb, tb) <= 1e-4, (name, "lora_B", _rel(gb, tb))
 
 
+@pytest.mark.slow
 def test_fresh_adapters_are_the_base_exactly():
     _, cfg, params = R.hf_and_params("a", seed=3)
     lcfg = LO.with_lora(cfg, LoraConfig(rank=8, alpha=16, targets=TARGETS))
@@ -133,6 +134,7 @@ def test_fresh_adapters_are_the_base_exactly():
     np.testing.assert_array_equal(got, base)
 
 
+@pytest.mark.slow
 def test_merged_equals_unmerged(peft_pair):
     _, lcfg, params, adapters = peft_pair
     rng = np.random.default_rng(6)
