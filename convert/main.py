@@ -67,6 +67,55 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def register_export(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `export` subcommand (glm41v_convert.export) to a `glm41v` subparsers object."""
+    p = subparsers.add_parser(
+        "export",
+        help="export a converted directory as an HF safetensors checkpoint (optionally with a LoRA adapter merged), "
+             "or a LoRA adapter as a PEFT adapter",
+        description="Write SRC (a converted directory: `glm41v convert`'s output or a training run's final weights) "
+        "as an HF checkpoint directory that transformers and vLLM load: model-0000k-of-0000n.safetensors shards, "
+        "model.safetensors.index.json, config.json and the tokenizer/processor files. Streamed, atomic.",
+    )
+    p.add_argument("src", help="converted directory")
+    p.add_argument("dst", help="output directory (must not exist)")
+    p.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: keep the stored dtype)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter directory (a LoRA run's final/) trained on SRC; with --merge or --peft")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--merge", action="store_true",
+                      help="fold the adapter into the exported weights (fp32, rounded once to --dtype)")
+    mode.add_argument("--peft", action="store_true",
+                      help="write only the adapter, as PEFT's adapter_model.safetensors + adapter_config.json")
+    p.add_argument("--dequantize", action="store_true",
+                   help="allow a quantized SRC: its weights are written as codes * scale in floats (a warning says so)")
+    p.add_argument("--shard-gb", type=float_in(0, 1024, lo_open=True), default=5.0,
+                   help="largest shard, GB (10^9 bytes; default 5, as save_pretrained)")
+    p.set_defaults(func=run_export)
+    return p
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """The `export` subcommand: 0 exported, 2 bad input (one `error:` line), 130 Ctrl-C, 143 SIGTERM."""
+    return guarded(_export, args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    try:
+        dst = export(args.src, args.dst, dtype=args.dtype, adapter=args.adapter, merge=args.merge, peft=args.peft,
+                     dequantize=args.dequantize, shard_bytes=max(1, int(args.shard_gb * 10**9)))
+    except ConversionTerminated:
+        print_error("terminated (SIGTERM); partial output removed")
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        print_error("interrupted; partial output removed")
+        return 130
+    print(f"exported {args.src} -> {dst}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point (`python -m glm41v_convert.main SRC DST`)."""
     parser = OneLineErrorParser(prog="glm41v")
