@@ -160,10 +160,13 @@ def test_export_loads_in_transformers_with_our_logits(ckpts, tmp_path):
                                    rtol=0)
 
 
-def test_merged_export_gives_our_logits_with_the_adapter(ckpts, adapter, tmp_path):
+def test_merged_export_gives_our_logits_with_the_adapter(ckpts, adapter, run_cli, tmp_path):
     conv = ckpts[0]["fp32"][1]
     ad_dir, lcfg, params, adapters = adapter
-    dst = export(conv, str(tmp_path / "merged"), adapter=ad_dir, merge=True, shard_bytes=SHARD)
+    dst = str(tmp_path / "merged")
+    rc, out, err = run_cli("export", conv, dst, "--adapter", ad_dir, "--merge", "--shard-gb", str(SHARD / 1e9))
+    assert rc == 0 and out == "" and "error" not in err and "warning" not in err, err
+    assert len(set(_read_dir(dst)[1].values())) > 2
     model = Glm4vForConditionalGeneration.from_pretrained(dst).eval()
     base = Glm4vForConditionalGeneration.from_pretrained(ckpts[0]["fp32"][0]).eval()
     for case in _prompts(lcfg):
