@@ -230,6 +230,22 @@ def test_quantized_base_needs_dequantize(ckpts, run_cli, tmp_path):
     assert n_quant > 0
 
 
+def test_trained_weights_export_the_same_way(ckpts, tmp_path):
+    """A training run's final weights (`save_converted`: a converted directory without a source conversion)."""
+    from glm41v_convert.hf_to_orbax import save_converted
+
+    hf_dir, conv = ckpts[0]["fp32"]
+    params, cfg = loading.load(conv, as_numpy=True)
+    q = params["language_model"]["layers_1"]["self_attn"]["q_proj"]
+    q["kernel"] = q["kernel"] * np.float32(2)  # "trained": one tensor changed
+    final = save_converted(params, cfg, str(tmp_path / "final"), source_dir=hf_dir)
+    got, _ = _read_dir(export(final, str(tmp_path / "out")))
+    src, _ = _read_dir(hf_dir)
+    changed = "model.language_model.layers.1.self_attn.q_proj.weight"
+    np.testing.assert_array_equal(got[changed], src[changed] * np.float32(2))
+    assert all(got[n].tobytes() == a.tobytes() for n, a in src.items() if n != changed)
+
+
 def test_bad_input_is_one_error_line_and_nothing_written(ckpts, adapter, run_cli, tmp_path):
     hf_dir, conv = ckpts[0]["fp32"]
     ad_dir = adapter[0]
