@@ -20,7 +20,7 @@ import glm41v_jax.cli.verify as verify_cmd
 import glm41v_train.cli as train_cmd
 from glm41v_jax.cli.common import CliError
 
-ALL_COMMANDS = {"convert", "verify", "generate", "chat", "train", "loss", "plan"}
+ALL_COMMANDS = {"convert", "export", "verify", "generate", "chat", "train", "loss", "plan"}
 
 # subcommand -> (the module attribute that does its work, argv that reaches it)
 WORKERS = {
@@ -29,6 +29,7 @@ WORKERS = {
     "verify": (verify_cmd, "_verify", ["verify", "some dir"]),
     "plan": (plan_cmd, "_plan", ["plan", "--tpu", "v5e-8", "generate"]),
     "convert": (convert_cmd, "_convert", ["convert", "src", "dst"]),
+    "export": (convert_cmd, "_export", ["export", "src", "dst"]),
     "train": (train_cmd, "_train", ["train", "--config", "c.yaml"]),
     "loss": (train_cmd, "_loss", ["loss", "--model", "m", "--data", "d.jsonl"]),
 }
@@ -42,7 +43,7 @@ def test_every_subcommand_is_registered():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) == ALL_COMMANDS
-    assert {ep.name for ep in cli.command_entry_points()} == {"convert", "train", "loss"}, (
+    assert {ep.name for ep in cli.command_entry_points()} == {"convert", "export", "train", "loss"}, (
         "the converter's and the trainer's commands come from the installed entry points: pip install -e .")
 
 
@@ -56,7 +57,7 @@ def test_a_stale_egg_info_first_on_sys_path_hides_no_command(tmp_path, monkeypat
     (egg / "entry_points.txt").write_text("[console_scripts]\nglm41v = glm41v_jax.cli:main\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert not importlib.metadata.entry_points(group=cli.COMMANDS_GROUP)
-    assert {ep.name for ep in cli.command_entry_points()} == {"convert", "train", "loss"}
+    assert {ep.name for ep in cli.command_entry_points()} == {"convert", "export", "train", "loss"}
     sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
     assert set(sub.choices) == ALL_COMMANDS
 
