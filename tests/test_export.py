@@ -280,3 +280,37 @@ def test_bad_input_is_one_error_line_and_nothing_written(ckpts, adapter, run_cli
         assert len(lines) == 1 and lines[0].startswith("error: ") and why in lines[0], (argv, err)
         assert not os.path.exists(dst) and not glob.glob(dst + ".tmp-*"), argv
     assert os.listdir(existing) == []
+
+
+@pytest.mark.slow
+def test_a_lora_run_exports_merged_and_peft(tiny_cache_dir, run_cli, tmp_path):
+    """Issue 14's 'done means': train the tiny checkpoint with cpu_lora.yaml (8 steps), convert the base, export
+    with --merge and with --peft: transformers, and PEFT on it, give our logits with the trained adapter."""
+    import test_train_loop as TL
+    from test_lora import LORA_YAML, RUN_SET
+
+    from glm41v_jax import tiny
+
+    run = str(tmp_path / "run")
+    p = TL._start(["train", "--config", LORA_YAML, "--set", f"output_dir={run}", *RUN_SET], run + ".log",
+                  TL._env(tiny_cache_dir, str(tmp_path / "jit")))
+    assert TL._finish(p) == 0, TL._tail(run + ".log")
+    ad_dir = os.path.join(run, "final")
+    hf_dir = tiny.materialize_tiny_checkpoint()
+    conv, merged, peft_dir = (str(tmp_path / k) for k in ("conv", "merged", "peft"))
+    assert run_cli("convert", hf_dir, conv, "--no-progress")[0] == 0
+    for argv in ((conv, merged, "--adapter", ad_dir, "--merge"), (conv, peft_dir, "--adapter", ad_dir, "--peft")):
+        rc, out, err = run_cli("export", *argv)
+        assert rc == 0 and out == "", err
+    params, cfg = loading.load(conv, as_numpy=True)
+    adapters, lcfg, _ = LO.load_adapters(ad_dir, cfg)
+    base = Glm4vForConditionalGeneration.from_pretrained(hf_dir).eval()
+    model = Glm4vForConditionalGeneration.from_pretrained(merged).eval()
+    for case in _prompts(lcfg):
+        want = _our_logits(lcfg, {"params": params, "lora": adapters}, case)
+        assert np.abs(want - _our_logits(cfg, {"params": params}, case)).max() > 1e-3  # the run trained them
+        np.testing.assert_allclose(_hf_logits(model, case), want, atol=TOL, rtol=0)
+    pm = peft.PeftModel.from_pretrained(base, peft_dir).eval()
+    for case in _prompts(lcfg):
+        want = _our_logits(lcfg, {"params": params, "lora": adapters}, case)
+        np.testing.assert_allclose(_hf_logits(pm, case), want, atol=TOL, rtol=0)
