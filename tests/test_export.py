@@ -272,6 +272,7 @@ def test_bad_input_is_one_error_line_and_nothing_written(ckpts, adapter, run_cli
         ((conv, dst, "--merge"), "--merge needs --adapter"),
         ((conv, dst, "--adapter", ad_dir), "exactly one of --merge"),
         ((conv, dst, "--adapter", str(tmp_path / "nope"), "--peft"), "not a directory"),
+        ((conv, dst, "--adapter", ad_dir, "--peft", "--dtype", "bfloat16"), "a --peft adapter is written in float32"),
     ]
     for argv, why in cases:
         rc, out, err = run_cli("export", *argv)
@@ -314,3 +315,24 @@ def test_a_lora_run_exports_merged_and_peft(tiny_cache_dir, run_cli, tmp_path):
     for case in _prompts(lcfg):
         want = _our_logits(lcfg, {"params": params, "lora": adapters}, case)
         np.testing.assert_allclose(_hf_logits(pm, case), want, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, OSError])
+def test_an_interrupted_export_leaves_nothing(ckpts, tmp_path, monkeypatch, exc):
+    import glm41v_convert.export as E
+
+    conv = ckpts[0]["fp32"][1]
+    real, calls = E.to_hf_layout, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 20:  # in the middle of a shard
+            raise exc("stopped")
+        return real(*a, **k)
+
+    monkeypatch.setattr(E, "to_hf_layout", flaky)
+    dst = str(tmp_path / "out")
+    with pytest.raises(exc):
+        export(conv, dst, shard_bytes=SHARD)
+    assert len(calls) == 20
+    assert not os.path.exists(dst) and not glob.glob(dst + ".tmp-*") and os.listdir(tmp_path) == []
