@@ -1,7 +1,7 @@
 """`glm41v` console command: one module per subcommand, each with `register(subparsers)`.
 
 The subcommands of this package (generate, chat, verify, plan) are listed below. The converter's and the trainer's
-(convert, train, loss) live in their own packages, which import this one, so this package does not import them:
+(convert, export, train, loss) live in their own packages, which import this one, so this package does not import them:
 they are registered through the `glm41v.commands` entry-point group of pyproject.toml, read from the installed
 package's metadata (`pip install -e .` writes it). Another package can add a subcommand the same way.
 """
@@ -38,8 +38,8 @@ def command_entry_points() -> list[EntryPoint]:
 def build_parser() -> argparse.ArgumentParser:
     """The `glm41v` parser: the built-in subcommands, then those registered by entry point."""
     parser = OneLineErrorParser(prog="glm41v",
-                                description="GLM-4.1V-9B-Thinking in JAX: convert, verify, generate, chat, train, "
-                                            "loss, plan.")
+                                description="GLM-4.1V-9B-Thinking in JAX: convert, export, verify, generate, chat, "
+                                            "train, loss, plan.")
     sub = parser.add_subparsers(dest="command", required=True)
     for register in BUILTIN:
         register(sub)
