@@ -32,18 +32,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from glm41v_jax import lora as LO
 from glm41v_jax.config import Glm4vConfig, LoraConfig
 from glm41v_jax.loading import load
 from glm41v_jax.model import abstract_params
 from glm41v_jax.quant_checkpoint import QuantizedCheckpointError, checkpoint_quantization
-from glm41v_jax.sharding import make_mesh, param_shardings, unbox, under_mesh
+from glm41v_jax.sharding import param_shardings, unbox, under_mesh
 from glm41v_jax.weights import key_names
 
 from .loss import label_count, loss_and_count
-from .optim import GROUPS, OptimConfig, global_norm, group_of, lr_schedule, make_optimizer, opt_state_shardings
+from .optim import GROUPS, OptimConfig, global_norm, group_of, lr_schedule
 from .params import place_unrolled
 from .step import StepConfig, TrainStep, _schedule_count, apply_updates, train_config
 
@@ -116,22 +116,11 @@ class LoraTrainStep(TrainStep):
             raise ValueError("LoraTrainStep needs a LoraConfig")
         self.sc = sc or StepConfig()
         self.oc = oc
-        self.cfg = LO.with_lora(train_config(cfg, self.sc).with_runtime(**dict(quant or {})), lora)
-        self.mesh = mesh if mesh is not None else make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-        self.tx = make_optimizer(oc)
+        self._setup(LO.with_lora(train_config(cfg, self.sc).with_runtime(**dict(quant or {})), lora), mesh,
+                    LO.abstract_adapters)
         base_boxed = abstract_params(self.cfg)
         self.base_abstract = unbox(base_boxed)
         self.base_shardings = param_shardings(base_boxed, self.mesh)
-        boxed = LO.abstract_adapters(self.cfg)
-        self.abstract_params = unbox(boxed)
-        self.param_shardings = param_shardings(boxed, self.mesh)
-        abstract_state = jax.eval_shape(self.tx.init, self.abstract_params)
-        self.opt_shardings = opt_state_shardings(abstract_state, self.abstract_params, self.param_shardings,
-                                                 self.mesh)
-        self._replicated = NamedSharding(self.mesh, PartitionSpec())
-        self._steps: dict[Any, Any] = {}
-        self._grads: dict[Any, Any] = {}
-        self._losses: dict[Any, Any] = {}
         self.base: Any = None
         self._load_quant = dict(quant or {}) if quantize_at_load else {}
 

@@ -242,10 +242,15 @@ class TrainStep:
     def __init__(self, cfg: Glm4vConfig, oc: OptimConfig, mesh: Mesh | None = None, sc: StepConfig | None = None):
         self.sc = sc or StepConfig()
         self.oc = oc
-        self.cfg = train_config(cfg, self.sc)
+        self._setup(train_config(cfg, self.sc), mesh, abstract_params)
+
+    def _setup(self, cfg: Glm4vConfig, mesh: Mesh | None, trained: Any) -> None:
+        """The config, mesh and optimizer, and the abstract trained params (`trained(cfg)`, boxed), their and the
+        optimizer state's shardings (LoraTrainStep trains the adapters: `lora.abstract_adapters`)."""
+        self.cfg = cfg
         self.mesh = mesh if mesh is not None else make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-        self.tx = make_optimizer(oc)
-        boxed = abstract_params(self.cfg)
+        self.tx = make_optimizer(self.oc)
+        boxed = trained(self.cfg)
         self.abstract_params = unbox(boxed)
         self.param_shardings = param_shardings(boxed, self.mesh)
         abstract_state = jax.eval_shape(self.tx.init, self.abstract_params)
