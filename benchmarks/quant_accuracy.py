@@ -98,18 +98,6 @@ def prompts(cfg: Any, seed: int, n_text: int) -> dict[str, dict[str, np.ndarray]
     return out
 
 
-def compare(logits_f: np.ndarray, logits_q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per position: (top-1 agrees, KL(float || quant) in nats), from (T, V) logits, in float64."""
-    lf = logits_f.astype(np.float64)
-    lq = logits_q.astype(np.float64)
-    lpf = lf - lf.max(-1, keepdims=True)
-    lpf -= np.log(np.exp(lpf).sum(-1, keepdims=True))
-    lpq = lq - lq.max(-1, keepdims=True)
-    lpq -= np.log(np.exp(lpq).sum(-1, keepdims=True))
-    kl = (np.exp(lpf) * (lpf - lpq)).sum(-1)
-    return lf.argmax(-1) == lq.argmax(-1), kl
-
-
 def margin(logits: np.ndarray) -> float:
     """Median (top-1 - top-2 logit) / logit std over positions."""
     top = np.sort(logits, -1)[:, -2:]
@@ -142,7 +130,7 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], dict]:
             row: dict[str, Any] = {"scheme": scheme, "skip": "(" + ", ".join(skip) + ")" if skip else "()"}
             agree, kls = [], []
             for k, a in inputs.items():
-                ag, kl = compare(ref[k], np.asarray(M.forward(qp, qcfg, **a))[0])
+                ag, kl = Q.logit_agreement(ref[k], np.asarray(M.forward(qp, qcfg, **a))[0])
                 row[f"agree_{k}"], row[f"kl_{k}"] = 100 * ag.mean(), kl.mean()
                 agree.append(ag)
                 kls.append(kl)

@@ -203,3 +203,15 @@ def quantize_params(params: Any, cfg: Glm4vConfig, shardings: Any = None, *, don
     if set(out) != set(dst):
         raise QuantError(f"quantize_params: built {sorted(set(out) ^ set(dst))[:3]} unlike the quantized config")
     return traverse_util.unflatten_dict(out)
+
+
+def logit_agreement(logits_ref: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per position of (T, V) logits: (top-1 agrees, KL(ref || other) in nats), in float64: how a quantized model's
+    logits compare with the float model's (tests/test_quant_accuracy.py, benchmarks/quant_accuracy.py)."""
+    lpf = np.asarray(logits_ref, np.float64)
+    lpq = np.asarray(logits, np.float64)
+    lpf = lpf - lpf.max(-1, keepdims=True)
+    lpf -= np.log(np.exp(lpf).sum(-1, keepdims=True))
+    lpq = lpq - lpq.max(-1, keepdims=True)
+    lpq -= np.log(np.exp(lpq).sum(-1, keepdims=True))
+    return np.argmax(logits_ref, -1) == np.argmax(logits, -1), (np.exp(lpf) * (lpf - lpq)).sum(-1)

@@ -96,22 +96,11 @@ def _prompts(cfg: Glm4vConfig) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-def _compare(logits_f: np.ndarray, logits_q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per position: (top-1 agrees, KL(float || quant)), from (T, V) logits in float64."""
-    lpf = logits_f.astype(np.float64)
-    lpq = logits_q.astype(np.float64)
-    lpf = lpf - lpf.max(-1, keepdims=True)
-    lpf -= np.log(np.exp(lpf).sum(-1, keepdims=True))
-    lpq = lpq - lpq.max(-1, keepdims=True)
-    lpq -= np.log(np.exp(lpq).sum(-1, keepdims=True))
-    return logits_f.argmax(-1) == logits_q.argmax(-1), (np.exp(lpf) * (lpf - lpq)).sum(-1)
-
-
 def test_compare_on_hand_computed_logits():
     """The metric itself: two positions over 3 tokens, KL worked out by hand."""
     lf = np.log(np.asarray([[0.5, 0.25, 0.25], [0.2, 0.3, 0.5]]))
     lq = np.log(np.asarray([[0.25, 0.5, 0.25], [0.2, 0.3, 0.5]]))
-    agree, kl = _compare(lf, lq)
+    agree, kl = Q.logit_agreement(lf, lq)
     np.testing.assert_array_equal(agree, [False, True])
     np.testing.assert_allclose(kl, [0.5 * np.log(2) + 0.25 * np.log(0.5), 0.0], atol=1e-12)
 
@@ -141,7 +130,7 @@ def _sign_control(params: dict, qp: dict, scheme: str, n_ins: dict, seed: int) -
 def _score(ref: dict, logits: dict) -> dict:
     row, agree, kls = {}, [], []
     for k in ref:
-        ag, kl = _compare(ref[k], logits[k])
+        ag, kl = Q.logit_agreement(ref[k], logits[k])
         row[k] = (100 * ag.mean(), kl.mean())
         agree.append(ag)
         kls.append(kl)
