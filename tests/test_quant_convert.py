@@ -320,7 +320,7 @@ def test_plan_int8_on_a_small_topology(tmp_path, capsys, monkeypatch):
     assert main([*base, "--quantize", "int8", "--quantize-skip", "none"]) == 0
     q = json.loads(capsys.readouterr().out)
     assert q["fits"] and q["quantize"] == {"scheme": "int8", "group_size": 128, "skip": []}
-    assert [p["name"] for p in q["programs"]] == ["decode", "prefill"]
+    assert [p["name"] for p in q["programs"]] == ["prefill", "decode"]  # batch 1: a row-major cache, prefill first
     assert main(base) == 0
     f = json.loads(capsys.readouterr().out)
     assert f["quantize"] == {"scheme": "none"}
