@@ -143,11 +143,16 @@ class _DropThreadTracebacks(logging.Filter):
 
 class _DropUnretrievedStorageErrors(logging.Filter):
     """asyncio's "Task exception was never retrieved" for the other reads of a failed Orbax restore: their storage
-    error is the one already reported."""
+    error is the one already reported. The task is garbage-collected whenever the collector runs, possibly long after
+    the restore failed, so the filter stays installed for the process; it drops nothing else."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if "never retrieved" not in str(record.msg):
+            return True
         exc = record.exc_info[1] if record.exc_info else None
-        return not (exc is not None and "never retrieved" in str(record.msg) and storage_error(exc) is not None)
+        if exc is not None and storage_error(exc) is not None:
+            return False
+        return f"{os.sep}orbax{os.sep}" not in record.getMessage()
 
 
 def is_failed_restore_noise(u: Any) -> bool:
@@ -163,7 +168,7 @@ def is_failed_restore_noise(u: Any) -> bool:
 _installed: list[Any] = []
 
 
-def _install_after_failure_filters() -> None:
+def install_restore_noise_filters() -> None:
     """Once per process: when a restore fails, Orbax closes its event loop while TensorStore still completes the
     other reads, whose callbacks then raise 'Event loop is closed' (printed through sys.unraisablehook, possibly
     after the caller has reported the error) and leave unretrieved task exceptions. Drop exactly those."""
@@ -187,12 +192,13 @@ def quiet_storage_threads() -> Iterator[None]:
     log = logging.getLogger("absl")
     f = _DropThreadTracebacks()
     log.addFilter(f)
-    _install_after_failure_filters()
+    install_restore_noise_filters()
     try:
         yield
     finally:
         log.removeFilter(f)
 
 
-__all__ = ["CHECKSUM_ALGORITHM", "abs_path", "array_crc32", "damaged_files", "file_sizes", "is_failed_restore_noise",
-           "is_no_space", "quiet_storage_threads", "storage_error"]
+__all__ = ["CHECKSUM_ALGORITHM", "abs_path", "array_crc32", "damaged_files", "file_sizes",
+           "install_restore_noise_filters", "is_failed_restore_noise", "is_no_space",
+           "quiet_storage_threads", "storage_error"]

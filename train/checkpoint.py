@@ -31,7 +31,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,7 +45,7 @@ from glm41v_convert.hf_to_orbax import save_converted
 from glm41v_jax.checkpoint_files import copy_side_files, finish_converted
 from glm41v_jax.checkpoint_format import FORMAT_NAME, FORMAT_VERSION, PARAMS_SUBDIR, CheckpointError
 from glm41v_jax.errors import one_line
-from glm41v_jax.integrity import is_failed_restore_noise
+from glm41v_jax.integrity import install_restore_noise_filters
 from glm41v_jax.weights import iter_leaves, unstack_layers
 
 from .distributed import sync
@@ -79,39 +78,6 @@ class _QuietOrbaxErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         return not (exc is not None and _storage_failure(exc))
-
-
-def _drop_closed_loop_errors() -> Any:
-    """When a restore fails, orbax closes its event loop while TensorStore still completes the reads it had in
-    flight; each completion then reports "Event loop is closed" through sys.unraisablehook, during the failing call
-    and after it. Those reads belong to a restore that failed (and is reported as one line): installed before a
-    restore, this hook drops just those reports (and asyncio's log of the failed sibling tasks); the returned
-    function removes both (after a success)."""
-    previous = sys.unraisablehook
-
-    def hook(u) -> None:
-        if not is_failed_restore_noise(u):
-            previous(u)
-
-    sys.unraisablehook = hook
-    # The sibling reads that failed too are garbage-collected unretrieved: asyncio logs each one with a traceback.
-    tasks = _OrbaxTaskErrors()
-    logging.getLogger("asyncio").addFilter(tasks)
-
-    def undo() -> None:
-        if sys.unraisablehook is hook:
-            sys.unraisablehook = previous
-        logging.getLogger("asyncio").removeFilter(tasks)
-
-    return undo
-
-
-class _OrbaxTaskErrors(logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" reports of orbax's own tasks (see above)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return not (msg.startswith("Task exception was never retrieved") and "orbax" in msg)
 
 
 class DataState:
@@ -214,14 +180,13 @@ class TrainCheckpointer:
 
     def read_meta(self, step: int) -> dict[str, Any]:
         path = os.path.join(self.path(step), "meta")
-        undo = _drop_closed_loop_errors()
+        install_restore_noise_filters()
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # noqa: BLE001  (any failure to read it: one clear error)
             raise CheckpointCorruptError(f"checkpoint {self.path(step)}: its metadata ({path}) cannot be read "
                                          f"({_why(e)}); the checkpoint is corrupt or incomplete. Remove it to "
                                          "resume from the previous one, or set resume_step") from None
-        undo()
         if not isinstance(meta, dict) or meta.get("step") != step:
             raise CheckpointCorruptError(f"checkpoint {self.path(step)}: its metadata says step "
                                          f"{meta.get('step') if isinstance(meta, dict) else meta!r}, not {step}")
@@ -239,7 +204,7 @@ class TrainCheckpointer:
                 f"{meta.get('process_count')} processes")
         target = {"params": abstract_params, "opt_state": abstract_opt_state, "step": np.zeros((), np.int64),
                   "rng": np.zeros((2,), np.uint32)}
-        undo = _drop_closed_loop_errors()
+        install_restore_noise_filters()
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                      data=gc.CheckpointRestore(DataState())))
@@ -247,7 +212,6 @@ class TrainCheckpointer:
             raise CheckpointCorruptError(f"checkpoint {self.path(step)} cannot be restored ({_why(e)}); it is "
                                          "corrupt, incomplete or from a different model/optimizer. Remove it to "
                                          "resume from the previous one, or set resume_step") from None
-        undo()
         state = out["state"]
         if int(state["step"]) != step:
             raise CheckpointCorruptError(f"checkpoint {self.path(step)} holds step {int(state['step'])}, not {step}")
