@@ -31,6 +31,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "train": (("glm41v_train.*",), ("core", "processing", "convert")),
     "plan": (("glm41v_jax.plan", "glm41v_jax.tpu_slices", "glm41v_jax.compiled_figures", "glm41v_jax.plan_report",
               "glm41v_jax.tpu_cost"), ("core", "processing", "engine", "pipeline", "train")),
+    "notebook": (("glm41v_jax.notebook",), ("core", "processing", "engine", "pipeline", "plan")),
     "cli": (("glm41v_jax.cli.*", "glm41v_jax.__main__", "glm41v_convert.main", "glm41v_train.cli"),
             ("core", "processing", "engine", "pipeline", "convert", "train", "plan")),
 }
