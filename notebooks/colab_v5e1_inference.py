@@ -51,7 +51,9 @@ import subprocess
 import sys
 
 JAX_PIN = "0.10.2"  # the jax (and its libtpu) that the package's tests run (pyproject.toml's test extra)
-PACKAGE = "glm41v-jax[tpu,hub,notebooks] @ git+https://github.com/<your-fork>/glm41v-jax@main"
+GITHUB = "<your-fork>"  # OWNER/REPO of this repository on GitHub
+REF = "main"  # a commit or tag pins the package too
+PACKAGE = f"glm41v-jax[tpu,hub,notebooks] @ git+https://github.com/{GITHUB}@{REF}"
 
 
 def installed_jax() -> str:
