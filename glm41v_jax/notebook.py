@@ -145,6 +145,14 @@ class DeviceReport:
     def __str__(self) -> str:
         return self.text()
 
+    def tpu_type(self) -> str | None:
+        """The Cloud TPU type of these devices as `glm41v plan --tpu` takes it ("v5e-1", "v5e-8", "v5p-8"), or None
+        off a TPU or for a family plan does not know."""
+        fam = tpu_family(self.device_kind) if self.platform == "tpu" else None
+        if fam is None:
+            return None
+        return f"{fam}-{self.device_count * (2 if FAMILIES[fam].counts_cores else 1)}"
+
 
 def _verdict(expect: str, platform: str, kind: str, count: int, hbm: int | None) -> tuple[str, bool]:
     want_family, want_chips = _parse_expect(expect)

@@ -180,15 +180,16 @@ else:
 # %% [markdown]
 # ## 8. Will it fit? `glm41v plan` for this chip
 # `glm41v plan` compiles the prefill and decode programs with the real TPU compiler (libtpu runs on the host, no TPU
-# needed) and prints the memory per chip and the decode speed bound. Real mode plans the 9B with an 8k cache and a
-# 1120x1120 image; test mode plans the tiny model.
+# needed) and prints the memory per chip and the decode speed bound, for the TPU found above (a v5e-1 when there is
+# none). Real mode plans the 9B with an 8k cache and a 1120x1120 image; test mode plans the tiny model.
 
 # %%
+TPU_TYPE = report.tpu_type() or "v5e-1"
 if TEST:
     plan_args = ["--model", INT8_DIR, "generate", "--max-context", "512", "--max-new-tokens", "64"]
 else:
     plan_args = ["--model", INT8_DIR, "generate", "--max-context", "8192", "--image", "1120x1120"]
-plan = subprocess.run([sys.executable, "-m", "glm41v_jax", "plan", "--tpu", "v5e-1", *plan_args],
+plan = subprocess.run([sys.executable, "-m", "glm41v_jax", "plan", "--tpu", TPU_TYPE, *plan_args],
                       capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 print(plan.stdout or plan.stderr)
 

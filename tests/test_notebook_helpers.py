@@ -177,7 +177,7 @@ def test_test_mode_and_banner(monkeypatch, capsys):
 def test_device_report_on_this_cpu():
     assert jax.device_count() == 8  # tests/conftest.py's XLA_FLAGS
     r = nb.device_report()
-    assert (r.platform, r.device_count, r.hbm_bytes, r.verdict) == ("cpu", 8, None, None)
+    assert (r.platform, r.device_count, r.hbm_bytes, r.verdict, r.tpu_type()) == ("cpu", 8, None, None, None)
     versions = dict(r.versions)
     assert versions["jax"] == jax.__version__ and set(versions) == {"jax", "jaxlib", "libtpu"}
     text = str(r)
@@ -197,7 +197,9 @@ def test_device_report_on_tpus():
     r = nb.device_report("tpu-v5e-1", _tpus(1, "TPU v5 lite", int(15.75 * gib)))
     assert r.ok and r.verdict.startswith("as expected") and r.hbm_bytes == int(15.75 * gib)
     assert r.hbm_source == "memory_stats"
+    assert r.tpu_type() == "v5e-1"
     r = nb.device_report("tpu-v5e-1", _tpus(8, "TPU v5 lite"))
+    assert r.tpu_type() == "v5e-8" and nb.device_report(devices=_tpus(4, "TPU v5")).tpu_type() == "v5p-8"
     assert r.ok and "v5e-1 expected, found 8 chips: fine, the mesh uses all of them" in r.verdict
     assert r.hbm_bytes == 16 * gib and "published v5e" in r.hbm_source
     r = nb.device_report("tpu-v5e-8", _tpus(1, "TPU v5 lite"))
