@@ -6,8 +6,12 @@ the slice types, their published per-chip figures, the devices; no TPU needed), 
 
   * generation: an `Engine` without params (`Engine(None, cfg, mesh=...)`) whose `warmup` compiles its prefill and
     decode programs for one bucket (batch, prompt, new tokens, images);
-  * training: `TrainStep(...).jitted(batch)`, the step `glm41v train` runs, with the abstract params and optimizer
-    state of `train/loop.py` (`abstract_state`) and a batch of the config's static shapes.
+  * training: the step `glm41v train` runs (`lora_step.make_train_step`), compiled by its own `compile(batch)` from
+    abstract params and optimizer state (`params.abstract_state`) and a batch of the config's static shapes: the
+    full-weight `TrainStep`, or for a config with a `lora:` section the `LoraTrainStep` (the adapters and their
+    optimizer state trained, the base a frozen argument: float, or int8/int4 codes and scales for QLoRA, from the
+    config's `quantize:`, `--quantize` or a quantized --model directory). Per chip, a LoRA plan's parameters are the
+    base's and the adapters' shards, its optimizer state the adapters' moments.
 
 Figures (per chip: per jax device, which is a chip except on v4, where each of the 2 TensorCores is a device):
   * memory, from `compiled.memory_analysis()`: the compiler's peak of the largest program (`compiled_figures`);
@@ -50,7 +54,7 @@ from .model import abstract_params, init_cache
 from .pipeline import auto_mesh_spec
 from .plan_report import format_report
 from .processing.image import ImageProcessor
-from .quant_checkpoint import LORA_LATER, QuantizedCheckpointError
+from .quant_checkpoint import QuantizedCheckpointError
 from .requests import synthetic_inputs
 from .sharding import make_mesh
 from .tpu_cost import calibrated_bytes, calibrated_split, decode_minimum_bytes, kv_read_fraction
@@ -270,21 +274,31 @@ def _global_rows(tpu: TpuType, mesh: Any, batch_size: int) -> int:
     return batch_size * tpu.hosts
 
 
-def _train_step(cfg: Glm4vConfig, optim: Any, mesh: Any, step: Any) -> Any:
-    """The `TrainStep` that `glm41v train` runs, built under the slice's mesh: tracing the model (abstract params)
-    with a TPU kernel as the attention backend must see the TPU platform, not this host's CPU."""
+def _train_step(cfg: Glm4vConfig, train_config: Any, mesh: Any, quant: Mapping[str, Any] | None = None,
+                sc: Any = None) -> Any:
+    """The step that `glm41v train` runs for `train_config` (`lora_step.make_train_step`: the full `TrainStep`, or
+    with a `lora:` section the `LoraTrainStep` over a frozen base, quantized by `quant` for QLoRA), built under the
+    slice's mesh: tracing the model (abstract params) with a TPU kernel as the attention backend must see the TPU
+    platform, not this host's CPU. `sc`: another StepConfig than the config's."""
     # The training modules need the train extra (pyyaml, grain): imported here, not at the top.
-    from glm41v_train.step import TrainStep
+    from glm41v_train.lora_step import make_train_step
 
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        return TrainStep(cfg, optim, mesh, step)
+        return make_train_step(cfg, train_config.optim, mesh, sc or train_config.step, train_config.lora,
+                               quantize=dict(quant) if quant else None)
 
 
-def _abstract_train_state(ts: Any) -> tuple[Any, Any]:
-    """(params, optimizer state) of `ts` as ShapeDtypeStructs with their shardings."""
+def _abstract_train_state(ts: Any) -> tuple[Any, Any, Any]:
+    """(trained params, their optimizer state, the frozen base or None) of `ts` as ShapeDtypeStructs with their
+    shardings: a LoRA step trains the adapters (and keeps moments for them only) on a base it does not update."""
     from glm41v_train.params import abstract_state  # the train extra, as in _train_step
 
-    return abstract_state(ts)
+    params, opt = abstract_state(ts)
+    base = getattr(ts, "base_abstract", None)
+    if base is not None:
+        base = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), base,
+                            ts.base_shardings)
+    return params, opt, base
 
 
 def _compile_train_step(ts: Any, cfg: Glm4vConfig, data: Any, hosts: int, accum: int) -> tuple[Any, float]:
@@ -299,11 +313,8 @@ def _compile_train_step(ts: Any, cfg: Glm4vConfig, data: Any, hosts: int, accum:
     if accum > 1:
         local = stack_batches([local] * accum)
     shapes = global_shapes(local, hosts, 1 if accum > 1 else 0)
-    batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
-                         ts.batch_shardings(shapes))
-    params, opt = _abstract_train_state(ts)
     t0 = time.perf_counter()
-    exe = ts.jitted(batch).lower(params, opt, batch).compile()
+    exe = ts.compile(shapes)  # abstract params, optimizer state (and a LoRA step's base) in their shardings
     return exe, time.perf_counter() - t0
 
 
@@ -324,8 +335,8 @@ def _train_bounds(report: dict[str, Any], model_flops: float, tokens: int, peak:
 
 
 def _train_advice(tpu: TpuType, per_chip: Mapping[str, Any], oom: Mapping[str, Any], data: Any, step: Any,
-                  optim: Any) -> list[str]:
-    """What would make a train step that the compiler refused fit."""
+                  optim: Any, lora: bool = False, quant: str = "none") -> list[str]:
+    """What would make a train step that the compiler refused fit (`quant`: a LoRA step's base scheme)."""
     advice = []
     bigger = next_size(tpu, max(oom.get("required_bytes") or 0, per_chip["total_bytes"]))
     if bigger:
@@ -335,6 +346,11 @@ def _train_advice(tpu: TpuType, per_chip: Mapping[str, Any], oom: Mapping[str, A
     a = step.accum_steps
     advice.append(f"fewer rows per micro-batch: data.batch_size {data.batch_size} -> {max(data.batch_size // 2, 1)} "
                   f"with step.accum_steps {a} -> {a * 2} (the same tokens per update), or a shorter data.seq_len")
+    if lora:  # the moments are the adapters' (small); the frozen base's bytes are what a scheme shrinks
+        if quant != "int4":
+            advice.append(f"quantize: {'int4' if quant == 'int8' else 'int8'} (the frozen base in "
+                          f"{'4' if quant == 'int8' else '8'}-bit weights: QLoRA)")
+        return advice
     if getattr(optim, "state_dtype", "float32") != "bfloat16":
         advice.append("optim.state_dtype: bfloat16 (half the Adam moments)")
     if "vision" not in optim.freeze:
@@ -342,15 +358,44 @@ def _train_advice(tpu: TpuType, per_chip: Mapping[str, Any], oom: Mapping[str, A
     return advice
 
 
+def _train_quant(train_config: Any, cfg: Glm4vConfig, quantize: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The base's quantization of a train plan: `quantize` (the --quantize flags or a quantized --model directory) or
+    the config's own `quantize:` field (QLoRA from a float checkpoint); only a LoRA step runs on a quantized base."""
+    own = train_config.quant_request()
+    if quantize and own:
+        raise PlanError(f"the training config quantizes the base ({own['quantize']}) and so does the command line or "
+                        f"the --model directory ({quantize['quantize']}): give one")
+    quant = dict(quantize or own)
+    scheme = _with_quant(cfg, quant).runtime.quantize
+    if scheme != "none" and train_config.lora is None:
+        raise QuantizedCheckpointError(f"train plan on {scheme} weights: full-weight training needs float weights; "
+                                       "add a lora: section to the training config to train adapters on the "
+                                       "quantized base (QLoRA), or plan the float checkpoint")
+    return quant if scheme != "none" else {}
+
+
+def _lora_desc(ts: Any, base: Any, adapters: Any) -> dict[str, Any]:
+    """The `lora` part of a LoRA train report: the adapters (rank, alpha, targets, modules, parameters) and the
+    frozen base's bytes per chip beside theirs."""
+    from glm41v_jax.lora import targeted
+
+    lora = ts.cfg.runtime.lora
+    return {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets), "modules": len(targeted(ts.cfg)),
+            "adapter_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(adapters))),
+            "adapter_bytes_per_chip": shard_bytes(adapters), "base_bytes_per_chip": shard_bytes(base),
+            "base_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(base)))}
+
+
 def plan_train(train_config: Any, cfg: Glm4vConfig, tpu: TpuType, *, mesh: str | None = None,
                step_time: float | None = None, count_flops: bool = True,
                quantize: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Compile the train step of a `glm41v_train.config.TrainConfig` for the slice (every host's batch: the
-    config's `data.batch_size` rows of `data.seq_len` tokens and `data.max_patches` patches). `quantize` (as
-    `plan_generate` takes it) is refused: the train step updates every weight, which needs float weights."""
-    scheme = _with_quant(cfg, quantize).runtime.quantize
-    if scheme != "none":
-        raise QuantizedCheckpointError(f"train plan on {scheme} weights: {LORA_LATER}")
+    config's `data.batch_size` rows of `data.seq_len` tokens and `data.max_patches` patches): the full step, or with
+    a `lora:` section the LoRA step (adapters and their optimizer state trained, the base a frozen argument).
+    `quantize` (as `plan_generate` takes it) or the config's `quantize:` field quantizes the base: a LoRA step only
+    (QLoRA); a full-weight plan on quantized weights is refused. Per chip: parameters = base + adapters, optimizer
+    state = the trained params' (the adapters' for LoRA)."""
+    quant = _train_quant(train_config, cfg, quantize)
     if step_time is not None and not step_time > 0:
         raise PlanError(f"--step-time must be > 0 seconds, got {step_time}")
     devices, mesh_obj, mesh_desc = _devices_and_mesh(tpu, mesh, train_config.mesh)
@@ -358,41 +403,51 @@ def plan_train(train_config: Any, cfg: Glm4vConfig, tpu: TpuType, *, mesh: str |
     dc, sc, oc = train_config.data, train_config.step, train_config.optim
     rows = _global_rows(tpu, mesh_obj, dc.batch_size)
     a = sc.accum_steps
-    ts = _train_step(cfg, oc, mesh_obj, sc)
-    a_params, a_opt = _abstract_train_state(ts)
-    counter = FlopCounter(ts.cfg, ts.abstract_params, oc.freeze)
+    ts = _train_step(cfg, train_config, mesh_obj, quant)
+    a_params, a_opt, a_base = _abstract_train_state(ts)
+    params_b = shard_bytes(a_params) + (shard_bytes(a_base) if a_base is not None else 0)
+    counter = ts.flop_counter(oc.freeze)
     patches = dc.max_patches * tpu.hosts * a
     tokens = rows * dc.seq_len * a
     stats = {"tokens": tokens, "attn_s2": rows * a * dc.seq_len * (dc.seq_len + 1), "patches": patches,
              "frame_n2": patches * min(FRAME_PATCHES, dc.max_patches)}
     report: dict[str, Any] = {
-        **_report_header("train", tpu, len(devices), mesh_desc, cfg),
+        **_report_header("train", tpu, len(devices), mesh_desc, cfg), "quantize": _quant_desc(ts.cfg),
         "step": {"global_rows": rows, "seq_len": dc.seq_len, "accum_steps": a, "tokens_per_step": tokens,
                  "patches_per_step": patches, "remat_policy": sc.remat_policy, "compute_dtype": sc.compute_dtype,
                  "grad_dtype": sc.grad_dtype, "freeze": list(oc.freeze), "state_dtype": getattr(oc, "state_dtype",
                                                                                                   None)},
-        "per_chip": {"params_bytes": shard_bytes(a_params), "opt_state_bytes": shard_bytes(a_opt),
-                     "kv_cache_bytes": 0, "temp_bytes": 0, "total_bytes": shard_bytes(a_params) + shard_bytes(a_opt),
+        "per_chip": {"params_bytes": params_b, "opt_state_bytes": shard_bytes(a_opt),
+                     "kv_cache_bytes": 0, "temp_bytes": 0, "total_bytes": params_b + shard_bytes(a_opt),
                      "hbm_bytes": int(hbm)},
         "programs": [],
     }
+    if a_base is not None:
+        report["lora"] = _lora_desc(ts, a_base, a_params)
     _train_bounds(report, counter.step_flops(stats), tokens, peak, step_time)
+    if a_base is not None:
+        report["analytic"]["note"] = (
+            "LoRA (metrics.FlopCounter, weight_grads=False): 4*N*tokens for the base's groups that gradients pass "
+            "through (forward + activation gradients; no weight gradients), 2*N for those before them, + attention; "
+            "the adapters' own matmuls are not counted; every row one sequence of seq_len tokens, images of "
+            f"{FRAME_PATCHES} patches; the compiled figure counts the scanned layer once")
     try:
         exe, secs = _compile_train_step(ts, cfg, dc, tpu.hosts, a)
     except Exception as e:  # the compiler's RESOURCE_EXHAUSTED; anything else is a bug and is re-raised
         oom = compile_oom(e)
         if oom is None:
             raise
-        return _not_fit(report, oom, "train_step", _train_advice(tpu, report["per_chip"], oom, dc, sc, oc))
+        return _not_fit(report, oom, "train_step", _train_advice(tpu, report["per_chip"], oom, dc, sc, oc,
+                                                                 a_base is not None, ts.cfg.runtime.quantize))
     _record_programs(report, [("train_step", exe, secs)])
     report["efficiency"] = {"flops_ratio": None}
     if count_flops:
-        _count_layer_flops(report, ts, counter, cfg, mesh_obj, train_config, rows)
+        _count_layer_flops(report, ts, counter, cfg, mesh_obj, train_config, rows, quant)
     return _finish(report, hbm)
 
 
 def _count_layer_flops(report: dict[str, Any], ts: Any, counter: FlopCounter, cfg: Glm4vConfig, mesh: Any,
-                       train_config: Any, rows: int) -> None:
+                       train_config: Any, rows: int, quant: Mapping[str, Any] | None = None) -> None:
     """The train step's FLOPs ratio of one decoder layer: model FLOPs / compiled FLOPs. The compiler counts a
     scanned body once: the per-layer count comes from the unrolled step at 1 and 2 decoder layers (one micro-batch,
     a 1-block vision tower and a small vision pack; the same mesh, remat and text shapes).
@@ -401,19 +456,19 @@ def _count_layer_flops(report: dict[str, Any], ts: Any, counter: FlopCounter, cf
     count of the same decoder layer drops with a large pack (Kaggle config, v5e-8: 6.51 TFLOP per layer with 1024
     patches, 5.03 with 16384, i.e. the remat recompute no longer counted). The splash kernel is a custom call whose
     FLOPs the compiler does not count, so the compiled figure is the matmuls (8 N per token with full remat)."""
-    dc, sc, oc = train_config.data, train_config.step, train_config.optim
+    dc, sc = train_config.data, train_config.step
     dc = dataclasses.replace(dc, max_patches=min(dc.max_patches, COUNT_PATCHES))
     counts = []
     for n_layers in (1, 2):
         small = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_hidden_layers=n_layers),
                                     vision=dataclasses.replace(cfg.vision, depth=1))
-        sts = _train_step(small, oc, mesh, dataclasses.replace(sc, accum_steps=1, scan_layers=False))
+        sts = _train_step(small, train_config, mesh, quant, dataclasses.replace(sc, accum_steps=1, scan_layers=False))
         exe_n, secs_n = _compile_train_step(sts, cfg, dc, report["hosts"], 1)
         counts.append(cost_figures(exe_n)["flops"])
         _record_programs(report, [(f"train_step_unrolled_{n_layers}_layer", exe_n, secs_n)])
     layer_compiled = (counts[1] - counts[0]) * report["devices"]
     t = cfg.text
-    flat = jax.tree_util.tree_flatten_with_path(ts.abstract_params)[0]
+    flat = jax.tree_util.tree_flatten_with_path(getattr(ts, "base_abstract", ts.abstract_params))[0]
     layer_kernels = sum(int(np.prod(x.shape)) for p, x in flat
                         if [str(getattr(k, "key", k)) for k in p][:2] == ["language_model", "layers"]
                         and str(getattr(p[-1], "key", p[-1])) == "kernel") / t.num_hidden_layers

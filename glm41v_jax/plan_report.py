@@ -46,6 +46,13 @@ def format_report(r: Mapping[str, Any]) -> str:
         lines.append(f"step: {s['global_rows']} rows x {s['seq_len']} tokens x {s['accum_steps']} micro-batches = "
                      f"{s['tokens_per_step']} tokens, {s['patches_per_step']} patches; remat {s['remat_policy']}, "
                      f"grads {s['grad_dtype']}, moments {s['state_dtype']}, frozen {s['freeze'] or 'none'}")
+        if r.get("lora"):
+            lo = r["lora"]
+            lines.append(f"lora: rank {lo['rank']}, alpha {lo['alpha']} on {lo['modules']} modules "
+                         f"({', '.join(lo['targets'])}): {lo['adapter_params'] / 1e6:.1f} M adapter params "
+                         f"({format_bytes(lo['adapter_bytes_per_chip'])} per chip) trained; base "
+                         f"{lo['base_params'] / 1e9:.2f} B params ({format_bytes(lo['base_bytes_per_chip'])} per chip"
+                         f"{_weights(r)}) frozen")
     pc = r["per_chip"]
     hbm = pc["hbm_bytes"]
     lines.append("per chip:")

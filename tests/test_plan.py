@@ -199,3 +199,50 @@ def test_train_layer_flops_count_on_a_tiny_config(tiny_model, tmp_path, capsys):
     ef = out["efficiency"]
     assert ef["layer_compiled_flops"] == pytest.approx(expected, rel=0.15), ef
     assert ef["flops_ratio"] == pytest.approx(ef["layer_model_flops"] / ef["layer_compiled_flops"])
+
+
+LORA_YAML = ("model: tiny\noutput_dir: out\nsteps: 4\nmesh: null\nquantize: int8\n"
+             "lora: {rank: 4, alpha: 8, targets: [q_proj, v_proj]}\n"
+             "data: {jsonl: x.jsonl, seq_len: 128, batch_size: 2, max_patches: 64}\n"
+             "step: {compute_dtype: bfloat16}\n")
+
+
+@pytest.mark.slow
+def test_lora_train_plan_on_a_tiny_config(tiny_model, tmp_path, capsys):
+    """A QLoRA config (int8 base, rank-4 adapters on q_proj and v_proj) on one v5e chip: the LoRA step is compiled
+    (no per-layer count), its parameters are the int8 base + the adapters, its optimizer state the adapters' two
+    fp32 Adam moments (figures from the config's shapes, computed here)."""
+    yaml_path = tmp_path / "tiny lora.yaml"
+    yaml_path.write_text(LORA_YAML)
+    code = main(["plan", "--tpu", "v5e-1", "--model", tiny_model, "train", "--config", str(yaml_path), "--json",
+                 "--no-flops-count"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["fits"], out
+    assert [p["name"] for p in out["programs"]] == ["train_step"] and out["programs"][0]["flops"] > 0
+    assert out["quantize"]["scheme"] == "int8"
+    t = Glm4vConfig.from_hf(tiny_hf_config()).text
+    d, n, k, h, L = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.num_hidden_layers
+    lo, pc = out["lora"], out["per_chip"]
+    adapter_params = L * 4 * ((d + n * h) + (d + k * h))  # A (d, r) and B (r, out) of q_proj and v_proj, r = 4
+    assert (lo["rank"], lo["alpha"], lo["modules"], lo["adapter_params"]) == (4, 8, 2 * L, adapter_params)
+    assert lo["adapter_bytes_per_chip"] == 4 * adapter_params  # fp32, one chip
+    assert 8 * adapter_params <= pc["opt_state_bytes"] < 8 * adapter_params + 1024  # mu, nu (+ counts): no base
+    assert pc["params_bytes"] == lo["base_bytes_per_chip"] + lo["adapter_bytes_per_chip"]
+    # the base in int8: the lm_head (vocab x hidden) at one byte per weight, not four
+    assert lo["base_bytes_per_chip"] <= 4 * lo["base_params"] - 3 * t.vocab_size * d
+    assert pc["total_bytes"] >= pc["params_bytes"] + pc["opt_state_bytes"]
+    assert "LoRA" in out["analytic"]["note"]
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--quantize", "int4"], "give one"),  # the config quantizes the base already
+    (["--set", "lora=null"], "add a lora: section"),  # full-weight training on a quantized base
+    (["--set", "lora.rank=0"], "rank"),
+])
+def test_lora_train_plan_bad_input(tiny_model, tmp_path, capsys, extra, fragment):
+    """One error line and exit 2, before anything compiles."""
+    yaml_path = tmp_path / "lora.yaml"
+    yaml_path.write_text(LORA_YAML)
+    assert main(["plan", "--tpu", "v5e-1", "--model", tiny_model, "train", "--config", str(yaml_path), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and fragment in err, err

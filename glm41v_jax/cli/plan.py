@@ -6,8 +6,9 @@
     glm41v plan --tpu v5e-1 generate --quantize int8|int4 [--quant-group-size N] [--quantize-skip lm_head,vision]
 
 `--quantize` compiles the quantized programs (weight-only int8/int4, as `glm41v generate --quantize` runs them); a
---model that is a quantized converted directory is planned with its recorded scheme. A train plan refuses it
-(full-weight training needs float weights).
+--model that is a quantized converted directory is planned with its recorded scheme. A train plan takes it (or the
+config's own `quantize:`) for the frozen base of a config with a `lora:` section (QLoRA: the LoRA step is compiled,
+adapters and their optimizer state trained) and refuses it for full-weight training (which needs float weights).
 
 Exit codes: 0 fits, 1 does not fit (the compiler's figures and what would fit are printed), 2 bad input (one
 `error: ...` line: unknown TPU type, a mesh that does not use the slice's devices, a config that does not parse).
@@ -67,7 +68,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--chunk-size", type=argtypes.int_in(1, 4096), default=16,
                    help="decode steps per device call (default 16)")
     add_quant_args(g, "weight-only quantization of the planned weights")
-    t = sub.add_parser("train", help="the SFT train step of a training config")
+    t = sub.add_parser("train", help="the train step of a training config (full SFT, or LoRA with a lora: section)")
     _common(t, sub=True, model_config_flag="--model-config")
     t.add_argument("--config", dest="train_config", required=True, metavar="YAML", help="the training config file")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -76,7 +77,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="a measured step time in seconds: print the MFU it means")
     t.add_argument("--no-flops-count", action="store_true",
                    help="skip the unrolled 1- and 2-layer compiles that count the compiled FLOPs per layer")
-    add_quant_args(t, "refused: full-weight training needs float weights (LoRA on a quantized base comes later)")
+    add_quant_args(t, "the frozen base of a LoRA config (QLoRA; or the config's quantize: field); refused for "
+                      "full-weight training, which needs float weights")
     p.set_defaults(func=run)
     return p
 
