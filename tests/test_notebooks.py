@@ -67,6 +67,13 @@ NOTEBOOKS: dict[str, Checks] = {
                   r"timestamps in the prompt \(s\): \['0', '1', '2', '3'\]", r"4 messages in the history",
                   r"\d+ programs compiled", r"persistent compilation cache: .*glm41v_nb_work/jax_cache \([1-9]"),
         env={"XLA_FLAGS": ""}),  # one CPU device, as the v5e-1 has one chip
+    "colab_qlora": Checks(
+        image_cells=("display(sample)",), loss_plot_cell="run_training(cfg,", losses=True,
+        patterns=(r"SKIPPED in test mode: git clone", r"SKIPPED in test mode: snapshot_download",
+                  r"SKIPPED in test mode: hf_hub_download", r"converted to int8 in",
+                  r"'status': 'completed', 'step': 40", r"A \(trained\): ", r"adapter_model\.safetensors +[\d,]+ bytes",
+                  r"PEFT adapter: r = 8 lora_alpha = 16"),
+        env={"XLA_FLAGS": ""}),  # one CPU device, as the v5e-1 has one chip
 }
 
 
