@@ -452,6 +452,23 @@ def _program_entries(obj: Any) -> list[tuple[str, str, float]]:
     raise NotebookError(f"compile_report: expected a Pipeline, an Engine or a ProgramCache, got {type(obj).__name__}")
 
 
+# jax's persistent-cache events in this process, counted once enable_compilation_cache has registered listeners.
+_CACHE_EVENTS = {"/jax/compilation_cache/compile_requests_use_cache": "requests",
+                 "/jax/compilation_cache/cache_hits": "hits"}
+_cache_stats: dict[str, float] = {"requests": 0, "hits": 0, "saved_s": 0.0}
+_listening = False
+
+
+def _on_event(event: str, **_: Any) -> None:
+    if event in _CACHE_EVENTS:
+        _cache_stats[_CACHE_EVENTS[event]] += 1
+
+
+def _on_duration(event: str, duration: float, **_: Any) -> None:
+    if event == "/jax/compilation_cache/compile_time_saved_sec":
+        _cache_stats["saved_s"] += duration
+
+
 def compile_report(obj: Any) -> str:
     """The programs a Pipeline / Engine / ProgramCache compiled, as a small table (kind, compile seconds, shapes),
     with their count and total, and where the persistent compilation cache is (if one is set)."""
@@ -465,17 +482,29 @@ def compile_report(obj: Any) -> str:
     if cache_dir:
         n = sum(f.endswith("-cache") for _, _, files in os.walk(cache_dir) for f in files)  # jax's entry names
         lines.append(f"persistent compilation cache: {cache_dir} ({n} entries)")
+        if _listening:
+            lines.append(f"  this process: {_cache_stats['hits']:.0f} of {_cache_stats['requests']:.0f} XLA compiles "
+                         f"read from it ({_cache_stats['saved_s']:.2f}s of compiling saved)")
     return "\n".join(lines)
 
 
 def enable_compilation_cache(path: str | os.PathLike) -> str:
     """Keep compiled programs in `path` (created if missing) across restarts: jax's persistent compilation cache,
-    every program written (minimum compile time 0). Call it before the first compile. Returns the absolute path."""
+    every program written (minimum compile time 0). Call it before the first compile. From then on compile_report
+    also counts the compiles read from the cache. Returns the absolute path."""
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise NotebookError(f"compilation cache directory {path}: cannot create it ({e.strerror or e})") from None
+    from jax.experimental.compilation_cache import compilation_cache
+
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    compilation_cache.reset_cache()  # a cache opened by an earlier compile is reopened at `path` by the next one
+    global _listening
+    if not _listening:  # count the cache's hits for compile_report
+        jax.monitoring.register_event_listener(_on_event)
+        jax.monitoring.register_event_duration_secs_listener(_on_duration)
+        _listening = True
     return path

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
 from glm41v_jax import notebook as nb
@@ -238,9 +240,21 @@ def test_compile_report_and_the_persistent_cache(tmp_path):
         assert sorted(f.split("-")[0] for f in os.listdir(path) if "lambda" in f) == ["jit__lambda"] * 2
         assert lines[4].startswith(f"persistent compilation cache: {path} (")  # both programs were written to it
         assert int(lines[4].rpartition("(")[2].split()[0]) == len([f for f in os.listdir(path) if f.endswith("-cache")])
+        # the same program compiled again in a new cache (a restarted runtime) is read from the persistent cache
+        hits = re.compile(r"this process: (\d+) of (\d+) XLA compiles read from it")
+        before = [int(v) for v in hits.search(report).groups()]
+        again = ProgramCache()
+        again.compile(("a",), "prefill", "x=(3,)", lambda: jax.jit(lambda v: v * 2 + 1).lower(x).compile())
+        after = [int(v) for v in hits.search(nb.compile_report(again)).groups()]
+        assert after == [before[0] + 1, before[1] + 1]
+        # moved after compiles have opened the cache: the next program is written to the new folder
+        moved = nb.enable_compilation_cache(tmp_path / "moved")
+        jax.jit(lambda v: v * 3 - 2).lower(x).compile()
+        assert [f for f in os.listdir(moved) if f.startswith("jit__lambda")]
         with pytest.raises(nb.NotebookError, match="expected a Pipeline, an Engine or a ProgramCache"):
             nb.compile_report(object())
     finally:
         jax.config.update("jax_compilation_cache_dir", old[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+        compilation_cache.reset_cache()  # the rest of the session compiles without the test's cache
 
