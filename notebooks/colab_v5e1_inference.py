@@ -229,7 +229,8 @@ timings = []
 
 
 def ask(request: Request, max_new_tokens: int = MAX_NEW) -> str:
-    """Generate for one request, printing the reply as it is written; returns the reply text."""
+    """Generate for one request, printing the reply as it is written (chunk by chunk); returns the reply text.
+    The timings of each call are kept in `timings` (shown at the end)."""
     printer = StreamPrinter(lambda ids: pipe.processor.decode(ids, skip_special_tokens=True), sys.stdout)
     result = pipe.engine.generate(pipe.encode(request), max_new_tokens=max_new_tokens, eos_ids=pipe.eos_ids,
                                   stream_callback=printer.feed)
@@ -238,7 +239,6 @@ def ask(request: Request, max_new_tokens: int = MAX_NEW) -> str:
     timings.append({"prompt tokens": len(result.prompt_token_ids), "new tokens": len(result.token_ids),
                     "compile s": round(t.get("compile_s", 0.0), 2), "prefill s": round(t.get("prefill_s", 0.0), 3),
                     "decode tok/s": round(t.get("decode_tokens_per_s", 0.0), 1)})
-    print(f"[{timings[-1]}]")
     return reply
 
 
@@ -288,6 +288,11 @@ video_request = Request("What happens in this video, and at which second?", vide
 prompt = pipe.processor.decode(pipe.encode(video_request)["input_ids"][0].tolist(), skip_special_tokens=False)
 stamps = re.findall(r"<\|end_of_image\|>(\d+)", prompt)  # each frame pair: its image tokens, then its second
 print("timestamps in the prompt (s):", stamps)
+
+# %% [markdown]
+# The reply, streamed:
+
+# %%
 reply = ask(video_request)
 
 # %% [markdown]

@@ -18,6 +18,7 @@ Adding a notebook: write notebooks/X.py, generate notebooks/X.ipynb, and add its
         loss_plot_cell="plot.update(",                 # the cell that draws the loss plot (image/png)
         losses=True,                                   # a printed line {"losses": [...]}: finite and falling
         patterns=(r"RELOADED OK max\\|dlogits\\|=\\S+",),  # regexes the printed text must match
+        streamed_cells=("ask(",),                      # that cell printed its text in 3+ pieces (streamed)
         env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})  # more environment for the kernel
 
 A notebook without an entry gets the common checks only.
@@ -55,6 +56,7 @@ class Checks:
     loss_plot_cell: str | None = None  # the cell whose source contains it shows the loss plot (image/png)
     losses: bool = False  # a printed JSON line {"losses": [...]}: all finite, the last third below the first
     patterns: tuple[str, ...] = ()  # regexes matched against everything the notebook printed
+    streamed_cells: tuple[str, ...] = ()  # each: the cell whose source contains it printed in 3+ pieces (streamed)
     env: dict[str, str] = dataclasses.field(default_factory=dict)  # more environment for the kernel
     cell_timeout: int = 300  # seconds per cell
 
@@ -62,6 +64,7 @@ class Checks:
 NOTEBOOKS: dict[str, Checks] = {
     "colab_v5e1_inference": Checks(
         image_cells=("display(img)", "display(nb.draw_boxes("),
+        streamed_cells=("reply = ask(video_request)",),  # 48 new tokens: 3 decode chunks of 16, each printed
         patterns=(r"SKIPPED in test mode: pip install", r"SKIPPED in test mode: snapshot_download",
                   r"expected tpu-v5e-1: CPU, no TPU", r"converted in [\d.]+s", r"fits: .* per chip",
                   r"timestamps in the prompt \(s\): \['0', '1', '2', '3'\]", r"4 messages in the history",
@@ -185,6 +188,11 @@ def test_notebook_executes(name, tmp_path, record_property):
             f"{where}: losses {losses}"
         k = max(1, len(losses) // 3)
         assert sum(losses[-k:]) / k < sum(losses[:k]) / k, f"{where}: losses do not fall: {losses}"
+    for needle in checks.streamed_cells:
+        pieces = [len([o for o in c.get("outputs", []) if o.output_type == "stream" and o.name == "stdout"])
+                  for c in nb.cells if c.cell_type == "code" and needle in c.source]
+        # a reply printed at the end is one piece (two with its closing newline); streamed, one per decode chunk
+        assert pieces and max(pieces) >= 3, f"{where}: the cell with {needle!r} did not stream ({pieces} pieces)"
     for pattern in checks.patterns:
         assert re.search(pattern, text), f"{where}: nothing printed matches {pattern!r}"
     print(f"{where}: executed in {seconds:.1f} s")
