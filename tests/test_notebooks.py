@@ -77,6 +77,14 @@ NOTEBOOKS: dict[str, Checks] = {
                   r"'status': 'completed', 'step': 40", r"A \(trained\): ", r"adapter_model\.safetensors +[\d,]+ bytes",
                   r"PEFT adapter: r = 8 lora_alpha = 16"),
         env={"XLA_FLAGS": ""}),  # one CPU device, as the v5e-1 has one chip
+    "kaggle_v5e8_lora": Checks(
+        loss_plot_cell="display(PngImage(", losses=True,
+        patterns=(r"SKIPPED in test mode: git clone", r"SKIPPED in test mode: snapshot_download",
+                  r"mesh: \{'data': 1, 'fsdp': 8, 'tensor': 1\} over 8 devices", r"fits: .* per chip",
+                  r"resumed from \S+/checkpoints/4 at step 4", r"RESUMED at step 4, trained to step 8",
+                  r"held-out loss: [\d.]+ before, [\d.]+ after", r"A \(trained\): ",
+                  r"kaggle_nb/working: 0\.\d+ GB of the 20 GB cap used",
+                  r"RELOADED OK max\|dlogits\|=\S+ \(tolerance \S+; glm41v_jax and transformers\)")),
 }
 
 
