@@ -45,7 +45,8 @@ def format_report(r: Mapping[str, Any]) -> str:
         s = r["step"]
         lines.append(f"step: {s['global_rows']} rows x {s['seq_len']} tokens x {s['accum_steps']} micro-batches = "
                      f"{s['tokens_per_step']} tokens, {s['patches_per_step']} patches; remat {s['remat_policy']}, "
-                     f"grads {s['grad_dtype']}, moments {s['state_dtype']}, frozen {s['freeze'] or 'none'}")
+                     f"grads {s['grad_dtype']}, moments {s['state_dtype']}, frozen "
+                     f"{'the base (LoRA)' if r.get('lora') else s['freeze'] or 'none'}")
         if r.get("lora"):
             lo = r["lora"]
             lines.append(f"lora: rank {lo['rank']}, alpha {lo['alpha']} on {lo['modules']} modules "

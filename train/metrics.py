@@ -9,6 +9,10 @@ masked-out attention), from the batch actually trained on:
       projector  2 * N_proj * patches / merge^2                                        (per merged token)
     training = forward * (1 + activation grads + weight grads): 3x for a trained group, 2x for a frozen group that
     still passes gradients back to a trained one upstream (vision -> projector -> decoder), 1x otherwise.
+    LoRA (`LoraTrainStep.flop_counter`, weight_grads=False): the base's weights get no gradient, so a group with
+    adapters counts 2x (forward + activation grads: 4 N per token for the decoder), as does a frozen group after it,
+    and a group before the first adapters 1x; the adapters' own matmuls (r (in + out) weights against in x out: 0.3%
+    of the 9B decoder's at r = 8) are left out. `glm41v plan` reports the same figure.
 
 N counts the matmul weights (`kernel` leaves, and the embedding when it is the tied output head); lookups (token
 embedding, vision position table), norms and biases are left out. For a dense decoder this is the usual
