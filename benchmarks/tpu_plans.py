@@ -29,7 +29,8 @@ from glm41v_jax.tpu_slices import parse_tpu  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GENERATE = [("v5e-1", 1, None), ("v5e-8", 1, None), ("v5e-8", 8, None), ("v5e-8", 32, None),
             ("v5e-8", 32, "fsdp=4,tensor=2"), ("v6e-1", 1, None), ("v6e-8", 8, None)]
-TRAIN = [("v5e-8", "kaggle_v5e8.yaml"), ("v5p-64", "v5p_pod.yaml")]
+TRAIN = [("v5e-8", "kaggle_v5e8.yaml"), ("v5p-64", "v5p_pod.yaml"), ("v5e-1", "colab_v5e1_qlora.yaml"),
+         ("v5e-8", "kaggle_v5e8_lora.yaml")]
 GiB = 2**30
 
 
