@@ -344,8 +344,9 @@ def run_training(cfg, title: str) -> dict:
 
     worker = threading.Thread(target=work, name="glm41v-train", daemon=True)
     plot = nb.LossPlot(title=title)
-    bar = tqdm(total=cfg.steps, unit="step", desc="training")
     metrics = os.path.join(cfg.output_dir, "metrics.jsonl")
+    recs = nb.read_metrics(metrics) if os.path.isfile(metrics) else []  # a resumed run's earlier steps
+    bar = tqdm(total=cfg.steps, initial=recs[-1]["step"] if recs else 0, unit="step", desc="training")
     worker.start()
     try:
         while worker.is_alive():

@@ -104,7 +104,8 @@ print(report)
 # the final export (and the loss plot) into `/kaggle/working`, after checking its size against the cap
 # (`output_bytes`, `check_output_cap`). In test mode both roots are folders under the current directory.
 #
-# Everything a later cell needs is set here, so after a kernel restart cells 1, 3 and 4 bring it back.
+# The settings of every later cell are here: after a kernel restart, sections 1, 3, 4 (and 9, for its helpers) bring
+# them back.
 
 # %%
 import shutil
@@ -141,14 +142,15 @@ OVERRIDES = [f"model={BASE_DIR}", f"output_dir={RUN_DIR}", f"mesh={MESH}", f"dat
              f"eval.jsonl={VAL_JSONL}", f"steps={2 * N_STEPS}", f"optim.total_steps={2 * N_STEPS}", "progress=false",
              "save_every=100", "eval.every=250"]
 if TEST:  # the tiny model on 8 CPU devices: train/configs/cpu_lora.yaml's settings, one 64-token row per device;
-    # no eval during training (its compile would double this CPU's time; sections 9 and 11 measure the held-out loss)
+    # no eval during training (its compile would double this CPU's time; sections 9 and 11 measure the held-out loss),
+    # per-layer weights instead of the scan (on XLA:CPU it compiles in 2/3 of the time: train/README.md)
     N_STEPS = 4
     OVERRIDES += [f"steps={2 * N_STEPS}", f"optim.total_steps={2 * N_STEPS}", f"save_every={N_STEPS}", "eval=null",
                   "log_every=2",
                   "tensorboard=false", "data.seq_len=64", "data.batch_size=8", "data.max_patches=256",
                   "data.worker_count=0", "step.compute_dtype=float32", "step.param_dtype=float32",
-                  "step.loss_chunk=128", "step.remat_policy=none", "optim.peak_lr=1e-2", "optim.end_lr=1e-3",
-                  "optim.warmup_steps=4"]
+                  "step.loss_chunk=128", "step.remat_policy=none", "step.scan_layers=false", "optim.peak_lr=1e-2",
+                  "optim.end_lr=1e-3", "optim.warmup_steps=4"]
 
 
 def output_bytes(path: str) -> int:
@@ -251,8 +253,6 @@ for path in (TRAIN_JSONL, VAL_JSONL):
 # plans the same config with the test settings on the tiny model.
 
 # %%
-import jax
-
 from glm41v_jax.sharding import make_mesh
 
 mesh = make_mesh(MESH)
@@ -272,6 +272,7 @@ print(plan.stdout or plan.stderr)
 import contextlib
 import gc
 import io
+import json
 
 from glm41v_jax import Pipeline, Request
 from glm41v_jax.cli import main as glm41v
@@ -318,10 +319,10 @@ for req, ans in zip(PROMPTS, answers_before, strict=True):
 # tens of MB) go to `RUN_DIR/checkpoints` every `save_every` steps. Interrupting the cell stops the run after the step
 # in flight, with a checkpoint of it.
 #
-# **After a kernel restart (or a Kaggle session that ended), run cells 1, 3 and 4, then from here: training resumes
-# from the last checkpoint.** (`resume: auto`: the same config finds the checkpoints in `RUN_DIR` and continues, with
-# the same data order, up to `steps`.) This notebook shows it: the first call below stops at step N_STEPS, the second
-# is what a restarted kernel runs and continues to 2 x N_STEPS.
+# **After a kernel restart (or a Kaggle session that ended), run sections 1, 3, 4 and 9, then from here: training
+# resumes from the last checkpoint.** (`resume: auto`: the same config finds the checkpoints in `RUN_DIR` and
+# continues, with the same data order, up to `steps`.) This notebook shows it: the first call below stops at step
+# N_STEPS, the second is what a restarted kernel runs and continues to 2 x N_STEPS.
 
 # %%
 import threading
@@ -375,8 +376,11 @@ def checkpoints() -> list[int]:
     return sorted(int(d) for d in os.listdir(folder) if d.isdigit()) if os.path.isdir(folder) else []
 
 
-first = run_training(load_config(CONFIG, [*OVERRIDES, f"steps={N_STEPS}"]), f"LoRA, steps 1-{N_STEPS}")
-print(first, "checkpoints:", checkpoints())
+if checkpoints() and checkpoints()[-1] >= N_STEPS:  # after a restart past N_STEPS: the next cell resumes
+    print(f"the run already has a checkpoint of step {checkpoints()[-1]}: on to the next cell")
+else:
+    first = run_training(load_config(CONFIG, [*OVERRIDES, f"steps={N_STEPS}"]), f"LoRA, steps 1-{N_STEPS}")
+    print(first, "checkpoints:", checkpoints())
 
 # %% [markdown]
 # The second call: the config's full `steps` (2 x N_STEPS). It restores the latest checkpoint (adapters, optimizer
@@ -425,6 +429,7 @@ for req, b, a in zip(PROMPTS, answers_before, answers_after, strict=True):
 
 # %%
 import math
+import time
 
 from glm41v_convert.export import export
 from glm41v_jax.config import Glm4vConfig
@@ -455,27 +460,33 @@ print(f"{WORKING}: {check_output_cap() / 1e9:.3f} GB of the {OUTPUT_CAP / 1e9:.0
 # within 2% of the logits' scale before it prints "RELOADED OK".
 
 # %%
+import jax
 import numpy as np
 
 from glm41v_jax import load
 from glm41v_jax import lora as LO
 from glm41v_jax.inputs import prepare_inputs
-from glm41v_jax.model import Glm4v, forward
+from glm41v_jax.model import Glm4v
 from glm41v_jax.processing import Processor
+from glm41v_jax.sharding import make_mesh
 
 F32 = {"param_dtype": "float32", "compute_dtype": "float32"}
 processor = Processor.from_dir(BASE_DIR)
 enc = {k: v for k, v in processor.encode_messages(PROMPTS[0].to_messages()).items() if isinstance(v, np.ndarray)}
 
+mesh = make_mesh(MESH)
 params, base_cfg = load(BASE_DIR, mesh=mesh, **F32)
 adapters, lora_cfg, _ = LO.load_adapters(summary["final"], base_cfg)
 kw = prepare_inputs(base_cfg, **enc).as_kwargs()
-trained = np.asarray(jax.jit(lambda v, kw: Glm4v(lora_cfg).apply(v, **kw))({"params": params, "lora": adapters}, kw))
-base_logits = np.asarray(forward(params, base_cfg, **enc))
+# One compiled program for the three forward passes: the model with adapters (zero adapters add exactly nothing).
+with_adapters = jax.jit(lambda v, kw: Glm4v(lora_cfg).apply(v, **kw))
+zero = jax.tree.map(np.zeros_like, adapters)
+trained = np.asarray(with_adapters({"params": params, "lora": adapters}, kw))
+base_logits = np.asarray(with_adapters({"params": params, "lora": zero}, kw))
 del params
 gc.collect()
-reloaded, export_cfg = load(EXPORT_DIR, mesh=mesh, **F32)
-ours = np.asarray(forward(reloaded, export_cfg, **enc))
+reloaded, _ = load(EXPORT_DIR, mesh=mesh, **F32)  # our loader reads the exported HF checkpoint
+ours = np.asarray(with_adapters({"params": reloaded, "lora": zero}, kw))
 del reloaded
 gc.collect()
 

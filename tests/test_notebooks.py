@@ -84,6 +84,7 @@ NOTEBOOKS: dict[str, Checks] = {
                   r"resumed from \S+/checkpoints/4 at step 4", r"RESUMED at step 4, trained to step 8",
                   r"held-out loss: [\d.]+ before, [\d.]+ after", r"A \(trained\): ",
                   r"kaggle_nb/working: 0\.\d+ GB of the 20 GB cap used",
+                  r"the adapter moves the logits by max [1-9]\d*\.\d+",  # so the comparison below can fail
                   r"RELOADED OK max\|dlogits\|=\S+ \(tolerance \S+; glm41v_jax and transformers\)")),
 }
 
