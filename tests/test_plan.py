@@ -1,5 +1,6 @@
 """`glm41v plan`: Cloud TPU names, bad input (one error line, exit 2), the JSON report on a tiny config compiled by
-the real TPU compiler (libtpu) for a small topology. The real 9B programs are compiled in test_tpu_compile.py."""
+the real TPU compiler (libtpu) for a small topology. The real 9B programs are compiled in test_tpu_compile.py,
+test_tpu_train.py and test_tpu_generate_plans.py."""
 
 from __future__ import annotations
 
@@ -156,7 +157,8 @@ def test_generate_json_on_a_small_topology(tiny_model, capsys, monkeypatch, tmp_
 @pytest.mark.slow
 def test_train_json_two_hosts(tiny_model, tmp_path, capsys):
     """The train step of a tiny config on a 2-host v5p-16 (8 chips, data=2 x fsdp=4), accumulation over 2
-    micro-batches; no per-layer FLOPs count (that compiles two more programs; test_tpu_compile covers it)."""
+    micro-batches; no per-layer FLOPs count (that compiles two more programs;
+    test_train_layer_flops_count_on_a_tiny_config covers it)."""
     yaml_path = tmp_path / "tiny train.yaml"
     yaml_path.write_text("model: tiny\noutput_dir: out\nsteps: 4\nmesh: data=2,fsdp=-1\n"
                          "data: {jsonl: x.jsonl, seq_len: 128, batch_size: 4, max_patches: 64}\n"

@@ -1,0 +1,37 @@
+"""`glm41v plan` for generation on one v5e chip with the TPU compiler (libtpu), at the real 9B shapes, on this CPU
+machine: bf16 does not fit (the compiler's figures, exit 1); int8 with an 8k cache and a 1120x1120 image does."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from glm41v_jax.cli import main
+from glm41v_jax.plan import parse_tpu
+
+pytestmark = pytest.mark.slow
+
+
+def test_bf16_generation_does_not_fit_one_v5e_chip(capsys):
+    code = main(["plan", "--tpu", "v5e-1", "generate", "--batch", "1", "--max-context", "4096"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "DOES NOT FIT" in out and "exceeds available HBM" in out and "would fit: more chips: v5e-4" in out, out
+
+
+def test_int8_9b_fits_one_v5e_chip(capsys):
+    """Weight-only int8 (the vision tower quantized too: `--quantize-skip none`) on one 16 GB v5e chip, batch 1, an
+    8k cache, one 1120x1120 image: the TPU compiler fits the prefill and decode (the prefill's peak ~15.2 of 15.75
+    GiB) and the decode step reads its minimum once. With the vision tower left in bf16 (the default skip) the
+    prefill needs 16.2 GiB."""
+    code = main(["plan", "--tpu", "v5e-1", "--json", "generate", "--batch", "1", "--max-context", "8192",
+                 "--image", "1120x1120", "--quantize", "int8", "--quantize-skip", "none"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["fits"], out.get("compile_error")
+    assert out["bucket"]["vision_patches"] > 6000
+    pc = out["per_chip"]
+    assert pc["params_bytes"] < 10.5 * 2**30  # bf16 is 19.17 GiB
+    for p in out["programs"]:
+        assert p["memory"]["peak_bytes"] < parse_tpu("v5e-1").spec.hbm_bytes * 0.985, (p["name"], p["memory"])
+    assert out["efficiency"]["decode_bytes_ratio"] > 0.9
