@@ -144,13 +144,13 @@ OVERRIDES = [f"model={BASE_DIR}", f"output_dir={RUN_DIR}", f"mesh={MESH}", f"dat
 if TEST:  # the tiny model on 8 CPU devices: train/configs/cpu_lora.yaml's settings, one 64-token row per device;
     # no eval during training (its compile would double this CPU's time; sections 9 and 11 measure the held-out loss),
     # per-layer weights instead of the scan (on XLA:CPU it compiles in 2/3 of the time: train/README.md)
-    N_STEPS = 4
+    N_STEPS = 3
     OVERRIDES += [f"steps={2 * N_STEPS}", f"optim.total_steps={2 * N_STEPS}", f"save_every={N_STEPS}", "eval=null",
                   "log_every=2",
                   "tensorboard=false", "data.seq_len=64", "data.batch_size=8", "data.max_patches=256",
                   "data.worker_count=0", "step.compute_dtype=float32", "step.param_dtype=float32",
                   "step.loss_chunk=128", "step.remat_policy=none", "step.scan_layers=false", "optim.peak_lr=1e-2",
-                  "optim.end_lr=1e-3", "optim.warmup_steps=4"]
+                  "optim.end_lr=1e-3", "optim.warmup_steps=2"]
 
 
 def output_bytes(path: str) -> int:

@@ -81,7 +81,7 @@ NOTEBOOKS: dict[str, Checks] = {
         loss_plot_cell="display(PngImage(", losses=True,
         patterns=(r"SKIPPED in test mode: git clone", r"SKIPPED in test mode: snapshot_download",
                   r"mesh: \{'data': 1, 'fsdp': 8, 'tensor': 1\} over 8 devices", r"fits: .* per chip",
-                  r"resumed from \S+/checkpoints/4 at step 4", r"RESUMED at step 4, trained to step 8",
+                  r"resumed from \S+/checkpoints/3 at step 3", r"RESUMED at step 3, trained to step 6",
                   r"held-out loss: [\d.]+ before, [\d.]+ after", r"A \(trained\): ",
                   r"kaggle_nb/working: 0\.\d+ GB of the 20 GB cap used",
                   r"the adapter moves the logits by max [1-9]\d*\.\d+",  # so the comparison below can fail
