@@ -361,6 +361,7 @@ def run_training(cfg, title: str) -> dict:
         preempt.flag = True
         worker.join()
     bar.close()
+    gc.collect()  # the trainer's arrays (the base on the chips) are released here
     if failure:
         raise failure[0]
     return result

@@ -80,7 +80,9 @@ NOTEBOOKS: dict[str, Checks] = {
     "kaggle_v5e8_lora": Checks(
         loss_plot_cell="display(PngImage(", losses=True,
         patterns=(r"SKIPPED in test mode: git clone", r"SKIPPED in test mode: snapshot_download",
-                  r"mesh: \{'data': 1, 'fsdp': 8, 'tensor': 1\} over 8 devices", r"fits: .* per chip",
+                  r"mesh: \{'data': 1, 'fsdp': 8, 'tensor': 1\} over 8 devices",
+                  r"\$ glm41v plan --tpu v5e-8 train --config \S+kaggle_v5e8_lora\.yaml --set",
+                  r"SKIPPED in test mode: glm41v plan's TPU compile",
                   r"resumed from \S+/checkpoints/3 at step 3", r"RESUMED at step 3, trained to step 6",
                   r"held-out loss: [\d.]+ before, [\d.]+ after", r"A \(trained\): ",
                   r"kaggle_nb/working: 0\.\d+ GB of the 20 GB cap used",
