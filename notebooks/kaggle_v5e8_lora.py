@@ -99,10 +99,11 @@ print(report)
 # %% [markdown]
 # ## 4. Kaggle's folders, the 20 GB output cap, the run's settings
 # On Kaggle, `/kaggle/input` is read-only (attached datasets), and `/kaggle/working` is the notebook's output: saved
-# with the notebook version, capped at **20 GB**. The rest of the disk is writable but not saved; this notebook keeps
-# the downloaded and converted weights (2 x 20.6 GB) and the training checkpoints in `/kaggle/temp`, and writes only
-# the final export (and the loss plot) into `/kaggle/working`, after checking its size against the cap
-# (`output_bytes`, `check_output_cap`). In test mode both roots are folders under the current directory.
+# with the notebook version, capped at **20 GB**. The rest of the disk is writable but not saved (the cell prints
+# what is free); this notebook keeps the download and the converted weights (20.6 GB each; the download is removed
+# once converted) and the training checkpoints in `/kaggle/temp`, and writes only the final export (and the loss plot
+# and the compilation cache) into `/kaggle/working`, after checking its size against the cap (`output_bytes`,
+# `check_output_cap`). In test mode both roots are folders under the current directory.
 #
 # The settings of every later cell are here: after a kernel restart, sections 1, 3, 4 (and 9, for its helpers) bring
 # them back.
@@ -193,7 +194,8 @@ print("Hub token:", "yes" if token else "none (anonymous download)")
 # %% [markdown]
 # ## 6. Download and convert (once)
 # Only the files the model needs (about 20.6 GB), then the conversion to the Orbax layout this library restores onto
-# any mesh, in bf16. Both stay in `/kaggle/temp`. In test mode the embedded tiny checkpoint is written instead.
+# any mesh, in bf16, in `/kaggle/temp`; the download is removed afterwards. In test mode the embedded tiny checkpoint
+# is written instead.
 
 # %%
 import time
@@ -217,6 +219,8 @@ else:
     t0 = time.perf_counter()
     convert(HF_DIR, BASE_DIR, dtype="bfloat16", progress=not TEST)
     print(f"converted in {time.perf_counter() - t0:.1f}s -> {BASE_DIR}")
+    shutil.rmtree(HF_DIR)  # not needed any more (the converted directory holds the side files): 20.6 GB back
+    print("removed the download", HF_DIR)
 
 # %% [markdown]
 # ## 7. The data
