@@ -197,6 +197,12 @@ def _keep_done_rows(done: jax.Array, old: Any, new: Any) -> Any:
 # Programs.
 
 
+def variables(params: Any) -> dict[str, Any]:
+    """The Flax variables of the engine's params: the weights, or {"params": weights, "lora": adapters} for LoRA
+    adapters run unmerged (`Engine(adapters=...)`, e.g. on a quantized base)."""
+    return params if set(params) == {"params", "lora"} else {"params": params}
+
+
 def prefill_logits(params: Any, kw: dict[str, Any], *, model: Glm4v, cfg: Glm4vConfig,
                    max_len: int) -> tuple[jax.Array, Any, jax.Array]:
     """Prompt -> (last-slot logits (B, V) float32, cache of `max_len` slots, kv segment ids (B, S))."""
@@ -205,7 +211,7 @@ def prefill_logits(params: Any, kw: dict[str, Any], *, model: Glm4v, cfg: Glm4vC
     cache = init_cache(cfg, b, max_len)
     seg = kw["segment_ids"].astype(jnp.int32)
     kv_seg = jnp.zeros((b, max_len), jnp.int32).at[:, :t].set(seg)
-    logits, cache = model.apply({"params": params}, **kw, cache=cache, cache_index=jnp.int32(0),
+    logits, cache = model.apply(variables(params), **kw, cache=cache, cache_index=jnp.int32(0),
                                 logits_index=jnp.full((b,), t - 1, jnp.int32))  # fresh cache: no kv segment ids
     return logits[:, 0].astype(jnp.float32), cache, kv_seg
 
@@ -217,7 +223,7 @@ def step_logits(params: Any, cache: Any, kv_seg: jax.Array, slot: jax.Array, pos
     b = tok.shape[0]
     kv_seg = jax.lax.dynamic_update_slice(kv_seg, jnp.ones((b, 1), jnp.int32), (jnp.int32(0), slot))
     positions = jnp.broadcast_to(pos[None, :, None], (3, b, 1))
-    logits, cache = model.apply({"params": params}, tok[:, None], positions, jnp.ones((b, 1), jnp.int32),
+    logits, cache = model.apply(variables(params), tok[:, None], positions, jnp.ones((b, 1), jnp.int32),
                                 cache=cache, cache_index=slot, kv_segment_ids=kv_seg)
     return logits[:, 0].astype(jnp.float32), cache, kv_seg
 

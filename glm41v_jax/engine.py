@@ -30,6 +30,7 @@ from .backend import AUTO_CACHE_MIN_ROWS, backend_default
 from .buckets import bucket_length, format_bytes, kv_cache_bytes, vision_bucket
 from .config import KERNEL_LAYOUTS, Glm4vConfig
 from .inputs import ModelInputs
+from .lora import abstract_adapters
 from .model import Glm4v, abstract_params, to_kernel_layout
 from .programs import ProgramCache, describe, signature
 from .requests import GenerationError, GenerationResult, PreparedBatch, prepare_batch, synthetic_inputs
@@ -99,6 +100,10 @@ class Engine:
     device once and stay valid. `donate=False` leaves the caller's arrays valid (two copies of whatever is
     replaced, while the caller keeps them).
 
+    LoRA (`adapters=`, with `cfg.runtime.lora` giving their sites): the adapter tree runs unmerged beside the weights
+    (`engine.params` is then {"params": weights, "lora": adapters}, `decode.variables`), e.g. on a quantized base,
+    whose codes cannot take a merged adapter; on float weights `Pipeline.load` merges them instead.
+
     Ahead-of-time compilation without weights: `Engine(None, cfg, mesh=...)` holds ShapeDtypeStructs instead of
     arrays; `warmup(...)` then compiles the same prefill/decode programs for the mesh's devices (which this host
     need not have, e.g. a TPU topology), listed by `programs()`.
@@ -111,7 +116,9 @@ class Engine:
                  chunk_size: int = 16, prompt_bucket: Callable[[int], int] = bucket_length,
                  patch_bucket: Callable[[int], int] | None = vision_bucket, max_context: int | None = None,
                  memory_limit_bytes: int | None = None, kernel_layout: str | None = None, donate: bool = True,
-                 programs: ProgramCache | None = None) -> None:
+                 programs: ProgramCache | None = None, adapters: Any = None) -> None:
+        if adapters is not None and (params is None or cfg.runtime.lora is None):
+            raise GenerationError("adapters need params and a config with their LoRA sites (lora.with_lora)")
         if chunk_size < 1:
             raise GenerationError(f"chunk_size must be >= 1, got {chunk_size}")
         limit = cfg.text.max_position_embeddings
@@ -147,6 +154,13 @@ class Engine:
                 self.params = jax.device_put(self.params)
             if self.platform == "cpu":
                 self.params = _cpu_int4_as_int8(self.params, donate)
+        if adapters is not None:  # LoRA unmerged (e.g. on a quantized base): every program applies both collections
+            boxed = abstract_adapters(self.cfg)
+            sh = param_shardings(boxed, mesh) if mesh is not None else None
+            adapters = jax.tree.map(lambda x, a: np.asarray(x, a.dtype), adapters, nn.meta.unbox(boxed))
+            self.params = {"params": self.params, "lora": jax.device_put(adapters, sh)}
+            if mesh is not None:
+                self.param_shardings = {"params": self.param_shardings, "lora": sh}
         self.model = Glm4v(self.cfg)
         self._cache = ProgramCache() if programs is None else programs
         self._params_key = (self.cfg, signature(self.params), mesh)  # what every program here depends on

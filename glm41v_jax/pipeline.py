@@ -34,9 +34,9 @@ from .config import Glm4vConfig, RuntimeConfig
 from .engine import Engine
 from .errors import Glm41vError, one_line
 from .loading import load, resolve_model_dir
-from .lora import LoraError, base_identity, check_base, load_adapters, merge_adapters, read_adapter_config
+from .lora import base_identity, check_base, load_adapters, merge_adapters, read_adapter_config
 from .processing import Processor
-from .quant import is_quantized, scheme_of
+from .quant import is_quantized
 from .requests import GenerationError, collate, read_eos_ids
 from .sampling import SamplingParams, read_generation_config
 from .sharding import make_mesh
@@ -174,15 +174,15 @@ class Request:
         return msgs
 
 
-def _merge_adapter(params: Any, cfg: Glm4vConfig, adapter: str, model: str) -> Any:
-    """The LoRA adapter in `adapter` merged into the loaded float `params` (LoraError: another base, a quantized
-    base, a damaged adapter)."""
-    if is_quantized(params):
-        raise LoraError(f"adapter {adapter}: merging adapters into {scheme_of(params)} weights would requantize "
-                        "them; generate with the float weights (the float checkpoint, without --quantize)")
+def _with_adapter(params: Any, cfg: Glm4vConfig, adapter: str, model: str) -> tuple[Any, Glm4vConfig, Any]:
+    """(params, cfg, adapters for the Engine) with the LoRA adapter in `adapter`: merged into float `params` (no
+    adapters left), or kept unmerged on quantized ones (`cfg` then carries their LoRA sites; merging would requantize
+    the codes). LoraError: another base, a damaged adapter."""
     adapters, lcfg, meta = load_adapters(adapter, cfg)
     check_base(meta, base_identity(params, cfg), adapter, model)
-    return merge_adapters(params, adapters, lcfg)
+    if is_quantized(params):
+        return params, lcfg, adapters
+    return merge_adapters(params, adapters, lcfg), cfg, None
 
 
 def auto_mesh_spec(num_heads: int, n_devices: int) -> str | None:
@@ -226,7 +226,8 @@ class Pipeline:
         adapter: a LoRA adapter directory (`glm41v train` with a lora: section writes one as output_dir/final),
         checked against the model (`lora.check_base`: LoraError for another base) and merged into the float weights
         at load (`lora.merge_adapters`: fp32, rounded once), so generation runs at the base model's speed with no
-        extra matmul; a quantized base is refused (its codes would be requantized).
+        extra matmul; on a quantized base (int8/int4, stored or `quantize=`) the adapters run unmerged beside the
+        codes (`Engine(adapters=...)`: the model QLoRA trained, two small matmuls more per adapted layer).
         """
         random_weights = model is None
         directory = tiny.materialize_tiny_checkpoint() if random_weights else resolve_model_dir(model)
@@ -253,9 +254,11 @@ class Pipeline:
                 mesh = auto_mesh_spec(heads, jax.device_count())
             mesh = None if mesh is None else make_mesh(mesh)
         params, cfg = load(directory, runtime, mesh=mesh, **overrides)
+        adapters = None
         if adapter is not None:
-            params = _merge_adapter(params, cfg, os.fspath(adapter), directory if model is None else os.fspath(model))
-        engine = Engine(params, cfg, mesh=mesh, chunk_size=chunk_size, max_context=max_context)
+            params, cfg, adapters = _with_adapter(params, cfg, os.fspath(adapter),
+                                                  directory if model is None else os.fspath(model))
+        engine = Engine(params, cfg, mesh=mesh, chunk_size=chunk_size, max_context=max_context, adapters=adapters)
         return cls(engine, processor, eos_ids=read_eos_ids(directory, cfg), directory=directory,
                    random_weights=random_weights)
 

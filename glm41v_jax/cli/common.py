@@ -104,7 +104,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "checkpoint with RANDOM weights)")
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="a LoRA adapter directory (a LoRA training run's final/) for --model, merged into its float "
-                        "weights at load; an adapter trained on another base is refused")
+                        "weights at load (run unmerged on a quantized base); an adapter trained on another base is "
+                        "refused")
     p.add_argument("--verify", action="store_true",
                    help="before loading a converted directory, check every array against the checksums recorded at "
                         "conversion (one extra read of the weights; see `glm41v verify`)")
