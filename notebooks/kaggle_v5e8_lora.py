@@ -252,8 +252,9 @@ for path in (TRAIN_JSONL, VAL_JSONL):
 # %% [markdown]
 # ## 8. The mesh over the 8 chips, and `glm41v plan`'s table
 # `fsdp=8` splits every weight (and the batch's rows) 8 ways; each layer's weights are gathered when it runs.
-# `glm41v plan` compiles this training step with the real TPU compiler on the host (no TPU needed, a few minutes for
-# the 9B) and prints the memory per chip and the step's FLOPs: here `train/configs/kaggle_v5e8_lora.yaml` on the 9B.
+# `glm41v plan` compiles this training step with the real TPU compiler on the host (no TPU needed; 9.5 minutes for
+# the 9B on a shared 2-core CPU: 7.42 GiB per chip) and prints the memory per chip and the step's FLOPs: here
+# `train/configs/kaggle_v5e8_lora.yaml` on the 9B.
 # Test mode prints the mesh and the command, and skips the compile (half a minute of a shared CI CPU for the tiny
 # model; `tests/test_tpu_train.py` compiles this config for the v5e-8 in CI).
 
