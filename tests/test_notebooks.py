@@ -176,11 +176,15 @@ def test_notebook_executes(name, tmp_path, record_property):
     nb = nbformat.read(work / f"{name}.ipynb", as_version=4)
     env = {**os.environ, "GLM41V_NOTEBOOK_TEST": "1", "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1",
            "GLM41V_CACHE": str(tmp_path / "glm41v_cache"), "MPLBACKEND": "agg", **checks.env}
-    client = nbclient.NotebookClient(nb, km=_kernel_manager(tmp_path), timeout=checks.cell_timeout,
+    km = _kernel_manager(tmp_path)
+    client = nbclient.NotebookClient(nb, km=km, timeout=checks.cell_timeout,
                                      resources={"metadata": {"path": str(work)}}, allow_errors=True)
     t0 = time.perf_counter()
-    client.execute(env=env)
+    # nbclient shuts down only kernels it created itself; this one (our kernelspec) must go too, or every executed
+    # notebook's kernel stays alive, holding its model and arrays, until pytest exits
+    client.execute(env=env, cleanup_kc=True)
     seconds = time.perf_counter() - t0
+    assert not km.has_kernel, f"notebooks/{name}: the kernel is still running after the notebook"
     record_property("seconds", round(seconds, 1))
     nbformat.write(nb, tmp_path / f"{name}.executed.ipynb")
     where = f"notebooks/{name} ({seconds:.0f} s; executed copy: {tmp_path / f'{name}.executed.ipynb'})"
