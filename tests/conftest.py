@@ -47,3 +47,18 @@ def run_cli(tiny_cache_dir, monkeypatch, capsys):
         return rc, out.out, out.err
 
     return call
+
+
+# The longest test files in CI (its --durations table, 2026-12-01: worker seconds), longest first. The suite runs
+# with pytest-xdist, one file per worker (`--dist loadfile --no-loadscope-reorder` in pyproject's addopts), and files
+# are handed to the workers in collection order: the long TPU-compiler files started last (xdist's default order is
+# by test count, and they hold few tests) and were the run's tail. Files not listed keep their usual order after these.
+LONGEST_FIRST = ("test_tpu_train.py", "test_quant.py", "test_tpu_compile.py", "test_train_step.py",
+                 "test_tpu_generate_plans.py", "test_cli.py", "test_lora.py", "test_train_loop.py", "test_notebooks.py",
+                 "test_train_hardening.py", "test_attention.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+
