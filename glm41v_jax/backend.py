@@ -116,7 +116,15 @@ def target_platform() -> str:
 #   (materialised codes * scales in fp32) ran at 0.2-0.5x; at 320 rows (prefill) the grouped dot ran at 0.5x and
 #   "dequant" at 0.85-0.9x, so more rows run "dequant". It cannot beat int8 on CPU: a code is a byte there too
 #   (XLA:CPU has no packed int4) and the group sums add work (0.5-1x the int8 form's speed).
-#   tpu/gpu "dequant", as int8.
+#   tpu "grouped": the same grouped dot with the activations in the compute dtype and the codes converted inside it
+#       (layers.Dense `_int4_grouped_dot`), up to layers.INT4_GROUPED_MAX_ROWS["grouped"] rows. The TPU compiler
+#       does not fuse "dequant"'s codes * group scales into the dot: it materialises the kernel, and a 4096 x 27392
+#       int4 kernel at 1-512 rows moved 485-516 MiB of HBM against its 57-61 MiB minimum on v5e-1 and v6e-1
+#       (ratio 0.12; the whole decode step on v6e-1: 0.27); the grouped dot reads the packed codes at 1.00 (1 row),
+#       0.99 (8), 0.94 (64), 0.69 (512), with no temporaries (tpu_cost.calibrated_bytes of that one Dense,
+#       2026-12-01). Above 512 rows (prefill chunks) "dequant": the grouped dot's contraction is one group (128)
+#       wide, half of a v6e MXU, where the materialised kernel is amortised over the rows.
+#   gpu "dequant", as int8 (not measured on a GPU).
 # engine_kernel_layout_int4: the Engine's layout for an int4 model. cpu "in_out": the grouped dot's batch (group)
 #   axes lead the codes, so YNNPACK reads them in place; in "out_in" XLA copies every kernel into that order first.
 AUTO_CACHE_MIN_ROWS = 8  # cache_layout "compiler": from this many KV-cache rows per device (module docstring)
@@ -124,7 +132,7 @@ BACKEND_TUNING: dict[str, dict[str, str]] = {
     "cpu": {"engine_kernel_layout": "out_in", "dtype": "float32", "cache_layout": "default",
             "quant_matmul": "int8_dot", "quant_matmul_int4": "int8_dot", "engine_kernel_layout_int4": "in_out"},
     "tpu": {"engine_kernel_layout": "in_out", "dtype": "bfloat16", "cache_layout": "compiler",
-            "quant_matmul": "dequant", "quant_matmul_int4": "dequant", "engine_kernel_layout_int4": "in_out"},
+            "quant_matmul": "dequant", "quant_matmul_int4": "grouped", "engine_kernel_layout_int4": "in_out"},
     "gpu": {"engine_kernel_layout": "in_out", "dtype": "bfloat16", "cache_layout": "default",
             "quant_matmul": "dequant", "quant_matmul_int4": "dequant", "engine_kernel_layout_int4": "in_out"},
 }

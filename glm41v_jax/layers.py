@@ -98,9 +98,11 @@ def _lora_a_init(fan_in: int):
 
 
 INT8_DOT_MIN_ROWS = 4  # quant_matmul "int8_dot": fewer rows are zero-padded to this many (XLA:CPU's int8 GEMV is slow)
-# quant_matmul_int4 "int8_dot" runs up to this many rows (decode); more (prefill, vision) run "dequant": the grouped
-# dot's per-group partial sums cost more than the dequantized kernel there (benchmarks/quant_matmul.py, 320 rows).
-INT4_INT8_DOT_MAX_ROWS = 16
+# quant_matmul_int4 "int8_dot" / "grouped" run up to this many rows; more run "dequant" (backend.BACKEND_TUNING: on
+# XLA:CPU the grouped dot's per-group partial sums cost more than the dequantized kernel from ~16 rows, 320 measured;
+# on TPU the grouped dot's contraction is one group (128) wide, half a v6e MXU's 256, so large prefill chunks run the
+# dequantized kernel at full MXU width instead).
+INT4_GROUPED_MAX_ROWS = {"int8_dot": 16, "grouped": 512}
 
 
 class Dense(nn.Module):
@@ -122,8 +124,9 @@ class Dense(nn.Module):
     group scales, then the float dot. "int8_dot" (XLA:CPU, where the dequantized kernel is materialised and read at
     fp32 width): the activation rows quantized to int8 on the fly (per-row scale), an int8 x int8 -> int32 dot,
     times both scales; for int4 codes (values in [-7, 7], held as int8 on CPU) the dot is batched over the groups
-    (one int32 partial sum per group, row and output), each times its group's scale, summed over groups in fp32,
-    up to `INT4_INT8_DOT_MAX_ROWS` rows ("dequant" above).
+    (one int32 partial sum per group, row and output), each times its group's scale, summed over groups in fp32.
+    "grouped" (int4 on TPU): that grouped dot with float activations (the codes converted inside the dot, read
+    packed). The grouped forms run up to `INT4_GROUPED_MAX_ROWS[form]` rows, "dequant" above.
 
     `lora` (a resolved `config.LoraConfig`, glm41v_jax/lora.py): when this layer's `lora_site` is one of its
     `sites`, y += (dropout(x) . A) . B * alpha / rank, with A = `lora_a` (*in, r) and B = `lora_b` (r, *out) in the
@@ -169,8 +172,9 @@ class Dense(nn.Module):
                                           "quant_matmul" if self.quant == "int8" else "quant_matmul_int4")
             if self.quant == "int8" and how == "int8_dot":
                 y = self._int8_dot(x, codes, scale)
-            elif how == "int8_dot" and int(np.prod(x.shape[:-self.n_in])) <= INT4_INT8_DOT_MAX_ROWS:
-                y = self._int4_int8_dot(x, codes, scale)
+            elif self.quant == "int4" and how in INT4_GROUPED_MAX_ROWS \
+                    and int(np.prod(x.shape[:-self.n_in])) <= INT4_GROUPED_MAX_ROWS[how]:
+                y = self._int4_grouped_dot(x, codes, scale, int8_rows=how == "int8_dot")
             elif self.quant == "int8":
                 y = self._dot(x, codes.astype(self.dtype)) * scale.astype(self.dtype)  # (..., *out) * (*out)
             else:
@@ -231,31 +235,40 @@ class Dense(nn.Module):
         return y[:rows].reshape(*lead, *self.features).astype(self.dtype)
 
 
-    def _int4_int8_dot(self, x: jax.Array, codes: jax.Array, scale: jax.Array) -> jax.Array:
-        """The "int8_dot" matmul of int4 codes: rows of x quantized per row to int8; one int8 x int8 -> int32 dot
-        batched over every input axis but the group's g (over (N, H/g) groups for an o projection), giving each
-        group's partial sums; those times the group scales, summed over the groups in fp32, times the row scale.
-        The codes' group axes lead in "in_out" (no operand copy); in "out_in" XLA moves them first (a copy)."""
+    def _int4_grouped_dot(self, x: jax.Array, codes: jax.Array, scale: jax.Array, int8_rows: bool) -> jax.Array:
+        """int4 codes times x without the dequantized kernel: one dot batched over every input axis but the group's
+        g (over (N, H/g) groups for an o projection) gives each group's partial sums, fp32; those times the group
+        scales, summed over the groups. int8_rows ("int8_dot", XLA:CPU): x's rows quantized per row to int8 first
+        (int8 x int8 -> int32 dot, times the row scale at the end; codes held as int8 on CPU); else ("grouped", TPU)
+        x stays in the compute dtype and the codes are converted to it inside the dot, so the compiler reads them
+        packed (the "dequant" form materialises the whole kernel each call on TPU: 8.5x the bytes of a decode step's
+        minimum, BENCHMARKS.md). The codes' group axes lead in "in_out" (no operand copy); in "out_in" XLA moves them
+        first (a copy)."""
         lead, in_shape = x.shape[:-self.n_in], x.shape[-self.n_in:]
         n_out, n_in = len(self.features), self.n_in
         rows = int(np.prod(lead))
         g = codes.shape[n_in] if self.kernel_layout == "in_out" else codes.shape[-1]
         x2 = x.reshape(rows, int(np.prod(in_shape)))
-        pad = max(INT8_DOT_MIN_ROWS - rows, 0)
+        pad = max(INT8_DOT_MIN_ROWS - rows, 0) if int8_rows else 0
         if pad:
             x2 = jnp.pad(x2, ((0, pad), (0, 0)))
-        xq, xs = dynamic_int8(x2)
-        xq = xq.reshape(rows + pad, *in_shape[:-1], in_shape[-1] // g, g)  # (R, *in[:-1], G, g)
+        if int8_rows:
+            x2, xs = dynamic_int8(x2)
+            codes, acc_type = codes.astype(jnp.int8), jnp.int32
+        else:
+            codes, acc_type = codes.astype(self.dtype), jnp.float32
+        xg = x2.reshape(rows + pad, *in_shape[:-1], in_shape[-1] // g, g)  # (R, *in[:-1], G, g)
         batch = tuple(range(1, n_in + 1))
         if self.kernel_layout == "in_out":  # codes (*in[:-1], G, g, *out), scale (*in[:-1], G, *out)
             dims = ((n_in + 1,), (n_in,)), (batch, tuple(range(n_in)))
         else:  # codes (*out, *in[:-1], G, g), scale (*out, *in[:-1], G)
             dims = ((n_in + 1,), (n_out + n_in,)), (batch, tuple(range(n_out, n_out + n_in)))
             scale = jnp.moveaxis(scale, tuple(range(n_out)), tuple(range(n_in, n_in + n_out)))
-        acc = jax.lax.dot_general(xq, codes.astype(jnp.int8), dims, preferred_element_type=jnp.int32)
+        acc = jax.lax.dot_general(xg, codes, dims, preferred_element_type=acc_type)
         # acc (*in[:-1], G, R, *out) times scale (*in[:-1], G, 1, *out), summed over the groups
         y = jnp.sum(acc.astype(jnp.float32) * jnp.expand_dims(scale, n_in), axis=tuple(range(n_in)))
-        y = y * xs.reshape(rows + pad, *([1] * n_out))
+        if int8_rows:
+            y = y * xs.reshape(rows + pad, *([1] * n_out))
         return y[:rows].reshape(*lead, *self.features).astype(self.dtype)
 
 

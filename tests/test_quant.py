@@ -244,10 +244,10 @@ def test_int4_int8_dot_matmul(layout, shape, n_in, rows):
 
 @pytest.mark.parametrize("layout", ["in_out", "out_in"])
 def test_int4_many_rows_run_dequant(layout):
-    """Above INT4_INT8_DOT_MAX_ROWS rows (prefill) the CPU's int4 Dense is the float Dense over the dequantized
-    kernel (float activations: fp32 tolerance), not the grouped int8 dot."""
+    """Above INT4_GROUPED_MAX_ROWS["int8_dot"] rows (prefill) the CPU's int4 Dense is the float Dense over the
+    dequantized kernel (float activations: fp32 tolerance), not the grouped int8 dot."""
     features, in_shape = (2, 6), (32,)
-    rows = layers.INT4_INT8_DOT_MAX_ROWS + 1
+    rows = layers.INT4_GROUPED_MAX_ROWS["int8_dot"] + 1
     kshape = (*in_shape, *features) if layout == "in_out" else (*features, *in_shape)
     w = np.random.default_rng(0).normal(0, 0.02, size=kshape).astype(np.float32)
     codes, scale = ref_quantize(w, "int4", 1, layout, 8)
@@ -258,6 +258,32 @@ def test_int4_many_rows_run_dequant(layout):
     y_f = _dense(features, ("a", "b", "c"), 1, layout, "none").apply(
         {"params": {"kernel": ref_dequantize(codes, scale, "int4", 1, layout), "bias": bias}}, x)
     np.testing.assert_allclose(np.asarray(y_q), np.asarray(y_f), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+@pytest.mark.parametrize("shape,n_in", [((32, 6), 1), ((2, 16, 6), 2)])
+def test_int4_grouped_form_equals_dequantized_dense(monkeypatch, layout, shape, n_in):
+    """The TPU form of int4 ("grouped": float activations, one dot batched over the groups, the partial sums times
+    the group scales, summed) is the float Dense over the dequantized kernel within fp32 tolerance, up to
+    INT4_GROUPED_MAX_ROWS["grouped"] rows (decode batches); more rows run "dequant" (the same numbers). Run here on
+    CPU with the TPU's choice patched into the CPU row of the table (the form is plain XLA; the TPU compiler's bytes
+    are checked in tests/test_tpu_generate_plans.py)."""
+    assert backend.backend_default("tpu", "quant_matmul_int4") == "grouped"
+    monkeypatch.setitem(backend.BACKEND_TUNING["cpu"], "quant_matmul_int4", "grouped")
+    features, in_shape = shape[n_in:], shape[:n_in]
+    axes = ("a", "b", "c")[: len(shape)]
+    w_io = np.random.default_rng(0).normal(0, 0.02, size=shape).astype(np.float32)
+    w_io[..., 0] *= 10  # an outlier output channel
+    w = w_io if layout == "in_out" else np.transpose(w_io, (*range(n_in, len(shape)), *range(n_in)))
+    codes, scale = ref_quantize(w, "int4", n_in, layout, 8)
+    bias = np.random.default_rng(2).normal(size=features).astype(np.float32)
+    for rows in (1, 3, layers.INT4_GROUPED_MAX_ROWS["grouped"] + 1):
+        x = np.random.default_rng(rows).normal(size=(rows, *in_shape)).astype(np.float32)
+        y_q = _dense(features, axes, n_in, layout, "int4", 8).apply(
+            {"params": {"kernel": codes.astype(np.int8), "scale": scale, "bias": bias}}, jnp.asarray(x))
+        y_f = _dense(features, axes, n_in, layout, "none").apply(
+            {"params": {"kernel": ref_dequantize(codes, scale, "int4", n_in, layout), "bias": bias}}, jnp.asarray(x))
+        np.testing.assert_allclose(np.asarray(y_q), np.asarray(y_f), rtol=1e-5, atol=1e-5, err_msg=f"rows={rows}")
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
