@@ -130,11 +130,14 @@ def target_platform() -> str:
 AUTO_CACHE_MIN_ROWS = 8  # cache_layout "compiler": from this many KV-cache rows per device (module docstring)
 BACKEND_TUNING: dict[str, dict[str, str]] = {
     "cpu": {"engine_kernel_layout": "out_in", "dtype": "float32", "cache_layout": "default",
-            "quant_matmul": "int8_dot", "quant_matmul_int4": "int8_dot", "engine_kernel_layout_int4": "in_out"},
+            "quant_matmul": "int8_dot", "quant_matmul_int4": "int8_dot", "engine_kernel_layout_int4": "in_out",
+            "prefill_chunk": "8192"},
     "tpu": {"engine_kernel_layout": "in_out", "dtype": "bfloat16", "cache_layout": "compiler",
-            "quant_matmul": "dequant", "quant_matmul_int4": "grouped", "engine_kernel_layout_int4": "in_out"},
+            "quant_matmul": "dequant", "quant_matmul_int4": "grouped", "engine_kernel_layout_int4": "in_out",
+            "prefill_chunk": "4096"},
     "gpu": {"engine_kernel_layout": "in_out", "dtype": "bfloat16", "cache_layout": "default",
-            "quant_matmul": "dequant", "quant_matmul_int4": "dequant", "engine_kernel_layout_int4": "in_out"},
+            "quant_matmul": "dequant", "quant_matmul_int4": "dequant", "engine_kernel_layout_int4": "in_out",
+            "prefill_chunk": "4096"},
 }
 
 def backend_default(platform: str, key: str) -> str:

@@ -203,16 +203,69 @@ def variables(params: Any) -> dict[str, Any]:
     return params if set(params) == {"params", "lora"} else {"params": params}
 
 
-def prefill_logits(params: Any, kw: dict[str, Any], *, model: Glm4v, cfg: Glm4vConfig,
-                   max_len: int) -> tuple[jax.Array, Any, jax.Array]:
-    """Prompt -> (last-slot logits (B, V) float32, cache of `max_len` slots, kv segment ids (B, S))."""
+def prefill_chunk_length(prompt_len: int, chunk: int | None) -> int | None:
+    """The chunk length the prefill of a `prompt_len`-token bucket runs in, for a chunk setting of at most `chunk`
+    tokens (None or 0: one shot). None when the prompt fits one chunk; else the balanced length: the fewest chunks
+    of at most `chunk` tokens, each rounded up to a multiple of 128 (of 8 below 1024 tokens) but never above
+    `chunk`. The last chunk starts at `prompt_len - length` (it may overlap the one before; see `prefill_logits`)."""
+    if not chunk or prompt_len <= chunk:
+        return None
+    n = -(-prompt_len // chunk)
+    even = -(-prompt_len // n)
+    m = 128 if even >= 1024 else 8
+    return min(-(-even // m) * m, int(chunk))
+
+
+def _slice_tokens(kw: dict[str, Any], start: jax.Array, length: int) -> dict[str, Any]:
+    """The per-token arrays of the prompt's kwargs at tokens [start, start + length) (the token axis of each:
+    positions (3, B, T), the others (B, T))."""
+    out = {}
+    for k in ("input_ids", "positions", "segment_ids", "vision_index"):
+        if kw.get(k) is not None:
+            out[k] = jax.lax.dynamic_slice_in_dim(kw[k], start, length, axis=kw[k].ndim - 1)
+    return out
+
+
+def prefill_logits(params: Any, kw: dict[str, Any], *, model: Glm4v, cfg: Glm4vConfig, max_len: int,
+                   prefill_chunk: int | None = None) -> tuple[jax.Array, Any, jax.Array]:
+    """Prompt -> (last-slot logits (B, V) float32, cache of `max_len` slots, kv segment ids (B, S)).
+
+    `prefill_chunk` (a length from `prefill_chunk_length`, or None: one shot): the decoder runs the prompt in
+    chunks of that many tokens, a `lax.scan` over the chunks carrying the KV cache, so the temporaries are one
+    chunk's. Vision is encoded once, before the loop; each chunk takes its tokens' vision rows by `vision_index` (a
+    media span may straddle chunks). Chunk i writes slots [s_i, s_i + C) with s_i = min(i * C, T - C) and attends
+    to the whole cache (kv segment ids of the prompt, causal by slot), so a chunk sees the slots the chunks before it
+    wrote and its own; the last chunk may overlap the one before, rewriting those slots with the same values. Only
+    the last chunk's last slot (every row's last prompt token: rows are left-padded) reaches the lm_head."""
     ids = kw["input_ids"]
     b, t = ids.shape
     cache = init_cache(cfg, b, max_len)
     seg = kw["segment_ids"].astype(jnp.int32)
     kv_seg = jnp.zeros((b, max_len), jnp.int32).at[:, :t].set(seg)
-    logits, cache = model.apply(variables(params), **kw, cache=cache, cache_index=jnp.int32(0),
-                                logits_index=jnp.full((b,), t - 1, jnp.int32))  # fresh cache: no kv segment ids
+    if prefill_chunk is None or prefill_chunk >= t:
+        logits, cache = model.apply(variables(params), **kw, cache=cache, cache_index=jnp.int32(0),
+                                    logits_index=jnp.full((b,), t - 1, jnp.int32))  # fresh cache: no kv segment ids
+        return logits[:, 0].astype(jnp.float32), cache, kv_seg
+    c = int(prefill_chunk)
+    n = -(-t // c)
+    variables_ = variables(params)
+    vt = None
+    if kw.get("vision") is not None:
+        with jax.named_scope("vision"):
+            vt = model.apply(variables_, kw["vision"], method=Glm4v.encode_vision)
+    starts = jnp.minimum(jnp.arange(n, dtype=jnp.int32) * c, t - c)
+    last = jnp.full((b,), c - 1, jnp.int32)
+
+    def chunk(carry: tuple[Any, jax.Array], start: jax.Array) -> tuple[tuple[Any, jax.Array], None]:
+        cache, _ = carry
+        part = _slice_tokens(kw, start, c)
+        h, cache = model.apply(variables_, **part, vision_tokens=vt, cache=cache, cache_index=start,
+                               kv_segment_ids=kv_seg, logits_index=last, return_hidden=True)
+        return (cache, h), None
+
+    h0 = jnp.zeros((b, 1, cfg.text.hidden_size), jnp.dtype(cfg.runtime.compute_dtype))
+    (cache, h), _ = jax.lax.scan(chunk, (cache, h0), starts)
+    logits = model.apply(variables_, h, method=Glm4v.logits)
     return logits[:, 0].astype(jnp.float32), cache, kv_seg
 
 
@@ -230,12 +283,14 @@ def step_logits(params: Any, cache: Any, kv_seg: jax.Array, slot: jax.Array, pos
 
 def prefill(params: Any, kw: dict[str, Any], pos: jax.Array, limit: jax.Array, think: ThinkState | None,
             key: jax.Array, scalars: dict[str, jax.Array], eos: jax.Array, *, model: Glm4v, cfg: Glm4vConfig,
-            max_len: int, sampling: SamplingParams) -> DecodeState:
+            max_len: int, sampling: SamplingParams, prefill_chunk: int | None = None) -> DecodeState:
     """Prompt arrays (`requests.PreparedBatch.model_kwargs`) -> the decode state of these rows, first token sampled.
 
     pos: (B,) M-RoPE position of the first generated token; limit: (B,) max new tokens; think: the rows' initial
-    thinking state (`ThinkingBudget.initial_state`) or None; eos: (MAX_EOS,) ids padded with -1."""
-    logits, cache, kv_seg = prefill_logits(params, kw, model=model, cfg=cfg, max_len=max_len)
+    thinking state (`ThinkingBudget.initial_state`) or None; eos: (MAX_EOS,) ids padded with -1; prefill_chunk: the
+    decoder's chunk length (`prefill_logits`), None: the prompt in one piece."""
+    logits, cache, kv_seg = prefill_logits(params, kw, model=model, cfg=cfg, max_len=max_len,
+                                           prefill_chunk=prefill_chunk)
     b = logits.shape[0]
     seen = None
     if sampling.use_repetition_penalty:  # the prompt's tokens (padding excluded), as HF's input_ids

@@ -62,13 +62,18 @@ class Glm4v(nn.Module):
         #                                        cache is empty before this write (prefill: attend to new tokens only)
         logits_index: jax.Array | None = None,  # (B,) compute logits only at these positions
         return_hidden: bool = False,
+        vision_tokens: jax.Array | None = None,  # (P / merge**2, D) `encode_vision`'s output, instead of `vision`
     ):
         t = self.cfg.text
         dtype = jnp.dtype(self.cfg.runtime.compute_dtype)
         x = self.language_model.embed(input_ids)
+        if vision is not None and vision_tokens is not None:
+            raise ValueError("give vision (patches) or vision_tokens (already encoded), not both")
+        vt = None if vision_tokens is None else vision_tokens.astype(dtype)
         if vision is not None:
             with jax.named_scope("vision"):
                 vt = self.encode_vision(vision).astype(dtype)
+        if vt is not None:
             idx = jnp.clip(vision_index, 0, vt.shape[0] - 1)
             x = jnp.where((vision_index >= 0)[..., None], vt[idx], x)
         b, n = input_ids.shape

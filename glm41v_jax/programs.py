@@ -39,6 +39,8 @@ def describe(kind: str, statics: Mapping[str, Any], args: tuple) -> str:
         kw = args[1]
         b, t = np.shape(kw["input_ids"])
         parts.append(f"batch={b} prompt={t} cache={statics['max_len']}")
+        if statics.get("prefill_chunk"):
+            parts.append(f"prefill_chunk={statics['prefill_chunk']}")
         if kw.get("vision") is not None:
             parts.append(f"patches={kw['vision'].num_patches}")
     elif kind == "decode":
