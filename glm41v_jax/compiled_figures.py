@@ -21,12 +21,15 @@ def shard_bytes(tree: Any, shardings: Any = None) -> int:
     counts half a byte, as the TPU packs it (quant.py)."""
     leaves = jax.tree.leaves(tree)
     shs = [getattr(x, "sharding", None) for x in leaves] if shardings is None else jax.tree.leaves(shardings)
-    total = 0
-    for x, s in zip(leaves, shs, strict=True):
-        shape = tuple(x.shape) if s is None else tuple(s.shard_shape(tuple(x.shape)))
-        n = int(np.prod(shape, dtype=np.int64))
-        total += (n + 1) // 2 if np.dtype(x.dtype) == np.dtype(jnp.int4) else n * np.dtype(x.dtype).itemsize
-    return total
+    return sum(device_bytes(x.shape, x.dtype, s) for x, s in zip(leaves, shs, strict=True))
+
+
+def device_bytes(shape: tuple[int, ...], dtype: Any, sharding: Any = None) -> int:
+    """Bytes one device holds of an array of `shape` and `dtype` under `sharding` (None: the whole array); int4
+    counts half a byte, as the TPU packs it (numpy's int4 itemsize is 1)."""
+    shape = tuple(shape) if sharding is None else tuple(sharding.shard_shape(tuple(shape)))
+    n = int(np.prod(shape, dtype=np.int64))
+    return (n + 1) // 2 if np.dtype(dtype) == np.dtype(jnp.int4) else n * np.dtype(dtype).itemsize
 
 
 def memory_figures(compiled: Any) -> dict[str, int]:

@@ -37,6 +37,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from .compiled_figures import device_bytes
 from .config import Glm4vConfig
 from .decode import step_logits
 from .engine import Engine
@@ -291,14 +292,6 @@ def calibration_programs(mesh: jax.sharding.Mesh, d: int = 4096, f: int = 16384)
 # ----------------------------------------------------------------------------------------------- decode step
 
 
-def _per_device_bytes(shape: tuple[int, ...], dtype: Any, sharding: Any) -> float:
-    n = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
-    if sharding is None:
-        return float(n)
-    local = sharding.shard_shape(tuple(shape))
-    return float(int(np.prod(local)) * jnp.dtype(dtype).itemsize)
-
-
 def decode_step(cfg: Glm4vConfig, mesh: jax.sharding.Mesh, batch: int, max_len: int,
                 kernel_layout: str | None = None) -> tuple[Any, dict[str, float]]:
     """Compile one decode step of the Engine (`decode.step_logits`: the body of its decode loop) for `mesh`
@@ -348,7 +341,7 @@ def decode_minimum_bytes(params: Mapping[str, Any], cache: Any, cache_shardings:
         if "embed_tokens" in keys:
             text += batch * x.shape[-1] * jnp.dtype(x.dtype).itemsize  # B rows gathered
             continue
-        text += _per_device_bytes(x.shape, x.dtype, getattr(x, "sharding", None))
-    kv = sum(_per_device_bytes(x.shape, x.dtype, s) for x, s in zip(jax.tree.leaves(cache),
+        text += device_bytes(x.shape, x.dtype, getattr(x, "sharding", None))
+    kv = sum(device_bytes(x.shape, x.dtype, s) for x, s in zip(jax.tree.leaves(cache),
                                                                      jax.tree.leaves(cache_shardings), strict=True))
     return {"params_bytes": text, "kv_cache_bytes": kv, "minimum_bytes": text + kv * kv_fraction}

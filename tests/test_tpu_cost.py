@@ -106,3 +106,21 @@ def test_kv_read_fraction_counts_the_kv_heads_each_device_uses():
     cfg = Glm4vConfig()
     got = {t: C.kv_read_fraction(cfg, SimpleNamespace(shape={"data": 1, "fsdp": 2, "tensor": t})) for t in (1, 2, 4, 8)}
     assert got == {1: 1.0, 2: 1.0, 4: 0.5, 8: 0.5}, got
+
+
+def test_decode_minimum_counts_int4_codes_at_half_a_byte():
+    """The decode floor reads int4 codes packed (half a byte each, as the TPU holds them; numpy's int4 itemsize is
+    1), int8 codes at a byte, fp32 scales at 4, B rows of the embedding, the KV cache once."""
+    import jax
+    import jax.numpy as jnp
+
+    params = {"model": {"embed_tokens": {"embedding": jax.ShapeDtypeStruct((100, 8), jnp.bfloat16)},
+                        "q4": {"kernel": jax.ShapeDtypeStruct((64, 6), jnp.int4),
+                               "scale": jax.ShapeDtypeStruct((2, 6), jnp.float32)},
+                        "q8": {"kernel": jax.ShapeDtypeStruct((64, 6), jnp.int8),
+                               "scale": jax.ShapeDtypeStruct((6,), jnp.float32)}},
+              "visual": {"w": jax.ShapeDtypeStruct((1000, 1000), jnp.float32)}}
+    cache = {"k": jax.ShapeDtypeStruct((2, 1, 16, 8), jnp.bfloat16)}
+    got = C.decode_minimum_bytes(params, cache, {"k": jax.sharding.SingleDeviceSharding(jax.devices()[0])}, batch=3)
+    assert got["params_bytes"] == 3 * 8 * 2 + 64 * 6 / 2 + 2 * 6 * 4 + 64 * 6 + 6 * 4, got
+    assert got["kv_cache_bytes"] == 2 * 16 * 8 * 2 and got["minimum_bytes"] == got["params_bytes"] + 512, got
