@@ -51,6 +51,27 @@ def hf_config_dict(name: str) -> dict[str, Any]:
     return copy.deepcopy(d)  # callers may mutate it
 
 
+SPECIAL_IDS = ("image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id",
+               "video_start_token_id", "video_end_token_id")
+
+
+def small_vocab_dict(name: str, vocab: int = 700) -> dict[str, Any]:
+    """hf_config_dict(name) with a `vocab`-token head: the special ids 151xxx move to 300 + (id - 151000), so the
+    embedding and lm_head are (700, D) instead of (151552, D) (init, quantization and logits cost milliseconds).
+    For tests of code that is the same at any vocabulary size; the parity tests keep the real one."""
+    def small(i: int) -> int:
+        return i - 151000 + 300 if i >= 151000 else i
+
+    d = hf_config_dict(name)
+    t = d["text_config"]
+    t.update(vocab_size=vocab, pad_token_id=small(t["pad_token_id"]),
+             eos_token_id=[small(i) for i in t["eos_token_id"]])
+    for key in SPECIAL_IDS:
+        d[key] = small(d[key])
+    assert max(d[k] for k in SPECIAL_IDS) < vocab
+    return d
+
+
 def build_hf_model(cfg_dict: dict[str, Any], seed: int = 0) -> Glm4vForConditionalGeneration:
     cfg = HFConfig(**copy.deepcopy(cfg_dict))
     torch.manual_seed(seed)

@@ -13,7 +13,7 @@ import pytest
 import reference as R
 from flax import traverse_util
 
-from glm41v_jax import backend, layers
+from glm41v_jax import backend, layers, tiny, weights
 from glm41v_jax import model as M
 from glm41v_jax import quant as Q
 from glm41v_jax.config import ConfigError, Glm4vConfig, RuntimeConfig
@@ -292,9 +292,8 @@ def test_engine_kernel_layout_per_scheme(scheme):
     the codes without a copy) and int8 ones in `engine_kernel_layout` ("out_in"), as BACKEND_TUNING says."""
     from glm41v_jax.engine import Engine
 
-    cfg = Glm4vConfig.from_hf(R.hf_config_dict("a"), quantize=scheme, quant_group_size=16)
-    params = Q.quantize_params(jax.tree.map(np.asarray, M.init_params(cfg.with_runtime(quantize="none"),
-                                                                      jax.random.PRNGKey(0))), cfg)
+    cfg = Glm4vConfig.from_hf(R.small_vocab_dict("a"), quantize=scheme, quant_group_size=16)
+    params = Q.quantize_params(_float_params(cfg, 0), cfg)
     eng = Engine(params, cfg)
     key = "engine_kernel_layout_int4" if scheme == "int4" else "engine_kernel_layout"
     assert eng.cfg.runtime.kernel_layout == backend.backend_default("cpu", key)
@@ -303,6 +302,22 @@ def test_engine_kernel_layout_per_scheme(scheme):
     q = traverse_util.flatten_dict(eng.params)
     down = next(v for k, v in q.items() if k[-2:] == ("down_proj", "kernel") or k[-2:] == ("down", "kernel"))
     assert down.dtype == jnp.int8  # int4 codes are held as int8 on CPU
+
+
+def _float_params(cfg: Glm4vConfig, seed: int) -> dict:
+    """Float params (host arrays) of `cfg`'s float twin (`cfg` is a config of R.small_vocab_dict("a")), in its
+    kernel layout, scanned or not: O(1) random HF weights (tiny.random_hf_state_dict) through weights.hf_to_flax, in
+    NumPy. (init_params runs the model's init op by op: ~20 s of CPU per config.) Checked against abstract_params."""
+    fcfg = cfg.with_runtime(quantize="none")
+    unrolled = fcfg.with_runtime(kernel_layout="in_out", scan_layers=False)
+    params = weights.hf_to_flax(tiny.random_hf_state_dict(R.small_vocab_dict("a"), seed), unrolled)
+    params = M.to_kernel_layout(params, unrolled, fcfg.runtime.kernel_layout)[0]
+    if fcfg.runtime.scan_layers:
+        params = weights.stack_layers(params)
+    params = jax.tree.map(np.asarray, params)
+    shapes = jax.tree.map(lambda a: (a.shape, a.dtype), unbox(M.abstract_params(fcfg)))
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), params) == shapes
+    return params
 
 
 def _flat(tree):
@@ -341,10 +356,10 @@ def test_whole_model_equals_float_model_on_dequantized_params(dequant_matmul, sc
     """quantize_params matches the reference on every leaf (the device path: test_sharded_quantized_model), its
     tree is abstract_params' exactly, and the quantized model's logits (text + image) are the float model's over
     the dequantized weights."""
-    cfg = Glm4vConfig.from_hf(R.hf_config_dict("a"), quantize=scheme, quant_group_size=16, quant_skip=(),
+    cfg = Glm4vConfig.from_hf(R.small_vocab_dict("a"), quantize=scheme, quant_group_size=16, quant_skip=(),
                               kernel_layout=layout)
     fcfg = cfg.with_runtime(quantize="none")
-    params = jax.tree.map(np.asarray, M.init_params(fcfg, jax.random.PRNGKey(3)))
+    params = _float_params(cfg, 3)
     qp = Q.quantize_params(params, cfg)
     abstract = jax.tree.map(lambda a: (a.shape, a.dtype), unbox(M.abstract_params(cfg)))
     assert jax.tree.map(lambda a: (a.shape, a.dtype), qp) == abstract
@@ -363,9 +378,9 @@ def test_layout_change_commutes_with_quantization():
     """to_kernel_layout moves int8 and int4 codes and scales like float kernels: quantize then re-layout equals
     re-layout then quantize, bit for bit (scanned layers included)."""
     for scheme in ("int8", "int4"):
-        cfg = Glm4vConfig.from_hf(R.hf_config_dict("a"), quantize=scheme, quant_group_size=16, scan_layers=True)
+        cfg = Glm4vConfig.from_hf(R.small_vocab_dict("a"), quantize=scheme, quant_group_size=16, scan_layers=True)
         fcfg = cfg.with_runtime(quantize="none")
-        params = jax.tree.map(np.asarray, M.init_params(fcfg, jax.random.PRNGKey(4)))  # host: views, no compiles
+        params = _float_params(cfg, 4)  # host: views, no compiles
         a, cfg_oi = M.to_kernel_layout(Q.quantize_params(params, cfg), cfg, "out_in")
         b = Q.quantize_params(M.to_kernel_layout(params, fcfg, "out_in")[0], cfg_oi)
         assert cfg_oi.runtime.quantize == scheme
@@ -378,12 +393,12 @@ def test_sharded_quantized_model(scheme):
     """8 CPU devices, mesh fsdp=2,tensor=4: float params sharded, quantized leaf by leaf straight into the quantized
     tree's shardings (param_shardings of abstract_params), and the model's logits equal the unsharded run's."""
     assert jax.device_count() == 8
-    cfg = Glm4vConfig.from_hf(R.hf_config_dict("a"), quantize=scheme, quant_group_size=16, quant_skip=())
+    cfg = Glm4vConfig.from_hf(R.small_vocab_dict("a"), quantize=scheme, quant_group_size=16, quant_skip=())
     fcfg = cfg.with_runtime(quantize="none")
     mesh = make_mesh("fsdp=2,tensor=4")
-    params = M.init_params(fcfg, jax.random.PRNGKey(5))
+    params = _float_params(cfg, 5)
     arrs = _inputs(cfg)
-    logits = np.asarray(M.forward(Q.quantize_params(params, cfg), cfg, **arrs))
+    logits = np.asarray(M.forward(Q.quantize_params(params, cfg), cfg, **arrs))  # the host quantizer, one device
     f_sh = param_shardings(M.abstract_params(fcfg), mesh)
     sharded_float = jax.device_put(params, f_sh)
     q_sh = param_shardings(M.abstract_params(cfg), mesh)
@@ -414,11 +429,11 @@ def test_errors():
     with pytest.raises(layers.QuantError, match="kernel: int4 groups of 128 along an input axis of 96"):
         Q.quantize_array(np.ones((96, 4), np.float32), "int4")
     # I % g != 0 in a model: hidden 128, groups of 48; the error names the layer.
-    cfg = Glm4vConfig.from_hf(R.hf_config_dict("a"), quantize="int4", quant_group_size=48)
+    cfg = Glm4vConfig.from_hf(R.small_vocab_dict("a"), quantize="int4", quant_group_size=48)
     with pytest.raises(layers.QuantError, match=r"q_proj: int4 groups of 48 along an input axis of 128"):
         M.abstract_params(cfg)
-    cfg8 = Glm4vConfig.from_hf(R.hf_config_dict("a"), quantize="int8")
-    params = M.init_params(cfg8.with_runtime(quantize="none"))
+    cfg8 = Glm4vConfig.from_hf(R.small_vocab_dict("a"), quantize="int8")
+    params = _float_params(cfg8, 0)
     qp = Q.quantize_params(params, cfg8)
     with pytest.raises(layers.QuantError, match=r"already quantized \(int8\)"):
         Q.quantize_params(qp, cfg8)
