@@ -19,6 +19,8 @@ design choices".
   default layouts, and GPU is not measured yet. `quant_matmul`: how a
   weight-only int8 `layers.Dense` multiplies ("int8_dot" on CPU, "dequant" on TPU and GPU; the table's comment),
   `quant_matmul_int4` the same for int4, and `engine_kernel_layout_int4` the Engine's layout for an int4 model.
+  `prefill_chunk`: the Engine's chunked prefill (tokens; `decode.prefill_logits`): a longer prompt bucket runs
+  through the decoder in chunks of at most this many tokens inside the one prefill program.
 * XLA:CPU special cases (no other module tests the platform for speed):
   - `use_blocked_attention(num_queries)`: prefill and vision attention (32+ queries) run
     `attention.blocked_attention`, the reference math over query chunks whose fp32 logits stay within
@@ -125,6 +127,12 @@ def target_platform() -> str:
 #       2026-12-01). Above 512 rows (prefill chunks) "dequant": the grouped dot's contraction is one group (128)
 #       wide, half of a v6e MXU, where the materialised kernel is amortised over the rows.
 #   gpu "dequant", as int8 (not measured on a GPU).
+# prefill_chunk: the Engine's chunked prefill setting (tokens; 0 = the prompt in one piece).
+#   tpu/gpu "4096": a chunk's temporaries (MLP activations, attention over the cache) stay small against the
+#       weights: the 9B in int4 at a 32k context fits one v5e chip with the 31744-token prompt in 8 chunks of 3968
+#       (BENCHMARKS.md "Weight-only quantization: TPU plans"; one piece needed 19.57 GiB).
+#   cpu "8192": prompts up to 8k (the ones the CPU serves) run in one piece; longer ones are chunked to bound host
+#       memory. Chunking is no slower on XLA:CPU (benchmarks/chunked_prefill.py, BENCHMARKS.md "Chunked prefill").
 # engine_kernel_layout_int4: the Engine's layout for an int4 model. cpu "in_out": the grouped dot's batch (group)
 #   axes lead the codes, so YNNPACK reads them in place; in "out_in" XLA copies every kernel into that order first.
 AUTO_CACHE_MIN_ROWS = 8  # cache_layout "compiler": from this many KV-cache rows per device (module docstring)

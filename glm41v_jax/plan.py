@@ -48,6 +48,7 @@ from glm41v_train.metrics import FlopCounter
 from .buckets import bucket_length, cache_length, format_bytes
 from .compiled_figures import compile_oom, cost_figures, memory_figures, parse_oom, shard_bytes
 from .config import Glm4vConfig, dtype_flag
+from .decode import prefill_chunk_length
 from .engine import Engine
 from .errors import Glm41vError
 from .model import abstract_params, init_cache
@@ -197,13 +198,16 @@ def _generate_efficiency(report: dict[str, Any], f: Mapping[str, Any], batch: in
 def plan_generate(cfg: Glm4vConfig, tpu: TpuType, *, batch: int = 1, max_context: int = 8192,
                   max_new_tokens: int = 1024, images: Sequence[tuple[int, int]] = (), dtype: str = "bfloat16",
                   mesh: str | None = None, attention: str = "auto", chunk_size: int = 16,
-                  kernel_layout: str | None = None, quantize: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                  kernel_layout: str | None = None, quantize: Mapping[str, Any] | None = None,
+                  prefill_chunk: int | None = None) -> dict[str, Any]:
     """Compile the Engine's prefill and decode for one bucket: `batch` rows, `max_new_tokens` new tokens after the
     longest prompt whose KV cache (prompt bucket + new tokens, rounded up) fits in `max_context` slots (8192 and
     1024: a 7168-token prompt); images ((width, height) in pixels, resized as the processor does) are part of it.
     `kernel_layout` None: the Engine's own choice for the slice's platform. `quantize`: the `RuntimeConfig`
     quantization fields ({"quantize": "int8"|"int4", "quant_group_size", "quant_skip"}; None or {}: `cfg`'s own),
-    so the Engine compiles the quantized programs over `abstract_params` of the quantized config."""
+    so the Engine compiles the quantized programs over `abstract_params` of the quantized config. `prefill_chunk`:
+    the Engine's chunked prefill setting (None: the platform's default, `backend.BACKEND_TUNING`; 0: one piece); the
+    report's "prefill_chunk" is the chunk length the bucket's prompt runs in (None: one piece)."""
     _check_generate_args(cfg, batch, max_context, max_new_tokens, dtype)
     cfg = _with_quant(cfg, quantize)
     devices, mesh_obj, mesh_desc = _devices_and_mesh(tpu, mesh, auto_mesh_spec(cfg.text.num_attention_heads,
@@ -212,7 +216,7 @@ def plan_generate(cfg: Glm4vConfig, tpu: TpuType, *, batch: int = 1, max_context
     hbm, peak, bw = per_device(tpu, n_dev)
     rcfg = cfg.with_runtime(**dtype_flag(dtype), attention_impl=attention, scan_layers=False)
     eng = Engine(None, rcfg, mesh=mesh_obj, chunk_size=chunk_size, max_context=max_context,
-                 kernel_layout=kernel_layout)
+                 kernel_layout=kernel_layout, prefill_chunk=prefill_chunk)
     proc = ImageProcessor()
     sizes = [tuple(proc.target_size(h, w)) for w, h in images]
     bucket = {"batch": batch, "prompt_tokens": _longest_prompt(max_context, max_new_tokens),
@@ -225,6 +229,7 @@ def plan_generate(cfg: Glm4vConfig, tpu: TpuType, *, batch: int = 1, max_context
     report: dict[str, Any] = {
         **_report_header("generate", tpu, n_dev, mesh_desc, cfg), "dtype": dtype, "quantize": _quant_desc(cfg),
         "attention_impl": attention, "kernel_layout": eng.cfg.runtime.kernel_layout, "chunk_size": chunk_size,
+        "prefill_chunk": prefill_chunk_length(n_prompt, eng.prefill_chunk), "prefill_chunk_setting": eng.prefill_chunk,
         "bucket": {"batch": batch, "prompt_tokens": n_prompt, "max_new_tokens": max_new_tokens, "cache_slots": slots,
                    "images": [list(s) for s in sizes], "vision_patches": f["patches"]},
         "per_chip": {"params_bytes": params_b, "opt_state_bytes": 0, "kv_cache_bytes": kv_b, "temp_bytes": 0,

@@ -41,6 +41,15 @@ def format_report(r: Mapping[str, Any]) -> str:
         lines.append(f"bucket: batch {b['batch']}, prompt {b['prompt_tokens']} tokens ({b['vision_patches']} vision "
                      f"patches), {b['max_new_tokens']} new tokens, KV cache {b['cache_slots']} slots; {r['dtype']}"
                      f"{_weights(r)}, attention {r['attention_impl']}")
+        pc_len = r.get("prefill_chunk")
+        if pc_len:
+            n = -(-b["prompt_tokens"] // pc_len)
+            vision = "; the vision tower runs once, before them" if b["vision_patches"] else ""
+            lines.append(f"prefill: chunked, {n} chunks of {pc_len} tokens in one program (setting "
+                         f"{r['prefill_chunk_setting']}{vision})")
+        elif "prefill_chunk" in r:
+            lines.append(f"prefill: one piece (the prompt fits the chunk setting {r['prefill_chunk_setting']})"
+                         if r["prefill_chunk_setting"] else "prefill: one piece (chunking off)")
     else:
         s = r["step"]
         lines.append(f"step: {s['global_rows']} rows x {s['seq_len']} tokens x {s['accum_steps']} micro-batches = "

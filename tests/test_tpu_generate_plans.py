@@ -1,5 +1,6 @@
 """`glm41v plan` for generation on one v5e chip with the TPU compiler (libtpu), at the real 9B shapes, on this CPU
-machine: bf16 does not fit (the compiler's figures, exit 1); int8 with an 8k cache and a 1120x1120 image does."""
+machine: bf16 does not fit (the compiler's figures, exit 1); int8 with an 8k cache and a 1120x1120 image does, and
+int4 at a 32k context (the chunked prefill)."""
 
 from __future__ import annotations
 
@@ -35,3 +36,20 @@ def test_int8_9b_fits_one_v5e_chip(capsys):
     for p in out["programs"]:
         assert p["memory"]["peak_bytes"] < parse_tpu("v5e-1").spec.hbm_bytes * 0.985, (p["name"], p["memory"])
     assert out["efficiency"]["decode_bytes_ratio"] > 0.9
+
+
+def test_int4_9b_fits_one_v5e_chip_at_32k(capsys):
+    """Weight-only int4 on one v5e chip at a 32k context (a 31744-token prompt, 1024 new tokens): the prefill runs in
+    8 chunks of 3968 tokens inside one program (`Engine(prefill_chunk=)`, 4096 on TPU), so its temporaries are one
+    chunk's; in one piece the prefill needed 19.57 GiB."""
+    code = main(["plan", "--tpu", "v5e-1", "--json", "generate", "--batch", "1", "--max-context", "32768",
+                 "--quantize", "int4"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["fits"], out.get("compile_error")
+    assert out["bucket"]["prompt_tokens"] == 31744 and out["bucket"]["cache_slots"] == 32768
+    assert out["prefill_chunk"] == 3968 and out["prefill_chunk_setting"] == 4096
+    pc = out["per_chip"]
+    assert pc["params_bytes"] < 7.5 * 2**30 and pc["kv_cache_bytes"] == 1.25 * 2**30
+    assert [p["name"] for p in out["programs"]] == ["prefill", "decode"]  # one prefill program for the bucket
+    for p in out["programs"]:
+        assert p["memory"]["peak_bytes"] < parse_tpu("v5e-1").spec.hbm_bytes * 0.985, (p["name"], p["memory"])

@@ -67,6 +67,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--attention", choices=("auto", "xla", "pallas"), default="auto", help="attention backend")
     g.add_argument("--chunk-size", type=argtypes.int_in(1, 4096), default=16,
                    help="decode steps per device call (default 16)")
+    g.add_argument("--prefill-chunk", type=argtypes.int_in(0, 65536), default=None,
+                   help="run a longer prompt through the decoder in chunks of at most this many tokens, in one "
+                        "program (default: the platform's, 4096 on TPU; 0: one piece)")
     add_quant_args(g, "weight-only quantization of the planned weights")
     t = sub.add_parser("train", help="the train step of a training config (full SFT, or LoRA with a lora: section)")
     _common(t, sub=True, model_config_flag="--model-config")
@@ -108,7 +111,7 @@ def _plan(args: argparse.Namespace) -> int:
         report = plan_generate(cfg, tpu, batch=args.batch, max_context=args.max_context,
                                max_new_tokens=args.max_new_tokens, images=[parse_image_size(s) for s in args.image],
                                dtype=args.dtype, mesh=args.mesh, attention=args.attention, chunk_size=args.chunk_size,
-                               quantize=quant)
+                               quantize=quant, prefill_chunk=args.prefill_chunk)
     else:
         tcfg = load_config(args.train_config, args.overrides)
         report = plan_train(tcfg, cfg, tpu, mesh=args.mesh, step_time=args.step_time,
