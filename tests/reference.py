@@ -72,6 +72,28 @@ def small_vocab_dict(name: str, vocab: int = 700) -> dict[str, Any]:
     return d
 
 
+def numpy_params(cfg_dict: dict[str, Any], cfg: Any, seed: int = 0) -> dict:
+    """Float params of `cfg` (a Glm4vConfig of `cfg_dict`: its kernel layout, scanned or not) as NumPy arrays: O(1)
+    random HF weights (tiny.random_hf_state_dict) through weights.hf_to_flax. No compile: model.init_params runs
+    the model's init op by op (~20 s of CPU per config). Checked against model.abstract_params."""
+    import jax
+
+    from glm41v_jax import model as M
+    from glm41v_jax import weights
+    from glm41v_jax.sharding import unbox
+
+    fcfg = cfg.with_runtime(quantize="none")
+    unrolled = fcfg.with_runtime(kernel_layout="in_out", scan_layers=False)
+    params = weights.hf_to_flax(tiny.random_hf_state_dict(cfg_dict, seed), unrolled)
+    params = M.to_kernel_layout(params, unrolled, fcfg.runtime.kernel_layout)[0]
+    if fcfg.runtime.scan_layers:
+        params = weights.stack_layers(params)
+    params = jax.tree.map(np.asarray, params)
+    shapes = jax.tree.map(lambda a: (a.shape, a.dtype), unbox(M.abstract_params(fcfg)))
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), params) == shapes
+    return params
+
+
 def build_hf_model(cfg_dict: dict[str, Any], seed: int = 0) -> Glm4vForConditionalGeneration:
     cfg = HFConfig(**copy.deepcopy(cfg_dict))
     torch.manual_seed(seed)

@@ -13,7 +13,7 @@ import pytest
 import reference as R
 from flax import traverse_util
 
-from glm41v_jax import backend, layers, tiny, weights
+from glm41v_jax import backend, layers
 from glm41v_jax import model as M
 from glm41v_jax import quant as Q
 from glm41v_jax.config import ConfigError, Glm4vConfig, RuntimeConfig
@@ -305,20 +305,8 @@ def test_engine_kernel_layout_per_scheme(scheme):
 
 
 def _float_params(cfg: Glm4vConfig, seed: int) -> dict:
-    """Float params (host arrays) of `cfg`'s float twin (`cfg` is a config of R.small_vocab_dict("a")), in its
-    kernel layout, scanned or not: O(1) random HF weights (tiny.random_hf_state_dict) through weights.hf_to_flax, in
-    NumPy. (init_params runs the model's init op by op: ~20 s of CPU per config.) Checked against abstract_params."""
-    fcfg = cfg.with_runtime(quantize="none")
-    unrolled = fcfg.with_runtime(kernel_layout="in_out", scan_layers=False)
-    params = weights.hf_to_flax(tiny.random_hf_state_dict(R.small_vocab_dict("a"), seed), unrolled)
-    params = M.to_kernel_layout(params, unrolled, fcfg.runtime.kernel_layout)[0]
-    if fcfg.runtime.scan_layers:
-        params = weights.stack_layers(params)
-    params = jax.tree.map(np.asarray, params)
-    shapes = jax.tree.map(lambda a: (a.shape, a.dtype), unbox(M.abstract_params(fcfg)))
-    assert jax.tree.map(lambda a: (a.shape, a.dtype), params) == shapes
-    return params
-
+    """Host float params of `cfg`'s float twin (`cfg` is a config of R.small_vocab_dict("a"))."""
+    return R.numpy_params(R.small_vocab_dict("a"), cfg, seed)
 
 def _flat(tree):
     return traverse_util.flatten_dict(tree)
