@@ -128,11 +128,16 @@ def target_platform() -> str:
 #       wide, half of a v6e MXU, where the materialised kernel is amortised over the rows.
 #   gpu "dequant", as int8 (not measured on a GPU).
 # prefill_chunk: the Engine's chunked prefill setting (tokens; 0 = the prompt in one piece).
-#   tpu/gpu "4096": a chunk's temporaries (MLP activations, attention over the cache) stay small against the
-#       weights: the 9B in int4 at a 32k context fits one v5e chip with the 31744-token prompt in 8 chunks of 3968
-#       (BENCHMARKS.md "Weight-only quantization: TPU plans"; one piece needed 19.57 GiB).
-#   cpu "8192": prompts up to 8k (the ones the CPU serves) run in one piece; longer ones are chunked to bound host
-#       memory. Chunking is no slower on XLA:CPU (benchmarks/chunked_prefill.py, BENCHMARKS.md "Chunked prefill").
+#   tpu/gpu "2048": a chunk's temporaries (MLP activations, attention over the cache) stay small against the
+#       weights. The 9B in int4 at a 32k context on one v5e chip (TPU compiler; 31744-token prompt): one piece needed
+#       19.57 GiB; chunks of 3968 tokens (setting 4096) peak at 12.69 GiB, of 2048 at 11.21 GiB, for the same
+#       compile time (the loop body is one chunk); a 2048-row chunk still fills the MXU, and re-reading the weights
+#       per chunk costs ~16 x 7 GiB at 819 GB/s (~0.14 s) against ~4.3 s of prefill FLOPs at peak (BENCHMARKS.md
+#       "Weight-only quantization: TPU plans"). GPU: not measured; the same reasoning.
+#   cpu "8192": prompts up to 8k run in one piece (their programs unchanged); longer ones are chunked to bound host
+#       memory. Chunking costs no time on XLA:CPU: a 4096-token prefill ("small" config) in chunks of 2048 and 1024
+#       ran at 0.93x and 0.89x the one-piece time with 0.50x and 0.25x its temporaries (benchmarks/chunked_prefill.py,
+#       BENCHMARKS.md "Weight-only quantization: TPU plans").
 # engine_kernel_layout_int4: the Engine's layout for an int4 model. cpu "in_out": the grouped dot's batch (group)
 #   axes lead the codes, so YNNPACK reads them in place; in "out_in" XLA copies every kernel into that order first.
 AUTO_CACHE_MIN_ROWS = 8  # cache_layout "compiler": from this many KV-cache rows per device (module docstring)
@@ -142,10 +147,10 @@ BACKEND_TUNING: dict[str, dict[str, str]] = {
             "prefill_chunk": "8192"},
     "tpu": {"engine_kernel_layout": "in_out", "dtype": "bfloat16", "cache_layout": "compiler",
             "quant_matmul": "dequant", "quant_matmul_int4": "grouped", "engine_kernel_layout_int4": "in_out",
-            "prefill_chunk": "4096"},
+            "prefill_chunk": "2048"},
     "gpu": {"engine_kernel_layout": "in_out", "dtype": "bfloat16", "cache_layout": "default",
             "quant_matmul": "dequant", "quant_matmul_int4": "dequant", "engine_kernel_layout_int4": "in_out",
-            "prefill_chunk": "4096"},
+            "prefill_chunk": "2048"},
 }
 
 def backend_default(platform: str, key: str) -> str:

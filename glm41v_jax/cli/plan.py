@@ -69,7 +69,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="decode steps per device call (default 16)")
     g.add_argument("--prefill-chunk", type=argtypes.int_in(0, 65536), default=None,
                    help="run a longer prompt through the decoder in chunks of at most this many tokens, in one "
-                        "program (default: the platform's, 4096 on TPU; 0: one piece)")
+                        "program (default: the platform's, 2048 on TPU; 0: one piece)")
     add_quant_args(g, "weight-only quantization of the planned weights")
     t = sub.add_parser("train", help="the train step of a training config (full SFT, or LoRA with a lora: section)")
     _common(t, sub=True, model_config_flag="--model-config")
