@@ -57,7 +57,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from .config import Glm4vConfig
+from .config import ConfigError, Glm4vConfig
 from .inputs import mm_token_types, prepare_inputs
 from .model import Glm4v, abstract_params
 from .sharding import unbox
@@ -118,7 +118,8 @@ def init_params(cfg: Glm4vConfig, seed: int = 0, outliers: Outliers = Outliers()
     """Realistic float params (kernel layout "in_out", NumPy leaves): N(0, 0.02) leaves, norm scales 1, and the
     `outliers` (their positions are drawn from `seed` too)."""
     if cfg.runtime.kernel_layout != "in_out" or cfg.runtime.quantize != "none":
-        raise ValueError("init_params: a float config with kernel_layout 'in_out'")
+        raise ConfigError(f"init_params: needs a float config with kernel_layout 'in_out'; got quantize "
+                          f"{cfg.runtime.quantize!r}, kernel_layout {cfg.runtime.kernel_layout!r}")
     flat = traverse_util.flatten_dict(unbox(abstract_params(cfg)))
     n_ins = quantizable_kernels(cfg)
     rng = np.random.default_rng(seed)
@@ -217,7 +218,8 @@ class Language:
                 spans.append(ids + [c.video_end_token_id, int(self.class_tokens[k])])
         n_text = length - sum(len(s) for s in spans)
         if n_text < len(spans) + 1:
-            raise ValueError(f"Language.row: {length} tokens cannot hold {images} images and {videos} videos")
+            raise ConfigError(f"Language.row: {length} tokens cannot hold {images} images and {videos} videos "
+                              f"(their spans take {length - n_text}, and each needs text after it)")
         cuts = np.sort(rng.choice(np.arange(1, n_text), len(spans), replace=False)) if spans else np.zeros(0, int)
         ids: list[int] = []
         prev = None
