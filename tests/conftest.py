@@ -8,6 +8,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# One persistent XLA compilation cache for the whole run (GLM41V_TEST_COMPILE_CACHE=0 turns it off): the xdist
+# workers and the subprocesses the tests start inherit the folder through the environment (jax reads
+# JAX_COMPILATION_CACHE_DIR), so a program compiled once (the tiny model's prefill and decode, compiled again by
+# every CLI call, Engine and subprocess) is read back instead of compiled again. The folder is new for each run (a
+# clean CI clone starts empty) and removed at the end by the process that made it. A cache hit is the executable
+# XLA compiled for the same module, options and devices (jax's cache key), so no test's meaning changes. (An entry
+# read while another worker is still writing it fails to load: jax warns and compiles it again.)
+_CACHE_OWNER = False
+if os.environ.get("GLM41V_TEST_COMPILE_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="glm41v_test_xla_cache_")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    _CACHE_OWNER = True
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -62,3 +77,29 @@ def pytest_collection_modifyitems(config, items) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_compile_cache_for_tpu_programs(request):
+    """The TPU-compiler files (real 9B programs, each compiled once) run without the cache, as before it existed:
+    nothing to reuse, and their executables are not written to disk."""
+    if not (request.module.__name__.startswith("test_tpu_") and os.environ.get("JAX_COMPILATION_CACHE_DIR")):
+        yield
+        return
+    from jax.experimental.compilation_cache import compilation_cache
+
+    folder = os.environ.pop("JAX_COMPILATION_CACHE_DIR")  # subprocesses too
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+        jax.config.update("jax_enable_compilation_cache", True)
+        compilation_cache.reset_cache()
+
+
+def pytest_unconfigure(config) -> None:
+    if _CACHE_OWNER:  # the process that made the run's compilation cache folder removes it
+        import shutil
+
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
