@@ -23,9 +23,8 @@ def test_bf16_generation_does_not_fit_one_v5e_chip(capsys):
 
 def test_int8_9b_fits_one_v5e_chip(capsys):
     """Weight-only int8 (the vision tower quantized too: `--quantize-skip none`) on one 16 GB v5e chip, batch 1, an
-    8k cache, one 1120x1120 image: the TPU compiler fits the prefill and decode (the prefill's peak ~15.2 of 15.75
-    GiB) and the decode step reads its minimum once. With the vision tower left in bf16 (the default skip) the
-    prefill needs 16.2 GiB."""
+    8k cache, one 1120x1120 image: the TPU compiler fits the prefill (4 chunks of 1792 tokens after one vision encode:
+    peak ~12.4 GiB; 15.2 GiB in one piece) and decode, and the decode step reads its minimum once."""
     code = main(["plan", "--tpu", "v5e-1", "--json", "generate", "--batch", "1", "--max-context", "8192",
                  "--image", "1120x1120", "--quantize", "int8", "--quantize-skip", "none"])
     out = json.loads(capsys.readouterr().out)
@@ -40,16 +39,16 @@ def test_int8_9b_fits_one_v5e_chip(capsys):
 
 def test_int4_9b_fits_one_v5e_chip_at_32k(capsys):
     """Weight-only int4 on one v5e chip at a 32k context (a 31744-token prompt, 1024 new tokens): the prefill runs in
-    8 chunks of 3968 tokens inside one program (`Engine(prefill_chunk=)`, 4096 on TPU), so its temporaries are one
-    chunk's; in one piece the prefill needed 19.57 GiB."""
+    16 chunks of 2048 tokens inside one program (`Engine(prefill_chunk=)`, 2048 on TPU), so its temporaries are one
+    chunk's (peak ~11.2 GiB); in one piece the prefill needed 19.57 GiB."""
     code = main(["plan", "--tpu", "v5e-1", "--json", "generate", "--batch", "1", "--max-context", "32768",
                  "--quantize", "int4"])
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["fits"], out.get("compile_error")
     assert out["bucket"]["prompt_tokens"] == 31744 and out["bucket"]["cache_slots"] == 32768
-    assert out["prefill_chunk"] == 3968 and out["prefill_chunk_setting"] == 4096
+    assert out["prefill_chunk"] == 2048 and out["prefill_chunk_setting"] == 2048
     pc = out["per_chip"]
     assert pc["params_bytes"] < 7.5 * 2**30 and pc["kv_cache_bytes"] == 1.25 * 2**30
     assert [p["name"] for p in out["programs"]] == ["prefill", "decode"]  # one prefill program for the bucket
     for p in out["programs"]:
-        assert p["memory"]["peak_bytes"] < parse_tpu("v5e-1").spec.hbm_bytes * 0.985, (p["name"], p["memory"])
+        assert p["memory"]["peak_bytes"] < parse_tpu("v5e-1").spec.hbm_bytes * 0.9, (p["name"], p["memory"])
