@@ -188,11 +188,13 @@ def _generate_efficiency(report: dict[str, Any], f: Mapping[str, Any], batch: in
     report["efficiency"] = {
         "decode_bytes_ratio": decode_min / dec_hbm if dec_hbm else None,
         "decode_bytes_ratio_uncalibrated": decode_min / dec["bytes_accessed"] if dec["bytes_accessed"] else None,
+        # a chunked prefill's loop body (one chunk) is counted once by the compiler: no whole-prompt figure
         "prefill_flops_ratio": (prefill_flops / n_dev) / progs["prefill"]["flops"]
-        if progs["prefill"]["flops"] else None,
+        if progs["prefill"]["flops"] and not report.get("prefill_chunk") else None,
         "note": "decode: minimum bytes / the HBM bytes of one step of the compiled decode chunk (tpu_cost."
                 "calibrated_split: the loop body + the entry / chunk; the compiler's own 'bytes accessed' also "
-                "counts on-chip copies: the uncalibrated ratio); prefill: model FLOPs / compiled FLOPs"}
+                "counts on-chip copies: the uncalibrated ratio); prefill: model FLOPs / compiled FLOPs (None for a "
+                "chunked prefill: the compiler counts its loop body, one chunk, once)"}
 
 
 def plan_generate(cfg: Glm4vConfig, tpu: TpuType, *, batch: int = 1, max_context: int = 8192,

@@ -123,7 +123,6 @@ class _nullcontext:
         return False
 
 
-@pytest.mark.slow
 def test_chunked_generation_matches_one_forward(model):
     """The three levels: chunked prefill, then decode steps, against one forward over the prompt and the generated
     tokens (no cache): each generated token is the argmax of the forward's logits at the slot before it. Rows one at
@@ -144,3 +143,20 @@ def test_chunked_generation_matches_one_forward(model):
         if i == 0:
             compiles = eng.num_compiles
     assert eng.num_compiles == compiles == 2  # both rows bucket to 128 prompt slots: one prefill, one decode
+
+
+def test_plan_names_the_prefill_chunk(tmp_path, capsys):
+    """`glm41v plan` on the tiny config (TPU compiler, v5e-4, tensor=4) with an image and --prefill-chunk: the report
+    names the chunks, and the bucket compiles one prefill program."""
+    import json
+
+    from glm41v_jax.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps(tiny.tiny_hf_config()))
+    argv = ["plan", "--tpu", "v5e-4", "--model", str(tmp_path), "generate", "--batch", "2", "--max-context", "512",
+            "--max-new-tokens", "32", "--prefill-chunk", "128", "--image", "448x448"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "prompt 448 tokens (1024 vision patches)" in out, out
+    assert "prefill: chunked, 4 chunks of 112 tokens in one program (setting 128; the vision tower runs once" in out
+    assert [line.split()[0] for line in out.split("programs (per chip")[1].splitlines()[1:3]] == ["prefill", "decode"]
