@@ -210,7 +210,8 @@ class Pipeline:
     @classmethod
     def load(cls, model: str | os.PathLike | None = None, runtime: RuntimeConfig | None = None, *,
              mesh: Any = "auto", chunk_size: int = 16, max_context: int | None = None,
-             check_directory: Callable[[str], Any] | None = None, adapter: str | os.PathLike | None = None,
+             prefill_chunk: int | None = None, check_directory: Callable[[str], Any] | None = None,
+             adapter: str | os.PathLike | None = None,
              **overrides: Any) -> Pipeline:
         """Load a checkpoint (HF dir, converted dir or hub id; None: the embedded tiny random checkpoint).
 
@@ -228,6 +229,7 @@ class Pipeline:
         at load (`lora.merge_adapters`: fp32, rounded once), so generation runs at the base model's speed with no
         extra matmul; on a quantized base (int8/int4, stored or `quantize=`) the adapters run unmerged beside the
         codes (`Engine(adapters=...)`: the model QLoRA trained, two small matmuls more per adapted layer).
+        prefill_chunk: the Engine's chunked prefill (tokens; None: the platform's, 0: one piece; `Engine`).
         """
         random_weights = model is None
         directory = tiny.materialize_tiny_checkpoint() if random_weights else resolve_model_dir(model)
@@ -242,6 +244,10 @@ class Pipeline:
                 or not 1 <= max_context <= text_cfg.max_position_embeddings):
             raise GenerationError(f"max_context must be an integer in [1, {text_cfg.max_position_embeddings}] (the "
                                   f"model's max_position_embeddings), got {_show(max_context)}")
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool)
+                                          or not isinstance(prefill_chunk, (int, np.integer)) or prefill_chunk < 0):
+            raise GenerationError(f"prefill_chunk must be an integer >= 0 (0: the prompt in one piece), got "
+                                  f"{_show(prefill_chunk)}")
         if adapter is not None:  # a bad adapter directory fails before the weights are read
             read_adapter_config(os.fspath(adapter))
         read_generation_config(directory)
@@ -258,7 +264,8 @@ class Pipeline:
         if adapter is not None:
             params, cfg, adapters = _with_adapter(params, cfg, os.fspath(adapter),
                                                   directory if model is None else os.fspath(model))
-        engine = Engine(params, cfg, mesh=mesh, chunk_size=chunk_size, max_context=max_context, adapters=adapters)
+        engine = Engine(params, cfg, mesh=mesh, chunk_size=chunk_size, max_context=max_context, adapters=adapters,
+                        prefill_chunk=None if prefill_chunk is None else int(prefill_chunk))
         return cls(engine, processor, eos_ids=read_eos_ids(directory, cfg), directory=directory,
                    random_weights=random_weights)
 

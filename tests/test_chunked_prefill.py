@@ -9,6 +9,7 @@ count: one prefill program per bucket.
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import numpy as np
@@ -160,3 +161,25 @@ def test_plan_names_the_prefill_chunk(tmp_path, capsys):
     assert "prompt 448 tokens (1024 vision patches)" in out, out
     assert "prefill: chunked, 4 chunks of 112 tokens in one program (setting 128; the vision tower runs once" in out
     assert [line.split()[0] for line in out.split("programs (per chip")[1].splitlines()[1:3]] == ["prefill", "decode"]
+
+
+def test_cli_prefill_chunk_flag(run_cli):
+    """`glm41v generate --prefill-chunk N` reaches the Engine: the compile log names the chunk, and the tokens equal
+    the one-piece prefill's (--prefill-chunk 0); a negative or non-integer value is one error line and exit 2, and
+    `Pipeline.load(prefill_chunk=...)` refuses a bad value before any weights are read."""
+    from glm41v_jax.pipeline import Pipeline
+
+    argv = ("generate", "--json", "--prompt", "Describe the weather in three short sentences, please.",
+            "--max-new-tokens", "6")
+    rc, out, err = run_cli(*argv, "--prefill-chunk", "16")
+    assert rc == 0, err
+    assert "prefill_chunk=16" in err, err
+    chunked = json.loads(out.strip().splitlines()[-1])["token_ids"]
+    rc, out, err = run_cli(*argv, "--prefill-chunk", "0")
+    assert rc == 0 and "prefill_chunk=" not in err, err
+    assert json.loads(out.strip().splitlines()[-1])["token_ids"] == chunked
+    for bad in ("-1", "x"):
+        rc, out, err = run_cli(*argv, "--prefill-chunk", bad)
+        assert rc == 2 and "--prefill-chunk" in err and "Traceback" not in err, err
+    with pytest.raises(GenerationError, match="prefill_chunk must be an integer >= 0"):
+        Pipeline.load(None, prefill_chunk=-3)

@@ -134,6 +134,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "as many devices as divide the heads (<= 8), fsdp over the rest; 'none': one device")
     p.add_argument("--max-context", type=argtypes.positive_int, default=None,
                    help="cap on prompt + new tokens (default and maximum: the model's max_position_embeddings)")
+    p.add_argument("--prefill-chunk", type=argtypes.int_in(0, 65536), default=None, metavar="N",
+                   help="run a longer prompt through the decoder in chunks of at most N tokens, in one program "
+                        "(bounds the prefill's memory; default: the platform's, 2048 on TPU/GPU, 8192 on CPU; 0: one "
+                        "piece). `glm41v plan` shows what a setting needs per chip")
     p.add_argument("--max-thinking-tokens", type=argtypes.count, default=None, metavar="N",
                    help="force '</think><answer>' once N thinking tokens are spent")
     p.add_argument("--no-thinking", action="store_true", help="pre-fill an empty '<think></think>' block")
@@ -216,7 +220,8 @@ def _log_compiles_to_stderr() -> None:
 
 
 def load_pipeline(args: argparse.Namespace) -> tuple[Pipeline, float, SamplingParams]:
-    """Pipeline.load from the common flags (--model, --dtype, --mesh, --chunk-size, --max-context); logs compiles.
+    """Pipeline.load from the common flags (--model, --dtype, --mesh, --chunk-size, --max-context, --prefill-chunk);
+    logs compiles.
     Returns (pipeline, load seconds, SamplingParams from the sampling flags over generation_config.json, resolved
     before the weights are read)."""
     _log_compiles_to_stderr()
@@ -228,6 +233,7 @@ def load_pipeline(args: argparse.Namespace) -> tuple[Pipeline, float, SamplingPa
     sampling: dict[str, SamplingParams] = {}
     pipe = Pipeline.load(args.model, **dtype_flag(args.dtype), mesh=None if mesh in (None, "none") else mesh,
                          chunk_size=args.chunk_size, max_context=getattr(args, "max_context", None),
+                         prefill_chunk=getattr(args, "prefill_chunk", None),
                          check_directory=lambda d: sampling.update(params=sampling_from(args, d)),
                          verify=bool(getattr(args, "verify", False)),  # passed on to loading.load
                          adapter=getattr(args, "adapter", None),
