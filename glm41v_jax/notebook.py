@@ -488,6 +488,29 @@ def compile_report(obj: Any) -> str:
     return "\n".join(lines)
 
 
+COLAB_WORK = "/content"  # the Colab runtime's large disk
+COLAB_DRIVE = "/content/drive"
+DRIVE_CACHE = "/content/drive/MyDrive/glm41v_jax_cache"
+LOCAL_CACHE = "~/.cache/glm41v_jax/jax_cache"
+
+
+def colab_folders(test: bool, test_dir: str) -> tuple[str, str]:
+    """(work folder, compilation-cache folder) of a Colab notebook. Test mode: `test_dir` under the current directory
+    and its `jax_cache`. Otherwise the weights go to /content (the runtime's large disk) and the cache to Google Drive
+    (mounted here), so that a restarted runtime reads its compiled programs back; off Colab (no `google.colab`) the
+    cache stays in ~/.cache, and the notebook says so."""
+    if test:
+        work = os.path.abspath(test_dir)
+        return work, os.path.join(work, "jax_cache")
+    try:
+        from google.colab import drive  # type: ignore[import-not-found]
+    except ImportError:
+        print("not on Colab: the compilation cache stays on this machine")
+        return COLAB_WORK, os.path.expanduser(LOCAL_CACHE)
+    drive.mount(COLAB_DRIVE)
+    return COLAB_WORK, DRIVE_CACHE
+
+
 def enable_compilation_cache(path: str | os.PathLike) -> str:
     """Keep compiled programs in `path` (created if missing) across restarts: jax's persistent compilation cache,
     every program written (minimum compile time 0). Call it before the first compile. From then on compile_report

@@ -95,19 +95,7 @@ print(report)
 # anything is compiled. In test mode everything goes to a folder under the current directory.
 
 # %%
-if TEST:
-    WORK = os.path.abspath("glm41v_nb_work")
-    CACHE = os.path.join(WORK, "jax_cache")
-else:
-    WORK = "/content"
-    CACHE = os.path.expanduser("~/.cache/glm41v_jax/jax_cache")  # outside Colab: a local folder
-    try:
-        from google.colab import drive
-
-        drive.mount("/content/drive")
-        CACHE = "/content/drive/MyDrive/glm41v_jax_cache"
-    except ImportError:
-        print("not on Colab: the compilation cache stays on this machine")
+WORK, CACHE = nb.colab_folders(TEST, "glm41v_nb_work")  # /content and a cache on Google Drive (mounted here)
 HF_DIR = os.path.join(WORK, "hf", "GLM-4.1V-9B-Thinking")
 INT8_DIR = os.path.join(WORK, "glm41v-9b-int8")
 os.makedirs(WORK, exist_ok=True)

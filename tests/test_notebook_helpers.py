@@ -258,3 +258,26 @@ def test_compile_report_and_the_persistent_cache(tmp_path):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
         compilation_cache.reset_cache()  # the rest of the session compiles without the test's cache
 
+
+
+def test_colab_folders(tmp_path, monkeypatch, capsys):
+    """Test mode: a folder under the current directory and its jax_cache. Real mode off Colab: /content and the
+    local cache, said in one line. On Colab: Google Drive mounted at /content/drive and the cache on it; the
+    `google.colab` module is a stand-in here (Colab's own cannot run on this machine), recording the mount."""
+    import sys
+    import types
+
+    monkeypatch.chdir(tmp_path)
+    assert nb.colab_folders(True, "nb work") == (str(tmp_path / "nb work"), str(tmp_path / "nb work" / "jax_cache"))
+    monkeypatch.setitem(sys.modules, "google.colab", None)  # import fails: not on Colab
+    assert nb.colab_folders(False, "x") == ("/content", os.path.expanduser("~/.cache/glm41v_jax/jax_cache"))
+    assert "not on Colab" in capsys.readouterr().out
+    mounted = []
+    colab = types.ModuleType("google.colab")
+    colab.drive = types.SimpleNamespace(mount=mounted.append)
+    google = types.ModuleType("google")
+    google.colab = colab
+    monkeypatch.setitem(sys.modules, "google", google)
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    assert nb.colab_folders(False, "x") == ("/content", "/content/drive/MyDrive/glm41v_jax_cache")
+    assert mounted == ["/content/drive"]
