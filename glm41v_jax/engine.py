@@ -15,6 +15,7 @@ these explicit in/out shardings, under its mesh (`sharding.under_mesh`).
 from __future__ import annotations
 
 import functools
+import reprlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -60,6 +61,17 @@ def eos_array(eos: Sequence[int]) -> np.ndarray:
     arr = np.full((D.MAX_EOS,), -1, np.int32)
     arr[: len(eos)] = eos
     return arr
+
+
+def check_prefill_chunk(value: Any) -> int | None:
+    """The chunked-prefill setting as an int (None: the platform's default); GenerationError for anything but an
+    integer >= 0 (0: the prompt in one piece)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise GenerationError(f"prefill_chunk must be an integer >= 0 (0: the prompt in one piece), got "
+                              f"{reprlib.repr(value)}")
+    return int(value)
 
 
 def _cpu_int4_as_int8(params: Any, donate: bool) -> Any:
@@ -126,10 +138,7 @@ class Engine:
             raise GenerationError("adapters need params and a config with their LoRA sites (lora.with_lora)")
         if chunk_size < 1:
             raise GenerationError(f"chunk_size must be >= 1, got {chunk_size}")
-        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
-                                          or prefill_chunk < 0):
-            raise GenerationError(f"prefill_chunk must be an int >= 0 (0: the prompt in one piece), "
-                                  f"got {prefill_chunk!r}")
+        prefill_chunk = check_prefill_chunk(prefill_chunk)
         limit = cfg.text.max_position_embeddings
         if max_context is not None and not 1 <= max_context <= limit:
             raise GenerationError(f"max_context must be in [1, {limit}] (the model's max_position_embeddings), "

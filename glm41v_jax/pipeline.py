@@ -31,7 +31,7 @@ import numpy as np
 from . import tiny
 from .backend import backend_default
 from .config import Glm4vConfig, RuntimeConfig
-from .engine import Engine
+from .engine import Engine, check_prefill_chunk
 from .errors import Glm41vError, one_line
 from .loading import load, resolve_model_dir
 from .lora import base_identity, check_base, load_adapters, merge_adapters, read_adapter_config
@@ -244,10 +244,7 @@ class Pipeline:
                 or not 1 <= max_context <= text_cfg.max_position_embeddings):
             raise GenerationError(f"max_context must be an integer in [1, {text_cfg.max_position_embeddings}] (the "
                                   f"model's max_position_embeddings), got {_show(max_context)}")
-        if prefill_chunk is not None and (isinstance(prefill_chunk, bool)
-                                          or not isinstance(prefill_chunk, (int, np.integer)) or prefill_chunk < 0):
-            raise GenerationError(f"prefill_chunk must be an integer >= 0 (0: the prompt in one piece), got "
-                                  f"{_show(prefill_chunk)}")
+        prefill_chunk = check_prefill_chunk(prefill_chunk)
         if adapter is not None:  # a bad adapter directory fails before the weights are read
             read_adapter_config(os.fspath(adapter))
         read_generation_config(directory)
@@ -265,7 +262,7 @@ class Pipeline:
             params, cfg, adapters = _with_adapter(params, cfg, os.fspath(adapter),
                                                   directory if model is None else os.fspath(model))
         engine = Engine(params, cfg, mesh=mesh, chunk_size=chunk_size, max_context=max_context, adapters=adapters,
-                        prefill_chunk=None if prefill_chunk is None else int(prefill_chunk))
+                        prefill_chunk=prefill_chunk)
         return cls(engine, processor, eos_ids=read_eos_ids(directory, cfg), directory=directory,
                    random_weights=random_weights)
 

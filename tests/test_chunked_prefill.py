@@ -19,7 +19,7 @@ from prompts import chat, image_span, make_inputs, pixels, text_ids, video_span
 from glm41v_jax import decode as D
 from glm41v_jax import tiny, weights
 from glm41v_jax.config import Glm4vConfig
-from glm41v_jax.engine import Engine
+from glm41v_jax.engine import Engine, check_prefill_chunk
 from glm41v_jax.model import forward
 from glm41v_jax.programs import ProgramCache
 from glm41v_jax.requests import GenerationError, collate
@@ -60,8 +60,11 @@ def test_chunk_length():
     assert D.prefill_chunk_length(128, CHUNK) == 48  # 3 chunks of 43 -> 48 (multiples of 8)
     assert D.prefill_chunk_length(31744, 4096) == 3968  # the 9B's 32k bucket: 8 chunks, no overlap
     assert D.prefill_chunk_length(5000, 4096) == 2560  # 2 chunks of 2500 -> multiples of 128
-    with pytest.raises(GenerationError, match="prefill_chunk"):
-        Engine(None, Glm4vConfig.from_hf(tiny.tiny_hf_config()), prefill_chunk=-1)
+    cfg = Glm4vConfig.from_hf(tiny.tiny_hf_config())
+    for bad in (-1, True, 1.5, "8", [8]):
+        with pytest.raises(GenerationError, match="prefill_chunk must be an integer >= 0"):
+            Engine(None, cfg, prefill_chunk=bad)
+    assert check_prefill_chunk(np.int64(64)) == 64 and type(check_prefill_chunk(np.int64(64))) is int
 
 
 def _prefill(eng: Engine, prep, chunk: int | None):
