@@ -149,6 +149,16 @@ def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
             for path, v in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_box)}
 
 
+def quantizable_kernels(cfg: Glm4vConfig) -> dict[tuple[str, ...], int]:
+    """Path of every kernel the quantizer may touch (as with quant_skip=()) -> its number of input (contracted) axes:
+    the axes an int8 scale drops."""
+    src = _flat(abstract_params(cfg.with_runtime(quantize="none")))
+    q = _flat(abstract_params(cfg.with_runtime(quantize="int8", quant_skip=())))
+    return {(*k[:-1], "kernel"): len(src[(*k[:-1], "kernel")].value.shape) - len(v.value.shape)
+            for k, v in q.items() if k[-1] == "scale" and (*k[:-1], "kernel") in q
+            and q[(*k[:-1], "kernel")].value.dtype == np.int8}
+
+
 def quantize_params(params: Any, cfg: Glm4vConfig, shardings: Any = None, *, donate: bool = False) -> Any:
     """A float params tree (that of `cfg` with quantize="none") -> the tree of `abstract_params(cfg)`: the same
     keys, shapes and dtypes, every quantized Dense's `kernel` replaced by its codes plus a `scale` beside it.
@@ -165,7 +175,7 @@ def quantize_params(params: Any, cfg: Glm4vConfig, shardings: Any = None, *, don
         raise QuantError(f"quantize_params: the params are already quantized ({found}); quantize a float checkpoint")
     src = _flat(abstract_params(cfg.with_runtime(quantize="none")))
     dst = _flat(abstract_params(cfg))
-    n_ins = _flat(abstract_params(cfg.with_runtime(quantize="int8", quant_skip=())))  # int8 scales give n_in
+    n_ins = quantizable_kernels(cfg)
     leaves = _flat(params)
     if set(leaves) != set(src):
         extra, missing = sorted(set(leaves) - set(src)), sorted(set(src) - set(leaves))
@@ -184,7 +194,7 @@ def quantize_params(params: Any, cfg: Glm4vConfig, shardings: Any = None, *, don
             continue
         scale_key = (*key[:-1], "scale")
         n_lead = sum(1 for n in s.names if n == "layers")
-        n_in = len(s.value.shape) - len(n_ins[scale_key].value.shape)
+        n_in = n_ins[key]
         where = "/".join(key)
         layout = "in_out" if key[0] == "visual" else rt.kernel_layout  # the vision tower is always in_out
         if isinstance(x, jax.Array):

@@ -57,6 +57,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from . import quant as Q
 from .config import ConfigError, Glm4vConfig
 from .inputs import mm_token_types, prepare_inputs
 from .model import Glm4v, abstract_params
@@ -107,13 +108,6 @@ class Outliers:
                 f"x{self.row_scale:g}")
 
 
-def quantizable_kernels(cfg: Glm4vConfig) -> dict[tuple[str, ...], int]:
-    """Path of every kernel the quantizer may touch (quant_skip=()) -> its number of input (contracted) axes."""
-    flat = traverse_util.flatten_dict(unbox(abstract_params(cfg.with_runtime(quantize="int8", quant_skip=()))))
-    return {(*k[:-1], "kernel"): len(flat[(*k[:-1], "kernel")].shape) - len(v.shape) for k, v in flat.items()
-            if k[-1] == "scale" and str(flat.get((*k[:-1], "kernel"), v).dtype) == "int8"}
-
-
 def init_params(cfg: Glm4vConfig, seed: int = 0, outliers: Outliers = Outliers()) -> dict:
     """Realistic float params (kernel layout "in_out", NumPy leaves): N(0, 0.02) leaves, norm scales 1, and the
     `outliers` (their positions are drawn from `seed` too)."""
@@ -121,7 +115,7 @@ def init_params(cfg: Glm4vConfig, seed: int = 0, outliers: Outliers = Outliers()
         raise ConfigError(f"init_params: needs a float config with kernel_layout 'in_out'; got quantize "
                           f"{cfg.runtime.quantize!r}, kernel_layout {cfg.runtime.kernel_layout!r}")
     flat = traverse_util.flatten_dict(unbox(abstract_params(cfg)))
-    n_ins = quantizable_kernels(cfg)
+    n_ins = Q.quantizable_kernels(cfg)
     rng = np.random.default_rng(seed)
     hot = rng.choice(cfg.text.hidden_size, outliers.dims, replace=False)
     out = {}
@@ -147,7 +141,7 @@ def outlier_report(params: Any, cfg: Glm4vConfig) -> dict[str, float]:
     RMS), and the largest RMSNorm gain in front of the decoder's projections over the median one."""
     flat = traverse_util.flatten_dict(params)
     ratio, rows = [], []
-    for key, n_in in quantizable_kernels(cfg).items():
+    for key, n_in in Q.quantizable_kernels(cfg).items():
         w = np.asarray(flat[key], np.float32)
         ratio.append(np.abs(w).max() / w.std())
         r = np.sqrt((w.reshape(int(np.prod(w.shape[:n_in])), -1) ** 2).mean(-1))
@@ -156,7 +150,7 @@ def outlier_report(params: Any, cfg: Glm4vConfig) -> dict[str, float]:
                       and k[-2] in ("input_layernorm", "post_attention_layernorm")])
     return {"max/std": float(np.mean(ratio)), "row rms max/median": float(np.mean(rows)),
             "norm gain max/median": float(gains.max() / np.median(gains)),
-            "std": float(np.mean([np.asarray(flat[k]).std() for k in quantizable_kernels(cfg)]))}
+            "std": float(np.mean([np.asarray(flat[k]).std() for k in Q.quantizable_kernels(cfg)]))}
 
 
 class Language:

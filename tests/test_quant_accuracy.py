@@ -140,7 +140,7 @@ def measured() -> dict:
           f"before {out['margin_before']}, after {out['margin_after']}; media named {out['named'].sum()}/"
           f"{out['named'].size}; scored {out['n']}\noutliers before {out['outliers_before']}\n"
           f"outliers after  {out['outliers_after']}", end="")
-    n_ins = TT.quantizable_kernels(cfg)
+    n_ins = Q.quantizable_kernels(cfg)
     default = {k: backend.BACKEND_TUNING["cpu"][k] for k in ("quant_matmul", "quant_matmul_int4")}
     try:
         backend.BACKEND_TUNING["cpu"].update(quant_matmul="dequant", quant_matmul_int4="dequant")  # read at trace
