@@ -122,10 +122,10 @@ def target_platform() -> str:
 #       (layers.Dense `_int4_grouped_dot`), up to layers.INT4_GROUPED_MAX_ROWS["grouped"] rows. The TPU compiler
 #       does not fuse "dequant"'s codes * group scales into the dot: it materialises the kernel, and a 4096 x 27392
 #       int4 kernel at 1-512 rows moved 485-516 MiB of HBM against its 57-61 MiB minimum on v5e-1 and v6e-1
-#       (ratio 0.12; the whole decode step on v6e-1: 0.27); the grouped dot reads the packed codes at 1.00 (1 row),
-#       0.99 (8), 0.94 (64), 0.69 (512), with no temporaries (tpu_cost.calibrated_bytes of that one Dense,
-#       2026-12-01). Above 512 rows (prefill chunks) "dequant": the grouped dot's contraction is one group (128)
-#       wide, half of a v6e MXU, where the materialised kernel is amortised over the rows.
+#       (ratio 0.12-0.17; the whole decode step on v6e-1: 0.27); the grouped dot reads its minimum (1.00) at 1, 8,
+#       64 and 512 rows, with no temporaries (benchmarks/int4_tpu_forms.py, 2026-12-01). Above 512 rows (prefill
+#       chunks) "dequant": the grouped dot's contraction is one group (128) wide, half of a v6e MXU, where the
+#       materialised kernel is amortised over the rows (by MXU width; not timed on a TPU).
 #   gpu "dequant", as int8 (not measured on a GPU).
 # prefill_chunk: the Engine's chunked prefill setting (tokens; 0 = the prompt in one piece).
 #   tpu/gpu "2048": a chunk's temporaries (MLP activations, attention over the cache) stay small against the
