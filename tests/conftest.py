@@ -64,15 +64,13 @@ def run_cli(tiny_cache_dir, monkeypatch, capsys):
     return call
 
 
-# The longest test files in CI (a fresh-clone run's --durations table at 3f58939, 2026-12-01: worker seconds of its
-# 60 slowest tests per file; test_quant and test_cli from the run before, their tests now under 16 s each), longest
-# first. The suite runs
+# The longest test files in CI (its --durations table, 2026-12-01: worker seconds), longest first. The suite runs
 # with pytest-xdist, one file per worker (`--dist loadfile --no-loadscope-reorder` in pyproject's addopts), and files
 # are handed to the workers in collection order: the long TPU-compiler files started last (xdist's default order is
 # by test count, and they hold few tests) and were the run's tail. Files not listed keep their usual order after these.
-LONGEST_FIRST = ("test_tpu_train.py", "test_train_step.py", "test_tpu_compile.py", "test_tpu_generate_plans.py",
-                 "test_lora.py", "test_train_loop.py", "test_notebooks.py", "test_train_hardening.py", "test_quant.py",
-                 "test_cli.py", "test_quant_accuracy.py", "test_plan.py", "test_attention.py")
+LONGEST_FIRST = ("test_tpu_train.py", "test_quant.py", "test_tpu_compile.py", "test_train_step.py",
+                 "test_tpu_generate_plans.py", "test_cli.py", "test_lora.py", "test_train_loop.py", "test_notebooks.py",
+                 "test_train_hardening.py", "test_attention.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
